@@ -1,0 +1,1 @@
+"""Write side of gradstore: corpus -> per-example projected gradients -> datastore."""

@@ -1,0 +1,1 @@
+"""The gradstore REST service."""
