@@ -1,0 +1,196 @@
+"""The ``gradstore`` command line.
+
+Each subcommand imports what it needs when it runs, so ``gradstore --help`` works with the base
+install and a missing extra gives a one-line hint instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def _size(text: str) -> int:
+    """``4GiB``, ``512MiB``, ``1000000`` -> bytes."""
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "b": 1}
+    lowered = text.strip().lower()
+    for unit, factor in units.items():
+        if lowered.endswith(unit):
+            return int(float(lowered[: -len(unit)]) * factor)
+    return int(lowered)
+
+
+def _add_index_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "index", help="build a gradient datastore from a corpus",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Compute per-example projected LoRA gradients of a corpus at one or more checkpoints "
+                    "and write them as a datastore (Parquet features + FAISS index + manifest.json). "
+                    "Re-running the same command resumes an interrupted job.",
+    )
+    io = p.add_argument_group("inputs and output")
+    io.add_argument("--corpus", action="append", required=True, metavar="[NAME=]PATH",
+                    help="corpus file (JSONL, Parquet) or datasets save_to_disk folder; repeat for several "
+                         "sources; NAME defaults to the file stem")
+    io.add_argument("--model", required=True, type=Path, help="local folder of a Hugging Face causal LM")
+    io.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model folder)")
+    io.add_argument("--out", required=True, type=Path, help="datastore folder to create")
+    io.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")
+    io.add_argument("--restart", action="store_true",
+                    help="discard a partial job at --out that was started with other settings")
+
+    ck = p.add_argument_group("checkpoints and gradients")
+    ck.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]DIR[:WEIGHT]",
+                    help="LoRA checkpoint folder (adapter + optimizer.pt/optimizer.bin); repeat for several. "
+                         "WEIGHT defaults to the learning rate recorded with it, else uniform")
+    ck.add_argument("--gradient-type", default="adam", choices=["sgd", "sign", "adam", "less"],
+                    help="adam: bias-corrected Adam direction from the saved optimizer (training data); "
+                         "less: the LESS reference formula; sgd: plain gradient (targets); sign")
+    ck.add_argument("--lora-r", type=int, default=8, help="rank of a fresh LoRA (no --checkpoint)")
+    ck.add_argument("--lora-alpha", type=float, default=16.0, help="alpha of a fresh LoRA")
+    ck.add_argument("--lora-targets", default=None,
+                    help="comma-separated target modules of a fresh LoRA (default: PEFT's for the model)")
+    ck.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k")
+    ck.add_argument("--seed", type=int, default=0, help="projection seed (and fresh-LoRA init seed)")
+
+    tok = p.add_argument_group("tokenisation")
+    tok.add_argument("--max-length", type=int, default=2048, help="truncate examples to this many tokens")
+    tok.add_argument("--template", default="auto", choices=["auto", "default", "tokenizer"],
+                     help="chat format: the tokenizer's chat template, or the documented default")
+    tok.add_argument("--on-bad-record", default="error", choices=["error", "skip"],
+                     help="stop at the first malformed record, or skip and report them in skipped.jsonl")
+
+    run = p.add_argument_group("execution")
+    run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    run.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
+    run.add_argument("--max-tokens-per-batch", type=int, default=16384,
+                     help="token budget of a batch (padded length x examples)")
+    run.add_argument("--max-batch-size", type=int, default=64, help="most examples in a batch")
+    run.add_argument("--shard-size", type=int, default=1024,
+                     help="examples per shard (the unit of resumption and of multi-process work)")
+    run.add_argument("--index", default="auto",
+                     help="FAISS index: auto, flat, sq16, ivf, hnsw or none")
+    run.add_argument("--index-memory", type=_size, default="4GiB",
+                     help="memory budget steering --index auto (e.g. 4GiB)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_index)
+
+
+def _run_index(args) -> int:
+    from gradstore.indexer.checkpoints import CheckpointSpec
+    from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.job import IndexJob, IndexJobConfig
+    from gradstore.indexer.model import LoraSpec
+    from gradstore.indexer.projection import ProjectionSpec
+
+    targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
+    config = IndexJobConfig(
+        corpus=[CorpusSource.parse(spec) for spec in args.corpus],
+        model=args.model, out=args.out, tokenizer=args.tokenizer,
+        checkpoints=[CheckpointSpec.parse(spec) for spec in args.checkpoint],
+        lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, init_seed=args.seed),
+        gradient_type=args.gradient_type,
+        projection=ProjectionSpec(dim=args.proj_dim, seed=args.seed),
+        max_length=args.max_length, template=args.template,
+        max_tokens_per_batch=args.max_tokens_per_batch, max_batch_size=args.max_batch_size,
+        shard_size=args.shard_size, dtype=args.dtype, device=args.device, index=args.index,
+        index_memory_budget=args.index_memory, on_bad_record=args.on_bad_record,
+        overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
+    )
+    summary = IndexJob(config, log=lambda line: print(line, file=sys.stderr)).run()
+    if summary is not None:
+        print(f"datastore written to {args.out}")
+        for line in summary.lines():
+            print(f"  {line}")
+    return 0
+
+
+def _add_info_parser(subparsers) -> None:
+    p = subparsers.add_parser("info", help="describe a datastore",
+                              description="Print a datastore's manifest summary (or the manifest as JSON).")
+    p.add_argument("store", type=Path, help="datastore folder")
+    p.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    p.add_argument("--verify", action="store_true", help="also check every file's SHA-256")
+    p.set_defaults(handler=_run_info)
+
+
+def _run_info(args) -> int:
+    from gradstore.indexer.datastore import Datastore
+
+    store = Datastore.open(args.store, verify=args.verify)
+    m = store.manifest
+    if args.json:
+        print(json.dumps(m.model_dump(mode="json"), indent=2))
+        return 0
+    print(f"datastore     {store.path}")
+    print(f"examples      {m.counts.examples:,} ({m.counts.skipped:,} skipped, {m.counts.truncated:,} truncated)")
+    for source, count in m.counts.by_source.items():
+        print(f"  {source:<12}{count:,}")
+    print(f"model         {m.model.path} ({m.model.architecture}, {m.model.dtype})")
+    print(f"lora          r={m.lora.r} alpha={m.lora.alpha} targets={','.join(m.lora.target_modules)} "
+          f"({m.lora.num_params:,} params)")
+    print(f"gradients     {m.gradient_type}, projected to k={m.features.dim} "
+          f"({m.projection['kind']}, seed {m.projection['seed']}), {m.features.dtype}")
+    print("checkpoints")
+    for c in m.checkpoints:
+        print(f"  {c.name:<12}weight {c.weight:.4f}  {c.path or '(fresh LoRA)'}")
+    if m.index is not None:
+        print(f"index         {m.index.kind} ({m.index.factory}), dim {m.index.dim}, {m.index.ntotal:,} vectors")
+    print(f"tokens        {m.tokens.get('total', 0):,} (mean {m.tokens.get('mean', 0):.1f}, "
+          f"max {m.tokens.get('max', 0)})")
+    size = sum(f.bytes for f in m.files.values())
+    print(f"size          {size / 2**20:,.1f} MiB in {len(m.files)} files")
+    if args.verify:
+        print("checksums     ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gradstore import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="gradstore",
+        description="Gradient datastore and LESS-style data selection for instruction tuning.",
+    )
+    parser.add_argument("--version", action="version", version=f"gradstore {__version__}")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_index_parser(subparsers)
+    _add_info_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.handler(args)
+    except ModuleNotFoundError as exc:
+        print(f"gradstore {sys.argv[1] if len(sys.argv) > 1 else ''}: missing dependency {exc.name!r}; "
+              "install the extras: pip install 'gradstore[cpu]' (or [gpu])", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - turn known errors into one clear line
+        if _is_gradstore_error(exc):
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+
+
+def _is_gradstore_error(exc: BaseException) -> bool:
+    indexer_errors = sys.modules.get("gradstore.indexer.errors")
+    return indexer_errors is not None and isinstance(exc, indexer_errors.IndexerError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

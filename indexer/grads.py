@@ -1,0 +1,161 @@
+"""Per-example gradients of LoRA parameters for a whole padded batch in one forward/backward pass.
+
+For a linear map ``y = W x`` applied at every token ``t`` of one example, the example's gradient is
+``dL/dW = Σ_t (dL/dy_t) x_tᵀ``. PEFT implements LoRA as two plain ``nn.Linear`` maps, ``lora_A`` and
+``lora_B``, so capturing each one's input (forward hook) and the gradient of the loss with respect
+to its output (``torch.autograd.grad`` on the captured outputs) gives every example's gradient of
+every LoRA matrix with one batched matrix product per module — no batch-size-1 loop, no autograd
+graph over per-example copies.
+
+Each example's loss is the mean cross-entropy over its own label tokens (what HF computes for that
+example alone) and the batch loss is their sum, so examples do not scale each other's gradients.
+Padding is on the right with an attention mask: padded positions neither attend nor are attended
+to, and they carry no loss, so their output gradients are exactly zero and neither padding nor
+batch composition changes any example's gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import ModelError
+from .formatting import IGNORE_INDEX
+from .optimizer_state import canonical_param_name
+
+
+@dataclass
+class Batch:
+    """Right-padded token ids with labels (-100 where there is no loss)."""
+
+    input_ids: torch.Tensor  # (B, T) int64
+    attention_mask: torch.Tensor  # (B, T) int64
+    labels: torch.Tensor  # (B, T) int64
+
+    @classmethod
+    def collate(cls, examples: list[tuple], pad_id: int, device: torch.device | str) -> "Batch":
+        """``examples``: ``(input_ids, labels)`` pairs of 1-D integer sequences."""
+        length = max(len(ids) for ids, _ in examples)
+        input_ids = torch.full((len(examples), length), pad_id, dtype=torch.int64)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.int64)
+        attention_mask = torch.zeros((len(examples), length), dtype=torch.int64)
+        for row, (ids, labs) in enumerate(examples):
+            n = len(ids)
+            input_ids[row, :n] = torch.as_tensor(ids, dtype=torch.int64)
+            labels[row, :n] = torch.as_tensor(labs, dtype=torch.int64)
+            attention_mask[row, :n] = 1
+        return cls(input_ids.to(device), attention_mask.to(device), labels.to(device))
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """The two ``nn.Linear`` halves of one LoRA-adapted module, with canonical parameter names."""
+
+    a: torch.nn.Linear
+    b: torch.nn.Linear
+    a_name: str
+    b_name: str
+
+
+def find_lora_pairs(model: torch.nn.Module, adapter_name: str = "default") -> list[LoraPair]:
+    """Every LoRA module of a PEFT model, in ``named_parameters()`` order."""
+    pairs = []
+    for module_name, module in model.named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if not isinstance(lora_a, torch.nn.ModuleDict) or adapter_name not in lora_a:
+            continue
+        a, b = module.lora_A[adapter_name], module.lora_B[adapter_name]
+        if not (isinstance(a, torch.nn.Linear) and isinstance(b, torch.nn.Linear)):
+            raise ModelError(f"{module_name}: LoRA on {type(a).__name__} layers is not supported "
+                             "(only linear and Conv1D target modules are)")
+        if a.bias is not None or b.bias is not None:
+            raise ModelError(f"{module_name}: LoRA with bias is not supported")
+        if getattr(module, "use_dora", {}).get(adapter_name, False):
+            raise ModelError(f"{module_name}: DoRA adapters are not supported")
+        prefix = f"{module_name}.lora_"
+        pairs.append(LoraPair(
+            a, b,
+            canonical_param_name(f"{prefix}A.{adapter_name}.weight", adapter_name),
+            canonical_param_name(f"{prefix}B.{adapter_name}.weight", adapter_name),
+        ))
+    if not pairs:
+        raise ModelError(f"the model has no LoRA modules for adapter {adapter_name!r}")
+    trainable = {canonical_param_name(n, adapter_name) for n, p in model.named_parameters() if p.requires_grad}
+    covered = {name for pair in pairs for name in (pair.a_name, pair.b_name)}
+    if trainable != covered:
+        extra = sorted(trainable - covered)[:5]
+        raise ModelError(f"trainable parameters outside LoRA A/B matrices are not supported: {extra}")
+    return pairs
+
+
+def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over each example's own label tokens, shape ``(B,)``."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:]
+    token_loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX, reduction="none",
+    ).view(shift_labels.shape)
+    counts = (shift_labels != IGNORE_INDEX).sum(dim=1)
+    if bool((counts == 0).any()):
+        raise ValueError("an example in the batch has no label tokens")
+    return token_loss.sum(dim=1) / counts
+
+
+class PerExampleGradients:
+    """Computes per-example gradients of every LoRA matrix of a PEFT model.
+
+    Usage::
+
+        grads = PerExampleGradients(model)
+        losses, per_param = grads(batch)      # per_param yields (name, (B, *shape)) lazily
+    """
+
+    def __init__(self, model: torch.nn.Module, adapter_name: str = "default"):
+        self.model = model
+        self.pairs = find_lora_pairs(model, adapter_name)
+        self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Canonical name -> shape of every LoRA matrix, in parameter order."""
+        shapes = {}
+        for pair in self.pairs:
+            shapes[pair.a_name] = tuple(pair.a.weight.shape)
+            shapes[pair.b_name] = tuple(pair.b.weight.shape)
+        return shapes
+
+    def _capture(self, module, inputs, output):
+        self._captured[id(module)] = (inputs[0], output)
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, Iterator[tuple[str, torch.Tensor]]]:
+        """Per-example losses ``(B,)`` and an iterator of ``(name, per-example grads)``.
+
+        The iterator computes each parameter's ``(B, *shape)`` float32 gradients on demand, so only
+        one parameter's per-example gradients are alive at a time.
+        """
+        self.model.eval()  # dropout off: the gradient of the model as it is, as LESS does
+        modules = [m for pair in self.pairs for m in (pair.a, pair.b)]
+        handles = [m.register_forward_hook(self._capture) for m in modules]
+        try:
+            with torch.enable_grad():
+                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+                losses = per_example_losses(logits, batch.labels)
+                outputs = [self._captured[id(m)][1] for m in modules]
+                output_grads = torch.autograd.grad(losses.sum(), outputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        captured = {id(m): (self._captured[id(m)][0].detach(), g) for m, g in zip(modules, output_grads)}
+        self._captured.clear()
+        return losses.detach().float(), self._iter_grads(captured)
+
+    def _iter_grads(self, captured) -> Iterator[tuple[str, torch.Tensor]]:
+        for pair in self.pairs:
+            for module, name in ((pair.a, pair.a_name), (pair.b, pair.b_name)):
+                inputs, output_grad = captured.pop(id(module))
+                # (B, T, out)ᵀ @ (B, T, in) -> (B, out, in): Σ_t g_t x_tᵀ for every example at once.
+                yield name, torch.bmm(output_grad.float().transpose(1, 2), inputs.float())

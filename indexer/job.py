@@ -1,0 +1,552 @@
+"""An indexing job: corpus -> per-example projected gradients -> a published datastore.
+
+The job runs in four phases:
+
+1. **Prepare** (every rank, deterministic): read the corpus, tokenise every record with its loss
+   mask, assign rows in corpus order, cut rows into shards of ``shard_size``. Bad records stop the
+   job here, before any compute, or are skipped and reported with ``on_bad_record="skip"``.
+2. **Compute**: rank ``r`` of ``W`` takes shards ``r, r+W, …``. Within a shard, examples are sorted
+   by length and packed into batches under a token budget; for each checkpoint the batch's
+   per-example LoRA gradients are transformed (sgd/sign/adam/less), projected, normalised and
+   kept. A shard's output for all checkpoints is written atomically and then marked done.
+3. **Finalise** (rank 0, after every shard is done): FAISS index, checksums, manifest.
+4. **Publish**: the work directory is renamed into place, so a reader never sees half a store.
+
+The work directory ``.<name>.partial`` sits beside the output, with a ``job.json`` fingerprint
+of the settings and inputs. Running the same job again resumes it: finished shards are kept and
+the rest recomputed, so a killed job ends with the same store as an uninterrupted one. A job with
+different settings refuses to reuse the directory unless told to restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate, resolve_weights
+from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skipped_report
+from .datastore import FeatureBatch, completed_shards, finalize_store, publish_store, write_shard
+from .errors import BadRecordError, JobError
+from .formatting import Encoded, Formatter
+from .grads import Batch, PerExampleGradients
+from .model import (LoraSpec, attach_lora, load_base_model, load_checkpoint_weights, load_tokenizer,
+                    lora_description, resolve_device)
+from .optimizer_state import find_optimizer_file, load_optimizer_state
+from .projection import ProjectionSpec, make_projector
+from .transforms import GRADIENT_TYPES, GradientTransform, make_transform
+
+JOB_FILE = "job.json"
+MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.model")
+
+
+@dataclass
+class IndexJobConfig:
+    """Everything an indexing job needs; the CLI builds one from its flags."""
+
+    corpus: list[CorpusSource]
+    model: Path
+    out: Path
+    tokenizer: Path | None = None
+    checkpoints: list[CheckpointSpec] = field(default_factory=list)
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    gradient_type: str = "adam"
+    projection: ProjectionSpec = field(default_factory=ProjectionSpec)
+    max_length: int = 2048
+    template: str = "auto"
+    max_tokens_per_batch: int = 16384
+    max_batch_size: int = 64
+    shard_size: int = 1024
+    dtype: str = "fp32"
+    device: str = "auto"
+    index: str = "auto"
+    index_memory_budget: int = 4 << 30
+    on_bad_record: str = "error"
+    overwrite: bool = False
+    restart: bool = False
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.gradient_type not in GRADIENT_TYPES:
+            raise JobError(f"unknown gradient type {self.gradient_type!r}: expected one of {GRADIENT_TYPES}")
+        if self.gradient_type in ("adam", "less") and not any(c.path for c in self.checkpoints):
+            raise JobError(f"gradient type {self.gradient_type!r} needs checkpoints with optimizer state "
+                           "(--checkpoint DIR); use 'sgd' or 'sign' for a fresh LoRA")
+        names = [c.name for c in self.checkpoints]
+        if len(set(names)) != len(names):
+            raise JobError(f"checkpoint names must be unique, got {names}; name them with NAME=DIR")
+        for positive in ("max_length", "max_tokens_per_batch", "max_batch_size", "shard_size"):
+            if getattr(self, positive) < 1:
+                raise JobError(f"{positive} must be positive, got {getattr(self, positive)}")
+        if self.out.exists() and not self.overwrite:
+            raise JobError(f"{self.out} already exists; pass --overwrite to replace it")
+
+    @property
+    def work_dir(self) -> Path:
+        return self.out.parent / f".{self.out.name}.partial"
+
+    def effective_checkpoints(self) -> list[CheckpointSpec]:
+        """The checkpoints to featurise: the given ones, or one fresh LoRA."""
+        return self.checkpoints or [CheckpointSpec(name="fresh", path=None)]
+
+
+@dataclass
+class JobSummary:
+    """What a finished job reports (also stored in the manifest's ``job`` section)."""
+
+    examples: int
+    tokens: int
+    skipped: int
+    truncated: int
+    checkpoints: int
+    wall_seconds: float
+    examples_per_second: float
+    tokens_per_second: float
+    store_bytes: int
+    oom_retries: int
+    world_size: int
+    shards_computed: int
+    shards_reused: int
+
+    def lines(self) -> list[str]:
+        return [
+            f"examples      {self.examples:,} ({self.skipped:,} skipped, {self.truncated:,} truncated)",
+            f"tokens        {self.tokens:,}",
+            f"checkpoints   {self.checkpoints}",
+            f"wall time     {self.wall_seconds:,.1f} s ({self.shards_computed} shards computed, "
+            f"{self.shards_reused} reused)",
+            f"throughput    {self.examples_per_second:,.1f} examples/s, {self.tokens_per_second:,.0f} tokens/s "
+            "(per checkpoint pass)",
+            f"store size    {self.store_bytes / 2**20:,.1f} MiB",
+        ]
+
+
+@dataclass
+class Prepared:
+    """The tokenised corpus, in row order."""
+
+    corpus: Corpus
+    encoded: list[Encoded]
+    skipped: list[SkippedRecord]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.encoded)
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed helpers (torchrun sets RANK / WORLD_SIZE)
+# ------------------------------------------------------------------------------------------------
+
+
+def _world() -> tuple[int, int]:
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _init_distributed(world_size: int) -> None:
+    if world_size > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo")
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 1: prepare
+# ------------------------------------------------------------------------------------------------
+
+
+def prepare(config: IndexJobConfig, formatter: Formatter) -> Prepared:
+    corpus = read_corpus(config.corpus, on_bad_record=config.on_bad_record)
+    encoded, kept, skipped = [], [], list(corpus.skipped)
+    for record in corpus.records:
+        try:
+            encoded.append(formatter.encode(record))
+            kept.append(record)
+        except BadRecordError as exc:
+            if config.on_bad_record == "error":
+                raise
+            skipped.append(SkippedRecord(location=exc.location, reason=exc.reason, source=record.source))
+    if not kept:
+        raise JobError("no records left to index" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    corpus.records = kept
+    return Prepared(corpus, encoded, skipped)
+
+
+def examples_table(prepared: Prepared, rows: range) -> pa.Table:
+    records = [prepared.corpus.records[r] for r in rows]
+    encoded = [prepared.encoded[r] for r in rows]
+    return pa.table({
+        "row": pa.array(list(rows), pa.int64()),
+        "id": pa.array([r.id for r in records], pa.string()),
+        "source": pa.array([r.source for r in records], pa.string()),
+        "location": pa.array([r.location for r in records], pa.string()),
+        "record": pa.array([json.dumps(r.record, ensure_ascii=False) for r in records], pa.string()),
+        "num_tokens": pa.array([e.num_tokens for e in encoded], pa.int32()),
+        "num_label_tokens": pa.array([e.num_label_tokens for e in encoded], pa.int32()),
+        "truncated": pa.array([e.truncated for e in encoded], pa.bool_()),
+    })
+
+
+def token_statistics(encoded: list[Encoded]) -> dict:
+    lengths = np.array([e.num_tokens for e in encoded])
+    labels = np.array([e.num_label_tokens for e in encoded])
+    return {
+        "total": int(lengths.sum()),
+        "label_tokens": int(labels.sum()),
+        "mean": float(lengths.mean()),
+        "p50": float(np.percentile(lengths, 50)),
+        "p95": float(np.percentile(lengths, 95)),
+        "max": int(lengths.max()),
+        "truncated": int(sum(e.truncated for e in encoded)),
+    }
+
+
+def length_batches(rows: list[int], lengths: list[int], max_tokens: int, max_batch: int) -> list[list[int]]:
+    """Rows packed longest-first into batches of at most ``max_tokens`` padded tokens.
+
+    Sorting by length keeps padding low; ties keep row order, so batching is deterministic.
+    """
+    order = sorted(rows, key=lambda r: (-lengths[r], r))
+    batches, current = [], []
+    for row in order:
+        padded = lengths[current[0]] if current else lengths[row]
+        if current and (len(current) + 1 > max_batch or (len(current) + 1) * padded > max_tokens):
+            batches.append(current)
+            current = []
+        current.append(row)
+    if current:
+        batches.append(current)
+    return batches
+
+
+# ------------------------------------------------------------------------------------------------
+# Phase 2: compute
+# ------------------------------------------------------------------------------------------------
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+
+
+class Featurizer:
+    """Per-example features of one checkpoint at a time for batches of encoded examples."""
+
+    def __init__(self, peft_model, projection: ProjectionSpec, device: torch.device, pad_id: int):
+        self.model = peft_model
+        self.grads = PerExampleGradients(peft_model)
+        self.projector = make_projector(projection, device)
+        self.device = device
+        self.pad_id = pad_id
+        self.transform: GradientTransform | None = None
+        self.oom_retries = 0
+
+    def features(self, examples: list[Encoded]) -> tuple[np.ndarray, ...]:
+        """``(features fp16 (B,k), grad_norm, feature_norm, loss)`` for ``examples``.
+
+        On out-of-memory the batch is split in half and retried, down to single examples.
+        """
+        try:
+            return self._features(examples)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:
+            if not _is_out_of_memory(exc) or len(examples) == 1:
+                raise
+        self.oom_retries += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(examples) // 2
+        parts = [self.features(examples[:half]), self.features(examples[half:])]
+        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
+
+    def _features(self, examples: list[Encoded]) -> tuple[np.ndarray, ...]:
+        batch = Batch.collate([(e.input_ids, e.labels) for e in examples], self.pad_id, self.device)
+        losses, per_param = self.grads(batch)
+        projected = torch.zeros(len(examples), self.projector.spec.dim, device=self.device)
+        squared_norm = torch.zeros(len(examples), device=self.device)
+        for name, grads in per_param:
+            squared_norm += grads.square().flatten(1).sum(1)
+            projected += self.projector.project(name, self.transform(name, grads)).float()
+        feature_norm = projected.norm(dim=1)
+        # A zero gradient has no direction: store a zero vector (cosine 0 with everything).
+        normalised = projected / feature_norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+        return (normalised.half().cpu().numpy(), squared_norm.sqrt().cpu().numpy(),
+                feature_norm.cpu().numpy(), losses.cpu().numpy())
+
+
+@dataclass
+class CheckpointState:
+    """One checkpoint, ready to switch in: its spec, adapter weights and gradient transform."""
+
+    spec: CheckpointSpec
+    weight: float
+    transform: GradientTransform
+    adapter_state: dict | None
+
+
+class IndexJob:
+    """Runs one indexing job; ``run()`` returns the summary (on rank 0) after publishing."""
+
+    def __init__(self, config: IndexJobConfig, log: Callable[[str], None] = print):
+        self.config = config
+        self.log = log
+        self.rank, self.world_size = _world()
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        cfg = self.config
+        self.device = resolve_device(cfg.device)
+        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        self.formatter = Formatter(self.tokenizer, cfg.max_length, cfg.template)
+        base = load_base_model(cfg.model, cfg.dtype, self.device)
+        self.peft_model = attach_lora(base, cfg.checkpoints, cfg.lora)
+        self.featurizer = Featurizer(self.peft_model, cfg.projection, self.device, self.tokenizer.pad_token_id)
+        specs = cfg.effective_checkpoints()
+        weights = resolve_weights(specs)
+        self.checkpoints = [self._checkpoint_state(spec, w) for spec, w in zip(specs, weights)]
+
+    def _checkpoint_state(self, spec: CheckpointSpec, weight: float) -> CheckpointState:
+        from peft.utils import get_peft_model_state_dict
+
+        states = None
+        if self.config.gradient_type in ("adam", "less"):
+            optimizer_file = find_optimizer_file(spec.path)
+            if optimizer_file is None:
+                raise JobError(f"{spec.path}: gradient type {self.config.gradient_type!r} needs the optimizer "
+                               "state (optimizer.pt or optimizer.bin), none found")
+            states = load_optimizer_state(optimizer_file, self.featurizer.grads.param_shapes)
+        adapter_state = None
+        if spec.path is not None:
+            load_checkpoint_weights(self.peft_model, spec)  # validates config compatibility
+            adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
+        return CheckpointState(spec, weight, make_transform(self.config.gradient_type, states), adapter_state)
+
+    def _activate(self, checkpoint: CheckpointState) -> None:
+        from peft import set_peft_model_state_dict
+
+        if checkpoint.adapter_state is not None:
+            set_peft_model_state_dict(self.peft_model, checkpoint.adapter_state)
+        self.featurizer.transform = checkpoint.transform
+
+    def _fingerprint(self, prepared: Prepared) -> dict:
+        """Settings and input hashes that must match for a partial job to be resumed."""
+        cfg = self.config
+        return {
+            "corpus": [{"name": s.name, "sha256": _path_sha256(s.path)} for s in cfg.corpus],
+            "model_sha256": model_sha256(cfg.model),
+            "tokenizer": self.formatter.describe(),
+            "checkpoints": [{"name": c.spec.name, "weight": c.weight, "adapter": _path_sha256(c.spec.path)}
+                            for c in self.checkpoints],
+            "lora": lora_description(self.peft_model),
+            "fresh_lora_seed": None if cfg.checkpoints else cfg.lora.init_seed,
+            "gradient_type": cfg.gradient_type,
+            "projection": cfg.projection.to_dict(),
+            "batching": [cfg.max_tokens_per_batch, cfg.max_batch_size, cfg.shard_size],
+            "dtype": cfg.dtype,
+            "device_type": self.device.type,
+            "on_bad_record": cfg.on_bad_record,
+            "rows": prepared.num_rows,
+        }
+
+    def _open_work_dir(self, fingerprint: dict) -> None:
+        work, job_file = self.config.work_dir, self.config.work_dir / JOB_FILE
+        if self.rank == 0:
+            if work.exists() and job_file.exists():
+                previous = json.loads(job_file.read_text())
+                if previous != fingerprint:
+                    if not self.config.restart:
+                        raise JobError(f"{work} holds a partial job with different settings or inputs; "
+                                       "pass --restart to discard it, or delete it")
+                    shutil.rmtree(work)
+            elif work.exists():
+                shutil.rmtree(work)  # no job.json: nothing finished in it
+            work.mkdir(parents=True, exist_ok=True)
+            tmp = job_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+            os.replace(tmp, job_file)
+        _barrier()
+
+    # -- compute -------------------------------------------------------------------------------
+
+    def _compute_shard(self, prepared: Prepared, shard: int, progress) -> None:
+        cfg = self.config
+        rows = range(shard * cfg.shard_size, min(prepared.num_rows, (shard + 1) * cfg.shard_size))
+        lengths = {r: prepared.encoded[r].num_tokens for r in rows}
+        batches = length_batches(list(rows), lengths, cfg.max_tokens_per_batch, cfg.max_batch_size)
+        features = {}
+        for checkpoint in self.checkpoints:
+            self._activate(checkpoint)
+            position = {row: i for i, row in enumerate(rows)}
+            out = {"feature": np.zeros((len(rows), cfg.projection.dim), np.float16)}
+            for column in ("grad_norm", "feature_norm", "loss"):
+                out[column] = np.zeros(len(rows), np.float32)
+            for batch_rows in batches:
+                results = self.featurizer.features([prepared.encoded[r] for r in batch_rows])
+                index = [position[r] for r in batch_rows]
+                for column, values in zip(("feature", "grad_norm", "feature_norm", "loss"), results):
+                    out[column][index] = values
+                progress.update(len(batch_rows))
+                progress.tokens += sum(lengths[r] for r in batch_rows)
+            features[checkpoint.spec.name] = FeatureBatch(rows=np.arange(rows.start, rows.stop), **out)
+        write_shard(cfg.work_dir, shard, examples_table(prepared, rows), features)
+
+    # -- the whole job ---------------------------------------------------------------------------
+
+    def run(self) -> JobSummary | None:
+        cfg = self.config
+        cfg.validate()
+        start = time.perf_counter()
+        _init_distributed(self.world_size)
+        self._load()
+        prepared = prepare(cfg, self.formatter)
+        self._open_work_dir(self._fingerprint(prepared))
+        num_shards = math.ceil(prepared.num_rows / cfg.shard_size)
+        done = completed_shards(cfg.work_dir)
+        mine = [s for s in range(self.rank, num_shards, self.world_size)]
+        todo = [s for s in mine if s not in done]
+        if done and self.rank == 0:
+            self.log(f"resuming {cfg.work_dir}: {len(done)} of {num_shards} shards already done")
+        todo_examples = sum(min(prepared.num_rows, (s + 1) * cfg.shard_size) - s * cfg.shard_size for s in todo)
+        with _Progress(todo_examples * len(self.checkpoints), enabled=cfg.progress and self.rank == 0) as progress:
+            for shard in todo:
+                self._compute_shard(prepared, shard, progress)
+        _barrier()
+        if self.rank != 0:
+            return None
+        compute_seconds = time.perf_counter() - start
+        if prepared.skipped:
+            write_skipped_report(prepared.skipped, cfg.work_dir / "skipped.jsonl")
+        summary = self._summary(prepared, progress, compute_seconds, len(todo), len(mine) - len(todo))
+        manifest = finalize_store(cfg.work_dir, self._manifest_fields(prepared, summary),
+                                  index_kind=cfg.index, index_memory_budget=cfg.index_memory_budget)
+        (cfg.work_dir / JOB_FILE).unlink(missing_ok=True)
+        publish_store(cfg.work_dir, cfg.out, overwrite=cfg.overwrite)
+        summary.store_bytes = sum(f.bytes for f in manifest.files.values())
+        summary.wall_seconds = time.perf_counter() - start
+        return summary
+
+    def _summary(self, prepared: Prepared, progress, seconds: float, computed: int, reused: int) -> JobSummary:
+        tokens = sum(e.num_tokens for e in prepared.encoded)
+        busy = max(progress.seconds, 1e-9)
+        return JobSummary(
+            examples=prepared.num_rows, tokens=tokens, skipped=len(prepared.skipped),
+            truncated=sum(e.truncated for e in prepared.encoded), checkpoints=len(self.checkpoints),
+            wall_seconds=seconds, examples_per_second=progress.count / busy,
+            tokens_per_second=progress.tokens / busy, store_bytes=0,
+            oom_retries=self.featurizer.oom_retries, world_size=self.world_size,
+            shards_computed=computed, shards_reused=reused,
+        )
+
+    def _manifest_fields(self, prepared: Prepared, summary: JobSummary) -> dict:
+        from .. import __version__
+
+        cfg = self.config
+        lora = lora_description(self.peft_model)
+        shapes = self.featurizer.grads.param_shapes
+        lora.update(params={n: list(s) for n, s in shapes.items()}, num_params=sum(math.prod(s) for s in shapes.values()))
+        return {
+            "gradstore_version": __version__,
+            "model": {"path": str(cfg.model.resolve()), "sha256": model_sha256(cfg.model),
+                      "architecture": type(self.peft_model.get_base_model()).__name__,
+                      "dtype": cfg.dtype, "device": self.device.type},
+            "tokenizer": {"path": str((cfg.tokenizer or cfg.model).resolve()), **self.formatter.describe()},
+            "lora": lora,
+            "checkpoints": [{
+                "name": c.spec.name,
+                "path": str(c.spec.path.resolve()) if c.spec.path else None,
+                "weight": c.weight,
+                "learning_rate": recorded_learning_rate(c.spec.path),
+                "adapter_sha256": file_sha256(c.spec.adapter_weights) if c.spec.path else None,
+                "optimizer_sha256": _optimizer_sha256(c.spec.path) if cfg.gradient_type in ("adam", "less") else None,
+            } for c in self.checkpoints],
+            "gradient_type": cfg.gradient_type,
+            "projection": cfg.projection.to_dict(),
+            "features": {"dim": cfg.projection.dim, "dtype": "float16", "normalized": True},
+            "counts": {"examples": prepared.num_rows, "by_source": _counts_by_source(prepared),
+                       "skipped": len(prepared.skipped), "truncated": summary.truncated},
+            "tokens": token_statistics(prepared.encoded),
+            "shards": {"size": cfg.shard_size, "count": math.ceil(prepared.num_rows / cfg.shard_size)},
+            "job": {"world_size": self.world_size, "compute_seconds": summary.wall_seconds,
+                    "examples_per_second": summary.examples_per_second,
+                    "tokens_per_second": summary.tokens_per_second, "oom_retries": summary.oom_retries,
+                    "max_tokens_per_batch": cfg.max_tokens_per_batch, "max_batch_size": cfg.max_batch_size},
+        }
+
+
+def _counts_by_source(prepared: Prepared) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record in prepared.corpus.records:
+        counts[record.source] = counts.get(record.source, 0) + 1
+    return counts
+
+
+def _optimizer_sha256(path: Path | None) -> str | None:
+    optimizer_file = find_optimizer_file(path) if path else None
+    return file_sha256(optimizer_file) if optimizer_file else None
+
+
+def _path_sha256(path: Path | None) -> str | None:
+    """Hash of a file, or of every file under a folder (names and contents)."""
+    if path is None:
+        return None
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for child in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(str(child.relative_to(path)).encode())
+        digest.update(file_sha256(child).encode())
+    return digest.hexdigest()
+
+
+def model_sha256(path: Path) -> str:
+    """Hash of a model folder's weights, config and tokenizer files."""
+    digest = hashlib.sha256()
+    files = sorted({p for pattern in MODEL_FILE_PATTERNS for p in Path(path).glob(pattern)})
+    for child in files:
+        digest.update(child.name.encode())
+        digest.update(file_sha256(child).encode())
+    return digest.hexdigest()
+
+
+class _Progress:
+    """A tqdm bar over examples (× checkpoints) with tokens/s, or a silent counter."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled = total, enabled
+        self.count, self.tokens, self.seconds = 0, 0, 0.0
+        self._bar = None
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        if self.enabled and self.total:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=self.total, unit="ex", desc="indexing", dynamic_ncols=True)
+        return self
+
+    def update(self, n: int) -> None:
+        self.count += n
+        if self._bar is not None:
+            self._bar.update(n)
+            elapsed = time.perf_counter() - self._start
+            self._bar.set_postfix(tok_s=f"{self.tokens / max(elapsed, 1e-9):,.0f}", refresh=False)
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self._start
+        if self._bar is not None:
+            self._bar.close()
+        return False
