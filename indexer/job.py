@@ -36,7 +36,8 @@ import torch
 
 from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate, resolve_weights
 from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skipped_report
-from .datastore import FeatureBatch, completed_shards, finalize_store, publish_store, write_shard
+from .datastore import (_PENDING_MANIFEST as PENDING_MANIFEST, MANIFEST_FILE, SHARDS_DIR, FeatureBatch, completed_shards,
+                        finalize_store, publish_store, write_shard)
 from .errors import BadRecordError, JobError
 from .formatting import Encoded, Formatter
 from .grads import Batch, PerExampleGradients
@@ -362,23 +363,31 @@ class IndexJob:
             "rows": prepared.num_rows,
         }
 
-    def _open_work_dir(self, fingerprint: dict) -> None:
-        work, job_file = self.config.work_dir, self.config.work_dir / JOB_FILE
-        if self.rank == 0:
-            if work.exists() and job_file.exists():
-                previous = json.loads(job_file.read_text())
-                if previous != fingerprint:
+    def _open_work_dir(self, fingerprint: dict) -> bool:
+        """Create or reuse the work directory; True when its shards are already finalised.
+
+        The fingerprint lives in ``_shards/`` with the done markers, which finalisation removes
+        just before the manifest appears; a directory with a (pending) manifest is only waiting
+        to be committed and published.
+        """
+        work = self.config.work_dir
+        job_file = work / SHARDS_DIR / JOB_FILE
+        finalised = (work / MANIFEST_FILE).exists() or (work / PENDING_MANIFEST).exists()
+        if self.rank == 0 and not finalised:
+            if job_file.exists():
+                if json.loads(job_file.read_text()) != fingerprint:
                     if not self.config.restart:
                         raise JobError(f"{work} holds a partial job with different settings or inputs; "
                                        "pass --restart to discard it, or delete it")
                     shutil.rmtree(work)
             elif work.exists():
-                shutil.rmtree(work)  # no job.json: nothing finished in it
-            work.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(work)  # no fingerprint: nothing finished in it can be trusted
+            job_file.parent.mkdir(parents=True, exist_ok=True)
             tmp = job_file.with_suffix(".tmp")
             tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
             os.replace(tmp, job_file)
         _barrier()
+        return finalised
 
     # -- compute -------------------------------------------------------------------------------
 
@@ -413,9 +422,9 @@ class IndexJob:
         _init_distributed(self.world_size)
         self._load()
         prepared = prepare(cfg, self.formatter)
-        self._open_work_dir(self._fingerprint(prepared))
+        finalised = self._open_work_dir(self._fingerprint(prepared))
         num_shards = math.ceil(prepared.num_rows / cfg.shard_size)
-        done = completed_shards(cfg.work_dir)
+        done = set(range(num_shards)) if finalised else completed_shards(cfg.work_dir)
         mine = [s for s in range(self.rank, num_shards, self.world_size)]
         todo = [s for s in mine if s not in done]
         if done and self.rank == 0:
@@ -431,9 +440,8 @@ class IndexJob:
         if prepared.skipped:
             write_skipped_report(prepared.skipped, cfg.work_dir / "skipped.jsonl")
         summary = self._summary(prepared, progress, compute_seconds, len(todo), len(mine) - len(todo))
-        manifest = finalize_store(cfg.work_dir, self._manifest_fields(prepared, summary),
-                                  index_kind=cfg.index, index_memory_budget=cfg.index_memory_budget)
-        (cfg.work_dir / JOB_FILE).unlink(missing_ok=True)
+        manifest = finalize_store(cfg.work_dir, self._manifest_fields(prepared, summary), index_kind=cfg.index,
+                                  index_memory_budget=cfg.index_memory_budget, expected_shards=num_shards)
         publish_store(cfg.work_dir, cfg.out, overwrite=cfg.overwrite)
         summary.store_bytes = sum(f.bytes for f in manifest.files.values())
         summary.wall_seconds = time.perf_counter() - start

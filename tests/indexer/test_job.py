@@ -27,13 +27,13 @@ from gradstore.indexer.projection import ProjectionSpec
 WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
 
 
-def chat_records(n, seed=0):
+def chat_records(n, seed=0, prefix="ex"):
     rng = np.random.default_rng(seed)
     records = []
     for i in range(n):
         prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))
         answer = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))
-        records.append({"id": f"ex-{i}", "dataset": "toy",
+        records.append({"id": f"{prefix}-{i}", "dataset": "toy",
                         "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
     return records
 
@@ -47,7 +47,7 @@ def write_jsonl(path: Path, records) -> Path:
 def corpus_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     write_jsonl(root / "toy.jsonl", chat_records(30, seed=0))
-    write_jsonl(root / "more.jsonl", chat_records(13, seed=1))
+    write_jsonl(root / "more.jsonl", chat_records(13, seed=1, prefix="more"))
     return root
 
 
@@ -185,8 +185,8 @@ def test_out_of_memory_batches_are_split_and_retried(tmp_path, tiny_model_dirs, 
 
 def test_resume_refuses_other_settings(tmp_path, tiny_model_dirs, corpus_dir):
     config = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir)
-    config.work_dir.mkdir(parents=True)
-    (config.work_dir / "job.json").write_text(json.dumps({"something": "else"}))
+    (config.work_dir / "_shards").mkdir(parents=True)
+    (config.work_dir / "_shards" / "job.json").write_text(json.dumps({"something": "else"}))
     with pytest.raises(JobError, match="different settings"):
         IndexJob(config, log=lambda *_: None).run()
     config.restart = True

@@ -1,0 +1,1033 @@
+"""The on-disk datastore format (this docstring is its specification), its writer and its reader.
+
+A datastore holds, for every training example of a corpus and for each of several model
+checkpoints, the example's L2-normalised projected gradient ("feature", ``k`` dims, float16) with
+its gradient norm, feature norm and loss, plus the examples themselves, an optional FAISS index
+and a manifest that describes and checksums everything.
+
+Layout of a store directory
+===========================
+
+::
+
+    STORE/
+      manifest.json                          the manifest (below); present only once complete
+      examples/part-00000.parquet ...        one file per shard, rows in corpus order, zstd
+      features/<checkpoint>/part-00000.parquet ...   same shards, uncompressed
+      index.faiss                            FAISS index (absent with index kind "none")
+      skipped.jsonl                          records the job skipped (only when there were some)
+
+Rows and shards
+    Every stored example has a global ``row``, 0-based and dense: rows ``0..N-1`` with no gap or
+    duplicate. ``row`` is the example's FAISS id. Shard ``i`` (file ``part-{i:05d}.parquet``;
+    wider numbers when ``i >= 100000``) holds a contiguous, increasing range of rows, and shard
+    ``i+1`` starts where shard ``i`` ends, so reading the shards in numeric order reads the rows in
+    order. A shard may be empty. Every checkpoint has exactly the rows of the examples shard.
+
+``examples/part-XXXXX.parquet`` (zstd-compressed)
+    ``row`` int64, ``id`` string (the record id, unique in the corpus), ``source`` string (corpus
+    name), ``location`` string (``"file:line"`` of the record), ``record`` string (the original
+    record as JSON text), ``num_tokens`` int32, ``num_label_tokens`` int32 (tokens carrying
+    loss), ``truncated`` bool (the example was cut to the maximum length).
+
+``features/<checkpoint>/part-XXXXX.parquet`` (uncompressed, no dictionary encoding)
+    ``row`` int64, ``feature`` fixed_size_list<float16>[k] (the projected gradient divided by its
+    L2 norm; an all-zero vector stands for a zero gradient), ``grad_norm`` float32 (norm of the
+    unprojected gradient), ``feature_norm`` float32 (norm of the projection before
+    normalisation), ``loss`` float32. Random fp16 data does not compress, and plain encoding keeps
+    reading these files close to a memory copy. ``<checkpoint>`` is the checkpoint's name from the
+    manifest (letters, digits, ``._-``; not starting with ``.`` or ``_``).
+
+``index.faiss``
+    ``faiss.write_index`` output, metric inner product, one vector per row in row order:
+    ``concat_c(sqrt(w_c) · feature_c)`` over the manifest's checkpoints in manifest order, with the
+    checkpoint weights ``w`` normalised to sum to 1 (see ``gradstore.indexer.faiss_index``). A
+    query built the same way scores ``Σ_c w_c · cos(train_c, target_c)``.
+
+``manifest.json``
+    JSON object validated by :class:`Manifest` (unknown keys are errors):
+
+    - ``format`` = ``"gradstore-datastore"``, ``schema_version`` (this module reads
+      ``SCHEMA_VERSION``), ``status`` = ``"complete"``, ``created_at`` (ISO 8601),
+      ``gradstore_version``;
+    - ``model`` {path, sha256, architecture, dtype, device}; ``tokenizer`` (the formatter's
+      description, free-form); ``lora`` {r, alpha, target_modules, params: name -> shape,
+      num_params}; ``gradient_type`` (e.g. ``"adam"`` or ``"sgd"``);
+    - ``checkpoints`` [{name, path, weight, learning_rate, adapter_sha256, optimizer_sha256}], in
+      the order of the index's vector blocks;
+    - ``projection`` (``ProjectionSpec.to_dict()``: kind, dim, seed, version);
+    - ``features`` {dim (= k), dtype = "float16", normalized};
+    - ``index`` {file, kind, factory, metric = "inner_product", dim (= k · checkpoints),
+      ntotal (= N)} or null;
+    - ``counts`` {examples (= N), by_source: source -> examples, skipped, truncated};
+    - ``tokens`` (token statistics, free-form); ``job`` (wall time, throughput, world size, ...);
+    - ``shards`` {size (nominal rows per shard), count};
+    - ``files``: relative path -> {bytes, sha256} for every file of the store but the manifest.
+
+    A reader refuses a ``schema_version`` it does not know. Changes that old readers could
+    misread bump ``SCHEMA_VERSION``.
+
+How a store is written
+======================
+
+The indexing job writes into a private work directory, then publishes it in one rename:
+
+1. :func:`write_shard` writes a shard's examples and feature files (each to a temporary file and
+   renamed into place), then the done marker ``_shards/part-XXXXX.done`` (JSON: rows range and
+   counts) last. A shard is complete exactly when its marker exists (:func:`completed_shards`), so
+   a job killed at any point resumes by rewriting the shards without markers. Workers may write
+   different shards of one work directory concurrently.
+2. :func:`finalize_store` checks that the markers cover shards ``0..count-1`` and rows
+   ``0..N-1``, builds ``index.faiss`` by streaming the shards, checksums every file, removes
+   ``_shards`` and writes ``manifest.json`` last. It is idempotent: rerun after a crash it gives
+   the same files, checksums and manifest.
+3. :func:`publish_store` renames the work directory to its final path (atomically replacing an
+   older store when asked to).
+
+:class:`Datastore` opens a published store and reads it without loading the features whole.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from .. import __version__
+from .errors import StoreError
+from .faiss_index import build_index, choose_factory, concat_weighted, normalized_weights, train_sample_size
+
+SCHEMA_VERSION = 1
+FORMAT = "gradstore-datastore"
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.faiss"
+SKIPPED_FILE = "skipped.jsonl"
+EXAMPLES_DIR = "examples"
+FEATURES_DIR = "features"
+# Work-directory bookkeeping, never part of a published store.
+SHARDS_DIR = "_shards"
+_TMP_DIR = "tmp"
+_INDEX_STATE = "index.json"
+_FINALIZE_STATE = "finalize.json"
+_PENDING_MANIFEST = ".manifest.json.pending"
+
+_CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+_DONE_MARKER = re.compile(r"^part-(\d+)\.done$")
+# Features must be unit vectors up to fp16 rounding (relative 2**-11 per entry).
+_NORM_TOLERANCE = 1e-2
+# Rows per feature row group: about 64 MiB of fp16, so a reader never holds more than that at once.
+_FEATURE_ROW_GROUP_BYTES = 64 << 20
+# Vectors per index batch: about 256 MiB of float32.
+_INDEX_BATCH_BYTES = 256 << 20
+_HASH_CHUNK = 8 << 20
+
+
+# ----------------------------------------------------------------------------------- manifest
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelInfo(_Strict):
+    path: str
+    sha256: str
+    architecture: str
+    dtype: str
+    device: str
+
+
+class LoraInfo(_Strict):
+    r: int
+    alpha: float
+    target_modules: list[str]
+    params: dict[str, list[int]]
+    num_params: int
+
+
+class CheckpointInfo(_Strict):
+    name: str
+    path: str | None = None
+    weight: float
+    learning_rate: float | None = None
+    adapter_sha256: str | None = None
+    optimizer_sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _valid(self):
+        check_checkpoint_name(self.name, ValueError)
+        if not (self.weight >= 0 and np.isfinite(self.weight)):
+            raise ValueError(f"checkpoint {self.name!r}: weight must be finite and >= 0, got {self.weight}")
+        return self
+
+
+class FeatureInfo(_Strict):
+    dim: int
+    dtype: Literal["float16"]
+    normalized: bool = True
+
+
+class IndexInfo(_Strict):
+    file: str
+    kind: str
+    factory: str
+    metric: Literal["inner_product"]
+    dim: int
+    ntotal: int
+
+
+class CountInfo(_Strict):
+    examples: int
+    by_source: dict[str, int]
+    skipped: int
+    truncated: int
+
+
+class ShardInfo(_Strict):
+    size: int
+    count: int
+
+
+class FileInfo(_Strict):
+    bytes: int
+    sha256: str
+
+
+class Manifest(_Strict):
+    """``manifest.json``; see the module docstring for the meaning of each field."""
+
+    format: Literal["gradstore-datastore"]
+    schema_version: int
+    status: Literal["complete"]
+    created_at: str
+    gradstore_version: str
+    model: ModelInfo
+    tokenizer: dict[str, Any]
+    lora: LoraInfo
+    checkpoints: list[CheckpointInfo]
+    gradient_type: str
+    projection: dict[str, Any]
+    features: FeatureInfo
+    index: IndexInfo | None
+    counts: CountInfo
+    tokens: dict[str, Any]
+    shards: ShardInfo
+    files: dict[str, FileInfo]
+    job: dict[str, Any]
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.schema_version != SCHEMA_VERSION:
+            raise ValueError(f"schema_version {self.schema_version} is not supported "
+                             f"(this gradstore reads {SCHEMA_VERSION})")
+        names = [c.name for c in self.checkpoints]
+        if not names or len(set(names)) != len(names):
+            raise ValueError(f"checkpoints must be non-empty with unique names, got {names}")
+        normalized_weights([c.weight for c in self.checkpoints])
+        if self.projection.get("dim", self.features.dim) != self.features.dim:
+            raise ValueError(f"projection dim {self.projection['dim']} != features dim {self.features.dim}")
+        if sum(self.counts.by_source.values()) != self.counts.examples:
+            raise ValueError(f"counts.by_source sums to {sum(self.counts.by_source.values())}, "
+                             f"not counts.examples = {self.counts.examples}")
+        if self.index is not None:
+            expected = (self.features.dim * len(names), self.counts.examples)
+            if (self.index.dim, self.index.ntotal) != expected:
+                raise ValueError(f"index dim/ntotal {(self.index.dim, self.index.ntotal)} != {expected} "
+                                 f"(features dim x checkpoints, examples)")
+        for relative in self.files:
+            if relative.startswith("/") or ".." in Path(relative).parts:
+                raise ValueError(f"files: {relative!r} is not a path inside the store")
+        return self
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Checkpoint weights normalised to sum to 1, in checkpoint order."""
+        return normalized_weights([c.weight for c in self.checkpoints])
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Manifest":
+        """Read and validate a manifest file (or the manifest of a store directory)."""
+        path = _manifest_path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StoreError(f"{path}: no manifest (not a datastore, or one that was never finalised)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise StoreError(f"{path}: cannot read the manifest: {err}") from err
+        if not isinstance(data, dict):
+            raise StoreError(f"{path}: the manifest is not a JSON object")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{path}: schema_version {version!r} is not supported by gradstore {__version__} "
+                             f"(it reads schema_version {SCHEMA_VERSION})")
+        if data.get("status") != "complete":
+            raise StoreError(f"{path}: status is {data.get('status')!r}, not 'complete'")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as err:
+            raise StoreError(f"{path}: invalid manifest:\n{_describe(err)}") from None
+
+    def write(self, path: str | Path) -> None:
+        """Write atomically (temporary file, fsync, rename) to a file or a store directory."""
+        _atomic_write_bytes(_manifest_path(path), self.to_json().encode())
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2) + "\n"
+
+
+def _manifest_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / MANIFEST_FILE if path.is_dir() else path
+
+
+def _describe(err: ValidationError) -> str:
+    return "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}"
+                     for e in err.errors())
+
+
+def check_checkpoint_name(name: str, error: type[Exception] = StoreError) -> None:
+    """Checkpoint names become directory names: refuse anything that is not a plain one."""
+    if not isinstance(name, str) or not _CHECKPOINT_NAME.match(name):
+        raise error(f"checkpoint name {name!r} is not usable as a directory name "
+                    f"(letters, digits and ._- only, not starting with . or _)")
+
+
+# ------------------------------------------------------------------------------ file helpers
+
+
+def shard_name(shard: int) -> str:
+    """``part-00012`` for shard 12."""
+    return f"part-{shard:05d}"
+
+
+def examples_path(root: Path, shard: int) -> Path:
+    return root / EXAMPLES_DIR / f"{shard_name(shard)}.parquet"
+
+
+def features_path(root: Path, checkpoint: str, shard: int) -> Path:
+    return root / FEATURES_DIR / checkpoint / f"{shard_name(shard)}.parquet"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _temp_path(final: Path, tmp_dir: Path | None) -> Path:
+    """A temporary name unique to this process and target, on the target's file system."""
+    folder = tmp_dir if tmp_dir is not None else final.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = "-".join(final.parts[-3:])
+    return folder / f".{tag}.{os.getpid()}.tmp"
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """fsync ``tmp``, rename it over ``final`` and fsync the directory, so a crash leaves either
+    the old file or the new one, never a partial one."""
+    _fsync_file(tmp)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _atomic_write_bytes(final: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    tmp = _temp_path(final, tmp_dir)
+    tmp.write_bytes(data)
+    _move_into_place(tmp, final)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_infos(root: Path, relatives: Sequence[str]) -> dict[str, dict]:
+    """``{relative: {bytes, sha256}}``, hashing files in parallel (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda rel: _sha256(root / rel), relatives))
+    return {rel: {"bytes": (root / rel).stat().st_size, "sha256": digest}
+            for rel, digest in zip(relatives, digests)}
+
+
+# ------------------------------------------------------------------------------ shard writer
+
+
+def examples_schema() -> pa.Schema:
+    return pa.schema([
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("source", pa.string()),
+        pa.field("location", pa.string()),
+        pa.field("record", pa.string()),
+        pa.field("num_tokens", pa.int32()),
+        pa.field("num_label_tokens", pa.int32()),
+        pa.field("truncated", pa.bool_()),
+    ])
+
+
+def features_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("feature", pa.list_(pa.float16(), dim), nullable=False),
+        pa.field("grad_norm", pa.float32()),
+        pa.field("feature_norm", pa.float32()),
+        pa.field("loss", pa.float32()),
+    ])
+
+
+def examples_table(rows: Sequence[int], ids: Sequence[str], sources: Sequence[str],
+                   locations: Sequence[str], records: Sequence[str | dict],
+                   num_tokens: Sequence[int], num_label_tokens: Sequence[int],
+                   truncated: Sequence[bool]) -> pa.Table:
+    """The examples table of one shard from Python lists; dict records are serialised to JSON."""
+    texts = [r if isinstance(r, str) else json.dumps(r, ensure_ascii=False) for r in records]
+    columns = [rows, ids, sources, locations, texts, num_tokens, num_label_tokens, truncated]
+    return pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(columns, examples_schema())],
+                                schema=examples_schema())
+
+
+@dataclass
+class FeatureBatch:
+    """One checkpoint's features for the rows of one shard."""
+
+    rows: np.ndarray          # int64 (n,), the examples' rows
+    feature: np.ndarray       # float16 (n, k), L2-normalised
+    grad_norm: np.ndarray     # float32 (n,)
+    feature_norm: np.ndarray  # float32 (n,)
+    loss: np.ndarray          # float32 (n,)
+
+
+def write_shard(work_dir: str | Path, shard: int, examples: pa.Table,
+                features: dict[str, FeatureBatch]) -> None:
+    """Write shard ``shard`` of the work directory: examples, every checkpoint's features, and
+    the done marker last. Rewriting a shard (a resumed job) replaces it."""
+    work_dir = Path(work_dir)
+    where = f"{work_dir}: shard {shard}"
+    if not isinstance(shard, (int, np.integer)) or shard < 0:
+        raise StoreError(f"{work_dir}: shard number must be a non-negative integer, got {shard!r}")
+    examples = _conform_examples(examples, where)
+    rows = examples.column("row").to_numpy()
+    _check_contiguous(rows, where)
+    batches = _checked_features(features, rows, where)
+    marker = _done_marker(work_dir, shard)
+    # A shard being rewritten must not look complete until all its new files are in place.
+    marker.unlink(missing_ok=True)
+    tmp_dir = work_dir / SHARDS_DIR / _TMP_DIR
+    _write_parquet(examples, examples_path(work_dir, shard), tmp_dir, compression="zstd")
+    for name, batch in batches.items():
+        _write_parquet(_features_table(batch), features_path(work_dir, name, shard), tmp_dir,
+                       compression="none", use_dictionary=False,
+                       row_group_size=max(1024, _FEATURE_ROW_GROUP_BYTES // (2 * batch.feature.shape[1])))
+    summary = _shard_summary(shard, examples, batches)
+    _atomic_write_bytes(marker, summary.model_dump_json().encode(), tmp_dir)
+
+
+def completed_shards(work_dir: str | Path) -> set[int]:
+    """Shards of the work directory that have a done marker."""
+    folder = Path(work_dir) / SHARDS_DIR
+    if not folder.is_dir():
+        return set()
+    return {int(m.group(1)) for m in map(_DONE_MARKER.match, os.listdir(folder)) if m}
+
+
+def _done_marker(work_dir: Path, shard: int) -> Path:
+    return work_dir / SHARDS_DIR / f"{shard_name(shard)}.done"
+
+
+def _conform_examples(examples: pa.Table, where: str) -> pa.Table:
+    schema = examples_schema()
+    if not isinstance(examples, pa.Table):
+        raise StoreError(f"{where}: examples must be a pyarrow Table, got {type(examples).__name__}")
+    missing = [n for n in schema.names if n not in examples.column_names]
+    extra = [n for n in examples.column_names if n not in schema.names]
+    if missing or extra:
+        raise StoreError(f"{where}: examples columns differ from the format: missing {missing}, unexpected {extra}")
+    try:
+        table = examples.select(schema.names).cast(schema)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, ValueError) as err:
+        raise StoreError(f"{where}: examples columns have the wrong types: {err}") from err
+    for name in ("row", "id"):
+        if table.column(name).null_count:
+            raise StoreError(f"{where}: examples column {name!r} has null values")
+    return table
+
+
+def _check_contiguous(rows: np.ndarray, where: str) -> None:
+    if len(rows) and (rows[0] < 0 or not np.array_equal(rows, np.arange(rows[0], rows[0] + len(rows)))):
+        raise StoreError(f"{where}: rows must be one increasing run without gaps starting at >= 0, "
+                         f"got {rows[:5].tolist()}...{rows[-1]}")
+
+
+def _checked_features(features: dict[str, FeatureBatch], rows: np.ndarray, where: str) -> dict[str, FeatureBatch]:
+    if not features:
+        raise StoreError(f"{where}: no checkpoint features given")
+    checked = {name: _checked_batch(batch, rows, f"{where}, checkpoint {name!r}")
+               for name, batch in features.items()}
+    for name in checked:
+        check_checkpoint_name(name)
+    dims = {name: batch.feature.shape[1] for name, batch in checked.items()}
+    if len(set(dims.values())) != 1:
+        raise StoreError(f"{where}: feature dims differ between checkpoints: {dims}")
+    return checked
+
+
+def _checked_batch(batch: FeatureBatch, rows: np.ndarray, where: str) -> FeatureBatch:
+    n = len(rows)
+    batch_rows = np.asarray(batch.rows)
+    if batch_rows.shape != (n,) or not np.array_equal(batch_rows, rows):
+        raise StoreError(f"{where}: feature rows differ from the examples rows "
+                         f"({batch_rows.shape[0] if batch_rows.ndim else 0} rows vs {n})")
+    feature = batch.feature
+    if not isinstance(feature, np.ndarray) or feature.dtype != np.float16:
+        raise StoreError(f"{where}: feature must be a float16 numpy array, got "
+                         f"{getattr(feature, 'dtype', type(feature).__name__)}")
+    if feature.ndim != 2 or feature.shape[0] != n or feature.shape[1] < 1:
+        raise StoreError(f"{where}: feature has shape {feature.shape}, expected ({n}, k)")
+    _check_unit_rows(feature, where)
+    scalars = {}
+    for name in ("grad_norm", "feature_norm", "loss"):
+        values = np.asarray(getattr(batch, name), dtype=np.float32)
+        if values.shape != (n,):
+            raise StoreError(f"{where}: {name} has shape {values.shape}, expected ({n},)")
+        scalars[name] = values
+    return FeatureBatch(rows=rows.astype(np.int64), feature=np.ascontiguousarray(feature), **scalars)
+
+
+def _check_unit_rows(feature: np.ndarray, where: str) -> None:
+    """Each row must be a unit vector (or all zeros); chunked so a large shard needs little memory."""
+    for start in range(0, len(feature), 4096):
+        block = feature[start:start + 4096].astype(np.float32)
+        if not np.all(np.isfinite(block)):
+            raise StoreError(f"{where}: feature has NaN or infinite values near row offset {start}")
+        norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+        bad = np.flatnonzero((np.abs(norms - 1) > _NORM_TOLERANCE) & (norms != 0))
+        if len(bad):
+            raise StoreError(f"{where}: feature at row offset {start + bad[0]} has norm {norms[bad[0]]:.4f}; "
+                             f"features must be L2-normalised")
+
+
+def _features_table(batch: FeatureBatch) -> pa.Table:
+    dim = batch.feature.shape[1]
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(batch.feature.reshape(-1), type=pa.float16()), dim)
+    columns = [pa.array(batch.rows, pa.int64()), vectors, pa.array(batch.grad_norm),
+               pa.array(batch.feature_norm), pa.array(batch.loss)]
+    return pa.Table.from_arrays(columns, schema=features_schema(dim))
+
+
+def _write_parquet(table: pa.Table, final: Path, tmp_dir: Path, **options) -> None:
+    tmp = _temp_path(final, tmp_dir)
+    pq.write_table(table, tmp, **options)
+    _move_into_place(tmp, final)
+
+
+class _ShardDone(_Strict):
+    """Content of a done marker."""
+
+    shard: int
+    num_rows: int
+    row_start: int
+    row_stop: int
+    dim: int
+    checkpoints: list[str]
+    by_source: dict[str, int]
+    truncated: int
+
+
+def _shard_summary(shard: int, examples: pa.Table, batches: dict[str, FeatureBatch]) -> _ShardDone:
+    rows = examples.column("row").to_numpy()
+    start = int(rows[0]) if len(rows) else 0
+    sources = Counter(examples.column("source").to_pylist())
+    return _ShardDone(shard=shard, num_rows=len(rows), row_start=start, row_stop=start + len(rows),
+                      dim=next(iter(batches.values())).feature.shape[1], checkpoints=sorted(batches),
+                      by_source={str(s): c for s, c in sorted(sources.items(), key=lambda i: str(i[0]))},
+                      truncated=int(pc.sum(examples.column("truncated")).as_py() or 0))
+
+
+# --------------------------------------------------------------------------------- finaliser
+
+
+def finalize_store(work_dir: str | Path, manifest_fields: dict, index_kind: str = "auto",
+                   index_memory_budget: int = 4 << 30, *, expected_shards: int | None = None) -> Manifest:
+    """Turn a work directory whose shards are all written into a complete store.
+
+    ``manifest_fields`` gives what only the job knows: ``model``, ``tokenizer``, ``lora``,
+    ``checkpoints``, ``gradient_type``, ``projection``, ``tokens``, ``job``, and optionally
+    ``created_at``, ``counts.skipped`` (default: lines of ``skipped.jsonl``) and ``shards.size``
+    (default: the largest shard). Everything else is derived from the shards; a derived field
+    the caller also passes must agree. ``expected_shards``, when given, is the number of shards
+    the job meant to write (otherwise the highest marker decides, which cannot notice missing
+    trailing shards).
+
+    A finalise that got as far as its manifest is completed, not redone; an earlier one that
+    stopped before reuses its index and creation time, so the result is the same either way.
+    """
+    work_dir = Path(work_dir)
+    finished = _resume_commit(work_dir)
+    if finished is not None:
+        return finished
+    markers = _read_markers(work_dir)
+    count = _check_coverage(work_dir, markers, expected_shards)
+    draft = _draft_manifest(work_dir, manifest_fields, markers, count, index_kind, index_memory_budget)
+    _check_shard_files(work_dir, draft, markers)
+    _ensure_index(work_dir, draft, index_memory_budget)
+    files = _file_infos(work_dir, _store_files(work_dir))
+    manifest = _validated_manifest({**draft.model_dump(mode="json"), "files": files}, work_dir)
+    _commit_manifest(work_dir, manifest)
+    return manifest
+
+
+def _resume_commit(work_dir: Path) -> Manifest | None:
+    """Finish a finalise that already wrote its manifest (pending or final); None if none did."""
+    final, pending = work_dir / MANIFEST_FILE, work_dir / _PENDING_MANIFEST
+    if final.exists():
+        shutil.rmtree(work_dir / SHARDS_DIR, ignore_errors=True)
+        pending.unlink(missing_ok=True)
+        return Manifest.load(final)
+    if pending.exists():
+        manifest = Manifest.load(pending)
+        _commit_manifest(work_dir, manifest)
+        return manifest
+    if not (work_dir / SHARDS_DIR).is_dir():
+        raise StoreError(f"{work_dir}: no {SHARDS_DIR}/ folder and no manifest: not a work directory "
+                         f"with written shards")
+    return None
+
+
+def _commit_manifest(work_dir: Path, manifest: Manifest) -> None:
+    """Pending manifest, then drop the bookkeeping, then rename: manifest.json appears last,
+    and a crash in between leaves the pending manifest for the next run to commit."""
+    pending = work_dir / _PENDING_MANIFEST
+    if not pending.exists() or Manifest.load(pending) != manifest:
+        # The temporary file goes into _shards/, so a crash cannot leave it among the store's files.
+        _atomic_write_bytes(pending, manifest.to_json().encode(), work_dir / SHARDS_DIR / _TMP_DIR)
+    shutil.rmtree(work_dir / SHARDS_DIR, ignore_errors=True)
+    os.replace(pending, work_dir / MANIFEST_FILE)
+    _fsync_dir(work_dir)
+
+
+def _read_markers(work_dir: Path) -> dict[int, _ShardDone]:
+    markers = {}
+    for shard in sorted(completed_shards(work_dir)):
+        path = _done_marker(work_dir, shard)
+        try:
+            marker = _ShardDone.model_validate_json(path.read_bytes())
+        except (OSError, ValidationError) as err:
+            raise StoreError(f"{path}: unreadable done marker ({err}); delete it and rerun the job") from None
+        if marker.shard != shard:
+            raise StoreError(f"{path}: done marker names shard {marker.shard}")
+        markers[shard] = marker
+    if not markers:
+        raise StoreError(f"{work_dir}: no completed shards in {SHARDS_DIR}/")
+    return markers
+
+
+def _check_coverage(work_dir: Path, markers: dict[int, _ShardDone], expected_shards: int | None) -> int:
+    """Markers must cover shards 0..count-1 and rows 0..N-1 in order; returns count."""
+    count = expected_shards if expected_shards is not None else max(markers) + 1
+    missing = [s for s in range(count) if s not in markers]
+    if missing:
+        raise StoreError(f"{work_dir}: shard {missing[0]} ({shard_name(missing[0])}) has no done marker "
+                         f"({len(missing)} of {count} shards missing); rerun the job to write it")
+    if max(markers) >= count:
+        raise StoreError(f"{work_dir}: shard {max(markers)} is done but only {count} shards were expected")
+    next_row = 0
+    for shard in range(count):
+        marker = markers[shard]
+        if marker.num_rows and marker.row_start != next_row:
+            problem = "gap" if marker.row_start > next_row else "overlap"
+            raise StoreError(f"{work_dir}: shard {shard} ({shard_name(shard)}) starts at row {marker.row_start} "
+                             f"but the shards before it end at row {next_row} ({problem})")
+        next_row = marker.row_stop if marker.num_rows else next_row
+    return count
+
+
+def _draft_manifest(work_dir: Path, fields: dict, markers: dict[int, _ShardDone], count: int,
+                    index_kind: str, budget: int) -> Manifest:
+    """The manifest without ``files``, validated before any expensive work."""
+    fields = json.loads(json.dumps(fields))  # a deep copy that also rejects non-JSON values
+    dims = {m.dim for m in markers.values()}
+    if len(dims) != 1:
+        raise StoreError(f"{work_dir}: shards disagree on the feature dim: {sorted(dims)}")
+    dim = dims.pop()
+    num_checkpoints = len(fields.get("checkpoints") or [])
+    num_examples = sum(m.num_rows for m in markers.values())
+    kind, factory = choose_factory(index_kind, num_examples, dim * num_checkpoints, budget)
+    by_source = Counter()
+    for marker in markers.values():
+        by_source.update(marker.by_source)
+    fields.setdefault("created_at", _creation_time(work_dir))
+    if isinstance(fields.get("counts", {}), dict):
+        fields.setdefault("counts", {}).setdefault("skipped", _count_lines(work_dir / SKIPPED_FILE))
+    if isinstance(fields.get("shards", {}), dict):
+        fields.setdefault("shards", {}).setdefault("size", max(m.num_rows for m in markers.values()))
+    derived = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "status": "complete",
+        "gradstore_version": __version__,
+        "features": {"dim": dim, "dtype": "float16", "normalized": True},
+        "index": None if kind == "none" else {
+            "file": INDEX_FILE, "kind": kind, "factory": factory, "metric": "inner_product",
+            "dim": dim * num_checkpoints, "ntotal": num_examples},
+        "counts": {"examples": num_examples, "by_source": dict(sorted(by_source.items())),
+                   "truncated": sum(m.truncated for m in markers.values())},
+        "shards": {"count": count},
+        "files": {},
+    }
+    return _validated_manifest(_merge_derived(fields, derived, work_dir), work_dir)
+
+
+def _merge_derived(given: dict, derived: dict, work_dir: Path, prefix: str = "") -> dict:
+    merged = dict(given)
+    for key, value in derived.items():
+        if key not in given:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(given[key], dict) and value:
+            merged[key] = _merge_derived(given[key], value, work_dir, f"{prefix}{key}.")
+        elif given[key] != value:
+            raise StoreError(f"{work_dir}: manifest field {prefix}{key} = {given[key]!r} disagrees with "
+                             f"{value!r} found in the shards")
+    return merged
+
+
+def _validated_manifest(data: dict, work_dir: Path) -> Manifest:
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as err:
+        raise StoreError(f"{work_dir}: the manifest fields are invalid:\n{_describe(err)}") from None
+
+
+def _creation_time(work_dir: Path) -> str:
+    """Fixed by the first finalise attempt, so a rerun writes the same manifest."""
+    state = work_dir / SHARDS_DIR / _FINALIZE_STATE
+    if state.exists():
+        return json.loads(state.read_text())["created_at"]
+    created = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    _atomic_write_bytes(state, json.dumps({"created_at": created}).encode(), work_dir / SHARDS_DIR / _TMP_DIR)
+    return created
+
+
+def _count_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with open(path, "rb") as file:
+        return sum(1 for line in file if line.strip())
+
+
+def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _ShardDone]) -> None:
+    """Every marker's files exist with its row count, and no other shard file lies around."""
+    names = [c.name for c in manifest.checkpoints]
+    expected = {}
+    for shard, marker in markers.items():
+        if sorted(marker.checkpoints) != sorted(names):
+            raise StoreError(f"{work_dir}: shard {shard} has checkpoints {marker.checkpoints}, "
+                             f"the manifest lists {names}")
+        expected[examples_path(work_dir, shard)] = marker.num_rows
+        for name in names:
+            expected[features_path(work_dir, name, shard)] = marker.num_rows
+    for path, num_rows in expected.items():
+        try:
+            found = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowException) as err:
+            raise StoreError(f"{path}: missing or unreadable shard file ({err})") from None
+        if found != num_rows:
+            raise StoreError(f"{path}: {found} rows, its done marker says {num_rows}")
+    present = {p for folder in (EXAMPLES_DIR, FEATURES_DIR) for p in (work_dir / folder).rglob("*") if p.is_file()}
+    stray = sorted(present - set(expected))
+    if stray:
+        raise StoreError(f"{stray[0]}: not part of any completed shard (a shard without its done marker, "
+                         f"or a checkpoint the manifest does not list); remove it or rerun that shard")
+
+
+def _ensure_index(work_dir: Path, manifest: Manifest, budget: int) -> None:
+    """Build ``index.faiss`` unless an earlier attempt already built this very index."""
+    index_path = work_dir / INDEX_FILE
+    if manifest.index is None:
+        index_path.unlink(missing_ok=True)
+        return
+    state = work_dir / SHARDS_DIR / _INDEX_STATE
+    wanted = manifest.index.model_dump()
+    if index_path.exists() and state.exists() and json.loads(state.read_text()) == wanted:
+        return
+    state.unlink(missing_ok=True)
+    index = _build_store_index(work_dir, manifest, budget)
+    tmp_dir = work_dir / SHARDS_DIR / _TMP_DIR
+    tmp = _temp_path(index_path, tmp_dir)
+    faiss.write_index(index, str(tmp))
+    _move_into_place(tmp, index_path)
+    _atomic_write_bytes(state, json.dumps(wanted).encode(), tmp_dir)
+
+
+def _build_store_index(work_dir: Path, manifest: Manifest, budget: int) -> faiss.Index:
+    info = manifest.index
+    batch_rows = max(1, _INDEX_BATCH_BYTES // (4 * info.dim))
+    sample_size = train_sample_size(info.factory, info.ntotal, info.dim, budget)
+    sample = _training_sample(work_dir, manifest, sample_size, batch_rows) if sample_size else None
+    vectors = (v for _, v in _weighted_vectors(work_dir, manifest, batch_rows))
+    index = build_index(vectors, info.factory, info.dim, sample)
+    if index.ntotal != info.ntotal:
+        raise StoreError(f"{work_dir}: index holds {index.ntotal} vectors, the shards {info.ntotal}")
+    return index
+
+
+def _weighted_vectors(work_dir: Path, manifest: Manifest, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, concat_weighted vectors)`` batches over all shards in row order."""
+    names, weights = [c.name for c in manifest.checkpoints], manifest.weights
+    for shard in range(manifest.shards.count):
+        streams = [_iter_feature_file(features_path(work_dir, name, shard), batch_rows) for name in names]
+        for parts in zip(*streams, strict=True):
+            rows = parts[0][0]
+            for name, (other_rows, _) in zip(names, parts):
+                if not np.array_equal(rows, other_rows):
+                    raise StoreError(f"{features_path(work_dir, name, shard)}: rows differ from checkpoint {names[0]!r}")
+            yield rows, concat_weighted([feature for _, feature in parts], weights)
+
+
+def _training_sample(work_dir: Path, manifest: Manifest, size: int, batch_rows: int) -> np.ndarray:
+    """``size`` vectors at seeded random rows, gathered in one streaming pass."""
+    chosen = np.sort(np.random.default_rng(0).choice(manifest.counts.examples, size=size, replace=False))
+    sample = np.empty((size, manifest.index.dim), dtype=np.float32)
+    filled = 0
+    for rows, vectors in _weighted_vectors(work_dir, manifest, batch_rows):
+        if len(rows) == 0:
+            continue
+        lo, hi = np.searchsorted(chosen, [rows[0], rows[-1] + 1])
+        sample[filled:filled + hi - lo] = vectors[chosen[lo:hi] - rows[0]]
+        filled += hi - lo
+    return sample[:filled]
+
+
+def _store_files(root: Path) -> list[str]:
+    """Relative paths of every file of the store (not the manifest, not the bookkeeping)."""
+    skip = {MANIFEST_FILE, _PENDING_MANIFEST}
+    files = []
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if path.is_file() and relative.parts[0] != SHARDS_DIR and str(relative) not in skip:
+            files.append(relative.as_posix())
+    return sorted(files)
+
+
+# ------------------------------------------------------------------------------- publication
+
+
+def publish_store(work_dir: str | Path, out: str | Path, overwrite: bool) -> None:
+    """Move a finalised work directory to ``out`` with renames (same file system required).
+
+    When ``out`` exists and ``overwrite`` is set, the old store is renamed to a hidden sibling,
+    the new one renamed to ``out``, then the old one deleted. Between the two renames (a few
+    microseconds) ``out`` does not exist and an open fails; a reader that opened the old store
+    must reopen it afterwards, as its files are gone. Only a datastore or an empty directory is
+    ever replaced.
+    """
+    work_dir, out = Path(work_dir), Path(out)
+    Manifest.load(work_dir / MANIFEST_FILE)  # only finalised stores are published
+    if work_dir.resolve() == out.resolve():
+        raise StoreError(f"{out}: the work directory is already the output path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not os.path.lexists(out):
+        _rename(work_dir, out)
+        return
+    if not overwrite:
+        raise StoreError(f"{out}: already exists; pass overwrite to replace it")
+    if not (out.is_dir() and not out.is_symlink() and ((out / MANIFEST_FILE).exists() or not any(out.iterdir()))):
+        raise StoreError(f"{out}: exists and is not a gradstore datastore; refusing to replace it")
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}-{time.time_ns()}"
+    _rename(out, old)
+    try:
+        _rename(work_dir, out)
+    except StoreError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old)
+
+
+def _rename(source: Path, target: Path) -> None:
+    try:
+        os.rename(source, target)
+    except OSError as err:
+        raise StoreError(f"cannot rename {source} to {target}: {err} (the work directory must be on "
+                         f"the same file system as the output)") from err
+    _fsync_dir(target.parent)
+
+
+# ------------------------------------------------------------------------------------ reader
+
+
+class ExampleNotFoundError(StoreError, KeyError):
+    """No example with this id (or row) in the store."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _iter_feature_file(path: Path, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, float16 (n, k))`` batches of one features file, memory-mapped."""
+    try:
+        parquet = pq.ParquetFile(path, memory_map=True)
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"{path}: cannot read features file ({err})") from None
+    dim = parquet.schema_arrow.field("feature").type.list_size
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["row", "feature"]):
+        rows = batch.column(0).to_numpy()
+        yield rows, batch.column(1).flatten().to_numpy().reshape(len(rows), dim)
+
+
+class Datastore:
+    """A published store, opened read-only. Features are streamed, never loaded whole."""
+
+    def __init__(self, path: Path, manifest: Manifest):
+        self.path = path
+        self.manifest = manifest
+        self._row_by_id: dict[str, int] | None = None
+        self._shard_starts: list[int] | None = None
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = False) -> "Datastore":
+        """Open ``path``, checking every listed file's size (and sha256 with ``verify``)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise StoreError(f"{path}: no datastore here (directory missing)")
+        manifest = Manifest.load(path / MANIFEST_FILE)
+        _check_listed_files(path, manifest, verify)
+        return cls(path, manifest)
+
+    def __repr__(self) -> str:
+        return f"Datastore({str(self.path)!r}, examples={self.num_examples}, checkpoints={self.checkpoint_names})"
+
+    @property
+    def num_examples(self) -> int:
+        return self.manifest.counts.examples
+
+    @property
+    def dim(self) -> int:
+        """Feature dims per checkpoint (k)."""
+        return self.manifest.features.dim
+
+    @property
+    def checkpoint_names(self) -> list[str]:
+        return [c.name for c in self.manifest.checkpoints]
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self.manifest.weights
+
+    def examples(self, columns: Sequence[str] | None = None) -> pa.Table:
+        """All examples in row order (only ``columns`` if given)."""
+        tables = [pq.read_table(examples_path(self.path, s), columns=columns, memory_map=True)
+                  for s in range(self.manifest.shards.count)]
+        return pa.concat_tables(tables)
+
+    def example(self, row: int) -> dict:
+        """One example's columns (``record`` is the JSON text of the original record)."""
+        if not 0 <= row < self.num_examples:
+            raise ExampleNotFoundError(f"{self.path}: row {row} is out of range (0..{self.num_examples - 1})")
+        starts = self._starts()
+        shard = bisect.bisect_right(starts, row) - 1
+        table = pq.read_table(examples_path(self.path, shard), memory_map=True)
+        example = table.slice(row - starts[shard], 1).to_pylist()[0]
+        if example["row"] != row:
+            raise StoreError(f"{examples_path(self.path, shard)}: expected row {row}, found {example['row']}")
+        return example
+
+    def row_of(self, id: str) -> int:
+        """The row of the example with this id (a lookup table is built on first use)."""
+        if self._row_by_id is None:
+            table = self.examples(columns=["id", "row"])
+            ids, rows = table.column("id").to_pylist(), table.column("row").to_pylist()
+            # Reversed, so the first occurrence wins should an id repeat.
+            self._row_by_id = dict(zip(reversed(ids), reversed(rows)))
+        try:
+            return self._row_by_id[id]
+        except KeyError:
+            raise ExampleNotFoundError(f"{self.path}: no example with id {id!r}") from None
+
+    def iter_features(self, checkpoint: str, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows int64, features float16 (n, k))`` batches in row order, shard by shard.
+
+        Batches hold at most ``batch_rows`` rows and never span two shards; the arrays are
+        read-only.
+        """
+        self._check_checkpoint(checkpoint)
+        for shard in range(self.manifest.shards.count):
+            yield from _iter_feature_file(features_path(self.path, checkpoint, shard), batch_rows)
+
+    def features(self, checkpoint: str) -> np.ndarray:
+        """All of one checkpoint's features, float16 ``(num_examples, k)`` (for small stores)."""
+        out = np.empty((self.num_examples, self.dim), dtype=np.float16)
+        for rows, feature in self.iter_features(checkpoint):
+            out[rows] = feature
+        return out
+
+    def feature_stats(self, checkpoint: str) -> pa.Table:
+        """``row``, ``grad_norm``, ``feature_norm``, ``loss`` of one checkpoint, in row order."""
+        self._check_checkpoint(checkpoint)
+        columns = ["row", "grad_norm", "feature_norm", "loss"]
+        return pa.concat_tables([pq.read_table(features_path(self.path, checkpoint, s), columns=columns)
+                                 for s in range(self.manifest.shards.count)])
+
+    def index(self) -> faiss.Index:
+        """The FAISS index (id == row); see ``gradstore.indexer.faiss_index`` for its vectors."""
+        if self.manifest.index is None:
+            raise StoreError(f"{self.path}: this store has no FAISS index (index kind 'none')")
+        return faiss.read_index(str(self.path / self.manifest.index.file))
+
+    def _check_checkpoint(self, checkpoint: str) -> None:
+        if checkpoint not in self.checkpoint_names:
+            raise StoreError(f"{self.path}: no checkpoint {checkpoint!r} (the store has {self.checkpoint_names})")
+
+    def _starts(self) -> list[int]:
+        """First row of each shard, from the parquet footers."""
+        if self._shard_starts is None:
+            counts = [pq.read_metadata(examples_path(self.path, s)).num_rows
+                      for s in range(self.manifest.shards.count)]
+            self._shard_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+        return self._shard_starts
+
+
+def _check_listed_files(root: Path, manifest: Manifest, verify: bool) -> None:
+    required = [examples_path(root, s) for s in range(manifest.shards.count)]
+    required += [features_path(root, c.name, s) for c in manifest.checkpoints for s in range(manifest.shards.count)]
+    if manifest.index is not None:
+        required.append(root / manifest.index.file)
+    for path in required:
+        if path.relative_to(root).as_posix() not in manifest.files:
+            raise StoreError(f"{root / MANIFEST_FILE}: files does not list {path.relative_to(root).as_posix()}")
+    for relative, info in manifest.files.items():
+        path = root / relative
+        if not path.is_file():
+            raise StoreError(f"{path}: listed in the manifest but missing")
+        if path.stat().st_size != info.bytes:
+            raise StoreError(f"{path}: {path.stat().st_size} bytes, the manifest says {info.bytes}")
+    if verify:
+        found = _file_infos(root, list(manifest.files))
+        for relative, info in manifest.files.items():
+            if found[relative]["sha256"] != info.sha256:
+                raise StoreError(f"{root / relative}: sha256 mismatch (the file is corrupt or was modified)")

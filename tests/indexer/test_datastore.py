@@ -1,0 +1,387 @@
+"""The datastore format end to end: shards written, finalised, published, read back by every tool."""
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import faiss
+import numpy as np
+import pandas as pd
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from gradstore.indexer import datastore as ds
+from gradstore.indexer.datastore import (
+    SCHEMA_VERSION,
+    Datastore,
+    ExampleNotFoundError,
+    FeatureBatch,
+    Manifest,
+    completed_shards,
+    examples_table,
+    finalize_store,
+    publish_store,
+    shard_name,
+    write_shard,
+)
+from gradstore.indexer.errors import StoreError
+
+CHECKPOINTS = ("c0", "c1")
+WEIGHTS = (1.0, 3.0)
+DIM = 16
+NUM_EXAMPLES = 250
+SHARD_SIZE = 64
+
+
+def unit_fp16(rng, n, dim=DIM):
+    x = rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float16)
+
+
+def make_examples(rows):
+    return examples_table(
+        rows=rows, ids=[f"ex-{r}" for r in rows], sources=["alpaca" if r % 3 else "dolly" for r in rows],
+        locations=[f"train.jsonl:{r + 1}" for r in rows], records=[{"text": f"record {r}", "n": r} for r in rows],
+        num_tokens=[10 + r % 7 for r in rows], num_label_tokens=[5 + r % 3 for r in rows],
+        truncated=[r % 50 == 0 for r in rows])
+
+
+def make_batch(rows, feature, rng):
+    n = len(rows)
+    return FeatureBatch(rows=np.asarray(rows, np.int64), feature=feature,
+                        grad_norm=rng.random(n, dtype=np.float32), feature_norm=rng.random(n, dtype=np.float32),
+                        loss=rng.random(n, dtype=np.float32))
+
+
+def write_all_shards(work, n=NUM_EXAMPLES, seed=0):
+    """Random shards into ``work``; returns the fp16 features written, per checkpoint."""
+    rng = np.random.default_rng(seed)
+    features = {name: unit_fp16(rng, n) for name in CHECKPOINTS}
+    for shard, start in enumerate(range(0, n, SHARD_SIZE)):
+        rows = list(range(start, min(n, start + SHARD_SIZE)))
+        write_shard(work, shard, make_examples(rows),
+                    {name: make_batch(rows, features[name][rows], rng) for name in CHECKPOINTS})
+    return features
+
+
+def manifest_fields(**overrides):
+    fields = {
+        "model": {"path": "models/tiny", "sha256": "0" * 64, "architecture": "LlamaForCausalLM",
+                  "dtype": "bfloat16", "device": "cpu"},
+        "tokenizer": {"template": "tulu", "max_length": 2048},
+        "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"],
+                 "params": {"layers.0.q_proj.lora_A": [8, 64]}, "num_params": 512},
+        "checkpoints": [{"name": name, "path": f"out/{name}", "weight": weight, "learning_rate": weight * 1e-5,
+                         "adapter_sha256": None, "optimizer_sha256": None}
+                        for name, weight in zip(CHECKPOINTS, WEIGHTS)],
+        "gradient_type": "adam",
+        "projection": {"kind": "rademacher", "dim": DIM, "seed": 0, "version": "gradstore-rademacher-v1"},
+        "tokens": {"total": 12345},
+        "job": {"world_size": 1, "wall_seconds": 1.5},
+    }
+    fields.update(overrides)
+    return fields
+
+
+@pytest.fixture
+def work(tmp_path):
+    return tmp_path / "work"
+
+
+@pytest.fixture
+def store(tmp_path, work):
+    """A published store and the features it was written from."""
+    features = write_all_shards(work)
+    finalize_store(work, manifest_fields(), index_kind="flat")
+    out = tmp_path / "store"
+    publish_store(work, out, overwrite=False)
+    return out, features
+
+
+def test_store_layout_and_manifest(store):
+    path, _ = store
+    manifest = Manifest.load(path)
+    shards = -(-NUM_EXAMPLES // SHARD_SIZE)
+    assert manifest.counts.examples == NUM_EXAMPLES and manifest.shards.count == shards
+    assert manifest.shards.size == SHARD_SIZE
+    assert manifest.counts.by_source == {"alpaca": 166, "dolly": 84}
+    assert manifest.counts.truncated == 5 and manifest.counts.skipped == 0
+    assert manifest.index.kind == "flat" and manifest.index.dim == DIM * 2 and manifest.index.ntotal == NUM_EXAMPLES
+    expected = {f"examples/{shard_name(s)}.parquet" for s in range(shards)}
+    expected |= {f"features/{c}/{shard_name(s)}.parquet" for c in CHECKPOINTS for s in range(shards)}
+    assert set(manifest.files) == expected | {"index.faiss"}
+    assert not (path / "_shards").exists()
+    assert sorted(p.name for p in path.iterdir()) == ["examples", "features", "index.faiss", "manifest.json"]
+
+
+def test_plain_tools_read_the_store(store):
+    path, features = store
+    examples = pq.read_table(path / "examples")
+    assert examples.num_rows == NUM_EXAMPLES
+    assert sorted(examples.column("row").to_pylist()) == list(range(NUM_EXAMPLES))
+    table = pq.read_table(path / "features" / "c0")
+    assert table.schema.field("feature").type == pa.list_(pa.float16(), DIM)
+    order = np.argsort(table.column("row").to_numpy())
+    stored = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, DIM)[order]
+    np.testing.assert_array_equal(stored, features["c0"])
+    frame = pd.read_parquet(path / "examples" / "part-00000.parquet")
+    assert json.loads(frame.loc[3, "record"]) == {"text": "record 3", "n": 3}
+    polars_frame = pl.read_parquet(str(path / "features" / "c1" / "*.parquet"))
+    assert polars_frame.height == NUM_EXAMPLES
+    count = duckdb.sql(f"SELECT count(*) FROM '{path}/features/c0/*.parquet'").fetchall()[0][0]
+    assert count == NUM_EXAMPLES
+    assert duckdb.sql(f"SELECT max(row) FROM '{path}/examples/*.parquet'").fetchall()[0][0] == NUM_EXAMPLES - 1
+    assert faiss.read_index(str(path / "index.faiss")).ntotal == NUM_EXAMPLES
+    # Features are stored uncompressed, examples with zstd.
+    meta = pq.read_metadata(path / "features" / "c0" / "part-00000.parquet")
+    assert meta.row_group(0).column(1).compression == "UNCOMPRESSED"
+    assert pq.read_metadata(path / "examples" / "part-00000.parquet").row_group(0).column(0).compression == "ZSTD"
+
+
+def test_flat_index_scores_the_weighted_influence(store):
+    path, features = store
+    store_ = Datastore.open(path)
+    rng = np.random.default_rng(7)
+    queries = {name: unit_fp16(rng, 5).astype(np.float32) for name in CHECKPOINTS}
+    w = np.asarray(WEIGHTS) / sum(WEIGHTS)
+    np.testing.assert_allclose(store_.weights, w)
+    expected = sum(wc * queries[c] @ features[c].astype(np.float32).T for wc, c in zip(w, CHECKPOINTS))
+    query = ds.concat_weighted([queries[c] for c in CHECKPOINTS], store_.weights)
+    index = store_.index()
+    scores, ids = index.search(query, 10)
+    np.testing.assert_array_equal(ids, np.argsort(-expected, axis=1, kind="stable")[:, :10])
+    np.testing.assert_allclose(scores, np.take_along_axis(expected, ids, axis=1), atol=1e-3)
+    every = index.reconstruct_n(0, NUM_EXAMPLES) @ query.T
+    np.testing.assert_allclose(every.T, expected, atol=1e-3)
+
+
+def test_reader_api(store):
+    path, features = store
+    store_ = Datastore.open(path, verify=True)
+    assert store_.num_examples == NUM_EXAMPLES and store_.dim == DIM
+    assert store_.checkpoint_names == list(CHECKPOINTS)
+    example = store_.example(130)
+    assert example["row"] == 130 and example["id"] == "ex-130" and example["location"] == "train.jsonl:131"
+    assert store_.row_of("ex-200") == 200
+    with pytest.raises(ExampleNotFoundError, match="'nope'") as caught:
+        store_.row_of("nope")
+    assert isinstance(caught.value, KeyError) and isinstance(caught.value, StoreError)
+    with pytest.raises(ExampleNotFoundError, match="row 250"):
+        store_.example(NUM_EXAMPLES)
+    assert store_.examples(columns=["row"]).column("row").to_pylist() == list(range(NUM_EXAMPLES))
+    np.testing.assert_array_equal(store_.features("c1"), features["c1"])
+    assert store_.feature_stats("c0").column_names == ["row", "grad_norm", "feature_norm", "loss"]
+    with pytest.raises(StoreError, match="no checkpoint 'c9'"):
+        store_.features("c9")
+
+
+def test_iter_features_streams_in_shard_order(store):
+    path, _ = store
+    store_ = Datastore.open(path)
+    batches = list(store_.iter_features("c0", batch_rows=20))
+    rows = np.concatenate([r for r, _ in batches])
+    np.testing.assert_array_equal(rows, np.arange(NUM_EXAMPLES))
+    assert max(len(r) for r, _ in batches) == 20
+    assert all(f.dtype == np.float16 and f.shape == (len(r), DIM) for r, f in batches)
+    # Batches stop at shard boundaries: 64 rows -> 20, 20, 20, 4.
+    assert [len(r) for r, _ in batches[:4]] == [20, 20, 20, 4]
+    np.testing.assert_array_equal(np.concatenate([f for _, f in batches]), store_.features("c0"))
+
+
+def test_manifest_round_trip_and_validation(store, tmp_path):
+    path, _ = store
+    manifest = Manifest.load(path / "manifest.json")
+    copy = tmp_path / "copy.json"
+    manifest.write(copy)
+    assert Manifest.load(copy) == manifest
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+    data = json.loads(copy.read_text())
+    copy.write_text(json.dumps({**data, "schema_version": SCHEMA_VERSION + 1}))
+    with pytest.raises(StoreError, match=r"copy\.json: schema_version 2 is not supported"):
+        Manifest.load(copy)
+    copy.write_text(json.dumps({**data, "surprise": 1}))
+    with pytest.raises(StoreError, match=r"copy\.json: invalid manifest:\n  surprise: Extra inputs"):
+        Manifest.load(copy)
+    data["features"]["dtype"] = "float32"
+    copy.write_text(json.dumps(data))
+    with pytest.raises(StoreError, match="features.dtype"):
+        Manifest.load(copy)
+    copy.write_text("{not json")
+    with pytest.raises(StoreError, match="cannot read the manifest"):
+        Manifest.load(copy)
+
+
+def test_open_detects_missing_and_corrupt_files(store, tmp_path):
+    path, _ = store
+    with pytest.raises(StoreError, match="directory missing"):
+        Datastore.open(tmp_path / "elsewhere")
+    target = path / "features" / "c1" / "part-00002.parquet"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    Datastore.open(path)  # same size: only a checksum notices
+    with pytest.raises(StoreError, match=r"c1/part-00002\.parquet: sha256 mismatch"):
+        Datastore.open(path, verify=True)
+    target.write_bytes(bytes(data) + b"x")
+    with pytest.raises(StoreError, match=r"part-00002\.parquet: \d+ bytes, the manifest says"):
+        Datastore.open(path)
+    target.unlink()
+    with pytest.raises(StoreError, match=r"c1/part-00002\.parquet: listed in the manifest but missing"):
+        Datastore.open(path)
+    (path / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="no manifest"):
+        Datastore.open(path)
+
+
+def test_finalize_refuses_a_missing_shard(work):
+    write_all_shards(work)
+    (work / "_shards" / "part-00002.done").unlink()
+    with pytest.raises(StoreError, match=r"shard 2 \(part-00002\) has no done marker"):
+        finalize_store(work, manifest_fields())
+    assert not (work / "manifest.json").exists()
+
+
+def test_finalize_refuses_missing_trailing_shards_when_told_the_count(work):
+    write_all_shards(work)
+    with pytest.raises(StoreError, match=r"shard 4 \(part-00004\) has no done marker"):
+        finalize_store(work, manifest_fields(), expected_shards=5)
+
+
+def test_finalize_refuses_a_row_gap_and_stray_files(work):
+    rng = np.random.default_rng(0)
+    for shard, rows in enumerate([range(0, 10), range(12, 20)]):
+        rows = list(rows)
+        write_shard(work, shard, make_examples(rows), {c: make_batch(rows, unit_fp16(rng, len(rows)), rng)
+                                                       for c in CHECKPOINTS})
+    with pytest.raises(StoreError, match=r"shard 1 \(part-00001\) starts at row 12 .* end at row 10 \(gap\)"):
+        finalize_store(work, manifest_fields())
+    (work / "_shards" / "part-00001.done").unlink()
+    with pytest.raises(StoreError, match=r"examples/part-00001\.parquet: not part of any completed shard"):
+        finalize_store(work, manifest_fields())
+
+
+def test_finalize_refuses_fields_that_disagree_with_the_shards(work):
+    write_all_shards(work)
+    with pytest.raises(StoreError, match="counts.examples = 7 disagrees"):
+        finalize_store(work, manifest_fields(counts={"examples": 7}))
+    bad_checkpoints = manifest_fields()["checkpoints"][:1]
+    with pytest.raises(StoreError, match="checkpoints"):
+        finalize_store(work, manifest_fields(checkpoints=bad_checkpoints))
+    with pytest.raises(StoreError, match="model.sha256"):
+        finalize_store(work, manifest_fields(model={"path": "m"}))
+
+
+def test_finalize_is_idempotent_and_survives_a_crash(tmp_path, monkeypatch):
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    write_all_shards(clean)
+    write_all_shards(crashed)
+    reference = finalize_store(clean, manifest_fields(), index_kind="flat")
+    assert finalize_store(clean, manifest_fields(), index_kind="flat") == reference
+
+    def crash(*args):
+        raise RuntimeError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ds, "_file_infos", crash)  # dies after the index is built
+        with pytest.raises(RuntimeError):
+            finalize_store(crashed, manifest_fields(), index_kind="flat")
+    assert (crashed / "index.faiss").exists() and not (crashed / "manifest.json").exists()
+    built = os.stat(crashed / "index.faiss").st_mtime_ns
+    first = finalize_store(crashed, manifest_fields(), index_kind="flat")
+    assert os.stat(crashed / "index.faiss").st_mtime_ns == built  # reused, not rebuilt
+    assert first.files == reference.files
+    # A crash between the pending manifest and its rename is finished by the next run.
+    os.rename(crashed / "manifest.json", crashed / ds._PENDING_MANIFEST)
+    assert finalize_store(crashed, manifest_fields(), index_kind="flat") == first
+    assert (crashed / "manifest.json").read_text() == first.to_json()
+    assert Datastore.open(crashed, verify=True).num_examples == NUM_EXAMPLES
+
+
+def test_finalize_without_index_and_with_skipped_records(work):
+    write_all_shards(work)
+    (work / "skipped.jsonl").write_text('{"location": "a:1"}\n{"location": "a:9"}\n')
+    manifest = finalize_store(work, manifest_fields(), index_kind="none")
+    assert manifest.index is None and manifest.counts.skipped == 2
+    assert "skipped.jsonl" in manifest.files and not (work / "index.faiss").exists()
+    with pytest.raises(StoreError, match="has no FAISS index"):
+        Datastore.open(work).index()
+
+
+def test_finalize_auto_and_approximate_index_kinds(work):
+    write_all_shards(work)
+    manifest = finalize_store(work, manifest_fields(), index_kind="ivf")
+    assert manifest.index.factory == f"IVF{round(4 * np.sqrt(NUM_EXAMPLES))},SQfp16"
+    assert Datastore.open(work).index().ntotal == NUM_EXAMPLES
+
+
+def test_publish_refuses_then_replaces(store, tmp_path):
+    out, _ = store
+    newer = tmp_path / "newer"
+    write_all_shards(newer, n=100, seed=1)
+    with pytest.raises(StoreError, match="not finalised|no manifest"):
+        publish_store(newer, out, overwrite=True)
+    finalize_store(newer, manifest_fields(), index_kind="flat")
+    with pytest.raises(StoreError, match="already exists"):
+        publish_store(newer, out, overwrite=False)
+    assert Datastore.open(out).num_examples == NUM_EXAMPLES
+    publish_store(newer, out, overwrite=True)
+    assert Datastore.open(out, verify=True).num_examples == 100
+    assert not newer.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # old store removed, no hidden leftovers
+
+
+def test_publish_never_replaces_a_foreign_directory(work, tmp_path):
+    write_all_shards(work)
+    finalize_store(work, manifest_fields(), index_kind="none")
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(StoreError, match="not a gradstore datastore"):
+        publish_store(work, foreign, overwrite=True)
+    assert (foreign / "notes.txt").exists() and work.exists()
+
+
+def test_write_shard_validates_its_input(work):
+    rng = np.random.default_rng(0)
+    rows = list(range(10))
+    good = {c: make_batch(rows, unit_fp16(rng, 10), rng) for c in CHECKPOINTS}
+
+    def fails(match, examples=None, features=None, shard=0):
+        with pytest.raises(StoreError, match=match):
+            write_shard(work, shard, examples if examples is not None else make_examples(rows), features or good)
+
+    fails("checkpoint 'c1'.*rows differ",
+          features={**good, "c1": make_batch(list(range(1, 11)), good["c1"].feature, rng)})
+    fails("feature must be a float16 numpy array, got float32",
+          features={**good, "c0": make_batch(rows, good["c0"].feature.astype(np.float32), rng)})
+    fails("feature dims differ", features={**good, "c0": make_batch(rows, unit_fp16(rng, 10, DIM + 1), rng)})
+    fails(r"row offset 0 has norm 2\.00", features={**good, "c0": make_batch(rows, good["c0"].feature * 2, rng)})
+    fails("not usable as a directory name", features={**good, "../x": good["c0"]})
+    fails(r"missing \['truncated'\]", examples=make_examples(rows).drop_columns(["truncated"]))
+    fails("one increasing run", examples=make_examples(rows[::-1]),
+          features={c: make_batch(rows[::-1], b.feature, rng) for c, b in good.items()})
+    assert completed_shards(work) == set()
+    write_shard(work, 0, make_examples(rows), good)
+    assert completed_shards(work) == {0}
+    assert not list((work / "examples").glob(".*")), "temporary files stay out of the data folders"
+
+
+def test_empty_shard_is_allowed(work):
+    rng = np.random.default_rng(0)
+    for shard, rows in enumerate([list(range(5)), [], list(range(5, 9))]):
+        write_shard(work, shard, make_examples(rows),
+                    {c: make_batch(rows, unit_fp16(rng, len(rows)), rng) for c in CHECKPOINTS})
+    manifest = finalize_store(work, manifest_fields(), index_kind="flat")
+    assert manifest.counts.examples == 9 and manifest.shards.count == 3
+    store_ = Datastore.open(work)
+    assert store_.example(6)["id"] == "ex-6"
+    assert [len(r) for r, _ in store_.iter_features("c0")] == [5, 4]
+
+
+def test_shard_names():
+    assert shard_name(12) == "part-00012"
+    assert Path(ds.features_path(Path("s"), "c0", 3)).as_posix() == "s/features/c0/part-00003.parquet"

@@ -1,0 +1,110 @@
+"""The weighted-influence FAISS index: factory choice, vector construction, exact and approximate search."""
+
+import faiss
+import numpy as np
+import pytest
+
+from gradstore.indexer.faiss_index import (
+    build_index,
+    choose_factory,
+    concat_weighted,
+    ivf_nlist,
+    normalized_weights,
+    train_sample_size,
+)
+
+
+def unit_rows(rng, n, dim):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def top_k(scores, k):
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
+
+
+def test_choose_factory_auto_follows_the_memory_budget():
+    n, dim = 1000, 64
+    assert choose_factory("auto", n, dim, n * dim * 4) == ("flat", "Flat")
+    assert choose_factory("auto", n, dim, n * dim * 4 - 1) == ("sq16", "SQfp16")
+    assert choose_factory("auto", n, dim, n * dim * 2 - 1) == ("ivf", f"IVF{ivf_nlist(n)},SQfp16")
+    assert choose_factory("flat", n, dim, 1) == ("flat", "Flat")
+    assert choose_factory("hnsw", n, dim, 1)[1].startswith("HNSW")
+    assert choose_factory("none", n, dim, 1) == ("none", "")
+    with pytest.raises(ValueError, match="unknown index kind 'pq'"):
+        choose_factory("pq", n, dim, 1)
+
+
+def test_ivf_nlist_is_about_four_sqrt_n():
+    assert ivf_nlist(10_000) == 400
+    assert ivf_nlist(5_000) == 283
+    assert ivf_nlist(3) == 3  # never more lists than vectors
+    assert train_sample_size("Flat", 5000, 64, 1 << 30) == 0
+    assert 283 <= train_sample_size("IVF283,SQfp16", 5000, 64, 1 << 30) <= 5000
+
+
+def test_concat_weighted_gives_weighted_sum_of_dot_products():
+    rng = np.random.default_rng(0)
+    train = [unit_rows(rng, 20, 8).astype(np.float16), unit_rows(rng, 20, 8).astype(np.float16)]
+    query = [unit_rows(rng, 3, 8), unit_rows(rng, 3, 8)]
+    weights = [1.0, 3.0]
+    x, q = concat_weighted(train, weights), concat_weighted(query, weights)
+    assert x.dtype == np.float32 and x.shape == (20, 16)
+    expected = 0.25 * query[0] @ train[0].astype(np.float32).T + 0.75 * query[1] @ train[1].astype(np.float32).T
+    np.testing.assert_allclose(q @ x.T, expected, atol=1e-5)
+    single = concat_weighted([query[0][0], query[1][0]], weights)
+    np.testing.assert_allclose(single, q[0])
+    np.testing.assert_allclose(normalized_weights([2, 6]), [0.25, 0.75])
+
+
+@pytest.mark.parametrize("weights", [[], [1.0, -1.0], [0.0, 0.0], [np.nan, 1.0]])
+def test_bad_weights_are_refused(weights):
+    with pytest.raises(ValueError, match="weights"):
+        normalized_weights(weights)
+
+
+def test_concat_weighted_refuses_mismatched_inputs():
+    with pytest.raises(ValueError, match="2 feature arrays for 1"):
+        concat_weighted([np.ones((2, 4)), np.ones((2, 4))], [1.0])
+    with pytest.raises(ValueError, match="disagree"):
+        concat_weighted([np.ones((2, 4)), np.ones((3, 4))], [1.0, 1.0])
+
+
+def test_flat_index_is_exact_with_ids_in_insertion_order():
+    rng = np.random.default_rng(1)
+    x, q = unit_rows(rng, 500, 32), unit_rows(rng, 10, 32)
+    batches = [x[:123], x[123:400], x[400:]]
+    index = build_index(iter(batches), "Flat", 32)
+    assert index.ntotal == 500 and index.metric_type == faiss.METRIC_INNER_PRODUCT
+    scores, ids = index.search(q, 10)
+    exact = q @ x.T
+    np.testing.assert_array_equal(ids, top_k(exact, 10))
+    np.testing.assert_allclose(scores, np.take_along_axis(exact, ids, axis=1), atol=1e-5)
+
+
+def test_index_that_needs_training_refuses_to_build_without_a_sample():
+    with pytest.raises(ValueError, match="train_sample"):
+        build_index([np.zeros((10, 8), np.float32)], "IVF4,SQfp16", 8)
+    with pytest.raises(ValueError, match=r"shape \(10, 7\)"):
+        build_index([np.zeros((10, 7), np.float32)], "Flat", 8)
+
+
+@pytest.mark.parametrize("kind", ["sq16", "ivf", "hnsw"])
+def test_approximate_kinds_reach_recall_at_10(kind):
+    rng = np.random.default_rng(2)
+    n, dim = 5000, 64
+    x, q = unit_rows(rng, n, dim), unit_rows(rng, 50, dim)
+    _, factory = choose_factory(kind, n, dim, 1 << 30)
+    sample = x[: train_sample_size(factory, n, dim, 1 << 30)]
+    index = build_index((x[i:i + 1000] for i in range(0, n, 1000)), factory, dim, sample)
+    assert index.metric_type == faiss.METRIC_INNER_PRODUCT and index.ntotal == n
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        # nprobe is a query-time choice; uniformly random vectors are IVF's worst case.
+        ivf.nprobe = ivf.nlist // 2
+    scores, ids = index.search(q, 10)
+    truth = top_k(q @ x.T, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(ids, truth)])
+    assert recall >= 0.9, f"{kind}: recall@10 = {recall:.3f}"
+    # Returned scores are inner products with the returned ids (fp16 storage error only).
+    np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), atol=2e-3)
