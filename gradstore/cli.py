@@ -46,6 +46,9 @@ def _add_index_parser(subparsers) -> None:
                     help="discard a partial job at --out that was started with other settings")
 
     ck = p.add_argument_group("checkpoints and gradients")
+    ck.add_argument("--run", type=Path, metavar="DIR",
+                    help="a `gradstore warmup` output folder: use all its checkpoints, weighted by their "
+                         "recorded average learning rates (instead of --checkpoint)")
     ck.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]DIR[:WEIGHT]",
                     help="LoRA checkpoint folder (adapter + optimizer.pt/optimizer.bin); repeat for several. "
                          "WEIGHT defaults to the learning rate recorded with it, else uniform")
@@ -89,11 +92,18 @@ def _run_index(args) -> int:
     from gradstore.indexer.model import LoraSpec
     from gradstore.indexer.projection import ProjectionSpec
 
-    targets = tuple(t.strip() for t in args.lora_targets.split(",")) if args.lora_targets else None
+    targets = _split_targets(args.lora_targets)
+    checkpoints = [CheckpointSpec.parse(spec) for spec in args.checkpoint]
+    if args.run is not None:
+        from gradstore.indexer.warmup import read_run_manifest
+
+        if checkpoints:
+            raise SystemExit("gradstore index: give --run or --checkpoint, not both")
+        checkpoints = read_run_manifest(args.run)
     config = IndexJobConfig(
         corpus=[CorpusSource.parse(spec) for spec in args.corpus],
         model=args.model, out=args.out, tokenizer=args.tokenizer,
-        checkpoints=[CheckpointSpec.parse(spec) for spec in args.checkpoint],
+        checkpoints=checkpoints,
         lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, init_seed=args.seed),
         gradient_type=args.gradient_type,
         projection=ProjectionSpec(dim=args.proj_dim, seed=args.seed),
@@ -108,6 +118,63 @@ def _run_index(args) -> int:
         print(f"datastore written to {args.out}")
         for line in summary.lines():
             print(f"  {line}")
+    return 0
+
+
+def _split_targets(text: str | None) -> tuple[str, ...] | None:
+    return tuple(t.strip() for t in text.split(",") if t.strip()) if text else None
+
+
+def _add_warmup_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "warmup", help="LESS warmup: short LoRA training with one checkpoint per epoch",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train a fresh LoRA on a random fraction of the corpus and save one checkpoint per epoch "
+                    "(adapter, optimizer state, average learning rate) plus warmup_run.json, which "
+                    "`gradstore index --run DIR` reads directly. Defaults are LESS's.",
+    )
+    p.add_argument("--corpus", action="append", required=True, metavar="[NAME=]PATH", help="corpus file(s)")
+    p.add_argument("--model", required=True, type=Path, help="local folder of a Hugging Face causal LM")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model folder)")
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run folder")
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the corpus to train on")
+    p.add_argument("--seed", type=int, default=0, help="sampling, LoRA init and shuffling seed")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--lora-alpha", type=float, default=512.0)
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated target modules (default: PEFT's attention projections for the model)")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--template", default="auto", choices=["auto", "default", "tokenizer"])
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_warmup)
+
+
+def _run_warmup(args) -> int:
+    from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.warmup import WarmupConfig, run_warmup
+
+    config = WarmupConfig(
+        corpus=[CorpusSource.parse(spec) for spec in args.corpus], model=args.model, out=args.out,
+        tokenizer=args.tokenizer, fraction=args.fraction, seed=args.seed, epochs=args.epochs,
+        learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+        lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=_split_targets(args.lora_targets), batch_size=args.batch_size,
+        max_length=args.max_length, template=args.template, dtype=args.dtype, device=args.device,
+        progress=not args.no_progress, overwrite=args.overwrite,
+    )
+    result = run_warmup(config, log=lambda line: print(line, file=sys.stderr))
+    print(f"warmup run written to {result.out}: {len(result.checkpoints)} checkpoints, "
+          f"average learning rates {', '.join(f'{lr:.3g}' for lr in result.average_learning_rates)}")
+    print(f"next: gradstore index --run {result.out} --model {args.model} --corpus ... --out STORE")
     return 0
 
 
@@ -160,6 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gradstore {__version__}")
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    _add_warmup_parser(subparsers)
     _add_index_parser(subparsers)
     _add_info_parser(subparsers)
     return parser

@@ -127,7 +127,7 @@ SHARDS_DIR = "_shards"
 _TMP_DIR = "tmp"
 _INDEX_STATE = "index.json"
 _FINALIZE_STATE = "finalize.json"
-_PENDING_MANIFEST = ".manifest.json.pending"
+PENDING_MANIFEST = ".manifest.json.pending"
 
 _CHECKPOINT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DONE_MARKER = re.compile(r"^part-(\d+)\.done$")
@@ -607,7 +607,7 @@ def finalize_store(work_dir: str | Path, manifest_fields: dict, index_kind: str 
 
 def _resume_commit(work_dir: Path) -> Manifest | None:
     """Finish a finalise that already wrote its manifest (pending or final); None if none did."""
-    final, pending = work_dir / MANIFEST_FILE, work_dir / _PENDING_MANIFEST
+    final, pending = work_dir / MANIFEST_FILE, work_dir / PENDING_MANIFEST
     if final.exists():
         shutil.rmtree(work_dir / SHARDS_DIR, ignore_errors=True)
         pending.unlink(missing_ok=True)
@@ -625,7 +625,7 @@ def _resume_commit(work_dir: Path) -> Manifest | None:
 def _commit_manifest(work_dir: Path, manifest: Manifest) -> None:
     """Pending manifest, then drop the bookkeeping, then rename: manifest.json appears last,
     and a crash in between leaves the pending manifest for the next run to commit."""
-    pending = work_dir / _PENDING_MANIFEST
+    pending = work_dir / PENDING_MANIFEST
     if not pending.exists() or Manifest.load(pending) != manifest:
         # The temporary file goes into _shards/, so a crash cannot leave it among the store's files.
         _atomic_write_bytes(pending, manifest.to_json().encode(), work_dir / SHARDS_DIR / _TMP_DIR)
@@ -806,7 +806,8 @@ def _weighted_vectors(work_dir: Path, manifest: Manifest, batch_rows: int) -> It
             rows = parts[0][0]
             for name, (other_rows, _) in zip(names, parts):
                 if not np.array_equal(rows, other_rows):
-                    raise StoreError(f"{features_path(work_dir, name, shard)}: rows differ from checkpoint {names[0]!r}")
+                    raise StoreError(f"{features_path(work_dir, name, shard)}: rows differ from those of "
+                                     f"checkpoint {names[0]!r}")
             yield rows, concat_weighted([feature for _, feature in parts], weights)
 
 
@@ -826,7 +827,7 @@ def _training_sample(work_dir: Path, manifest: Manifest, size: int, batch_rows: 
 
 def _store_files(root: Path) -> list[str]:
     """Relative paths of every file of the store (not the manifest, not the bookkeeping)."""
-    skip = {MANIFEST_FILE, _PENDING_MANIFEST}
+    skip = {MANIFEST_FILE, PENDING_MANIFEST}
     files = []
     for path in root.rglob("*"):
         relative = path.relative_to(root)

@@ -72,7 +72,7 @@ def concat_weighted(features: Sequence[np.ndarray], weights: Sequence[float] | n
     start = 0
     for block, weight in zip(blocks, w):
         stop = start + block.shape[1]
-        np.multiply(block, np.float32(weight), out=out[:, start:stop], casting="unsafe")
+        np.multiply(block, np.float32(math.sqrt(weight)), out=out[:, start:stop], casting="unsafe")
         start = stop
     return out[0] if single else out
 

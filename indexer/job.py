@@ -36,7 +36,7 @@ import torch
 
 from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate, resolve_weights
 from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skipped_report
-from .datastore import (_PENDING_MANIFEST as PENDING_MANIFEST, MANIFEST_FILE, SHARDS_DIR, FeatureBatch, completed_shards,
+from .datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, FeatureBatch, completed_shards,
                         finalize_store, publish_store, write_shard)
 from .errors import BadRecordError, JobError
 from .formatting import Encoded, Formatter
@@ -408,8 +408,7 @@ class IndexJob:
                 index = [position[r] for r in batch_rows]
                 for column, values in zip(("feature", "grad_norm", "feature_norm", "loss"), results):
                     out[column][index] = values
-                progress.update(len(batch_rows))
-                progress.tokens += sum(lengths[r] for r in batch_rows)
+                progress.update(len(batch_rows), sum(lengths[r] for r in batch_rows))
             features[checkpoint.spec.name] = FeatureBatch(rows=np.arange(rows.start, rows.stop), **out)
         write_shard(cfg.work_dir, shard, examples_table(prepared, rows), features)
 
@@ -546,8 +545,9 @@ class _Progress:
             self._bar = tqdm(total=self.total, unit="ex", desc="indexing", dynamic_ncols=True)
         return self
 
-    def update(self, n: int) -> None:
+    def update(self, n: int, tokens: int) -> None:
         self.count += n
+        self.tokens += tokens
         if self._bar is not None:
             self._bar.update(n)
             elapsed = time.perf_counter() - self._start

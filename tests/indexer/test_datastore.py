@@ -295,7 +295,7 @@ def test_finalize_is_idempotent_and_survives_a_crash(tmp_path, monkeypatch):
     assert os.stat(crashed / "index.faiss").st_mtime_ns == built  # reused, not rebuilt
     assert first.files == reference.files
     # A crash between the pending manifest and its rename is finished by the next run.
-    os.rename(crashed / "manifest.json", crashed / ds._PENDING_MANIFEST)
+    os.rename(crashed / "manifest.json", crashed / ds.PENDING_MANIFEST)
     assert finalize_store(crashed, manifest_fields(), index_kind="flat") == first
     assert (crashed / "manifest.json").read_text() == first.to_json()
     assert Datastore.open(crashed, verify=True).num_examples == NUM_EXAMPLES
