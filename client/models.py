@@ -1,0 +1,268 @@
+"""The wire contract of the gradstore REST API: request and response models.
+
+These pydantic models are the single source of truth for the API: the service imports them to
+validate requests and shape responses (and so to generate its OpenAPI schema), and the SDK uses
+them to build requests and parse responses. They depend on pydantic only.
+
+Conventions: scores are LESS influences, ``Σ_c w_c · cos(train_c, target_c)`` aggregated over
+target examples; rows are a datastore's 0-based example rows; ids are the corpus record ids.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Aggregation = Literal["less", "max", "mean"]
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+GradientType = Literal["sgd", "sign", "adam", "less"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class _Response(BaseModel):
+    # Responses ignore unknown fields so an older SDK keeps working against a newer service.
+    model_config = ConfigDict(extra="ignore")
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+class ErrorBody(_Response):
+    """Every error response: a stable machine-readable ``code``, a message, optional detail."""
+
+    code: str
+    message: str
+    detail: Any = None
+
+
+# -- datastores ------------------------------------------------------------------------------------
+
+
+class CheckpointSummary(_Response):
+    name: str
+    weight: float
+    learning_rate: float | None = None
+
+
+class DatastoreSummary(_Response):
+    name: str
+    examples: int
+    dim: int
+    checkpoints: list[CheckpointSummary]
+    gradient_type: str
+    index: str | None = Field(None, description="FAISS index kind, or null when the store has none")
+
+
+class DatastoreDetail(DatastoreSummary):
+    sources: dict[str, int]
+    model: dict[str, Any]
+    lora: dict[str, Any]
+    projection: dict[str, Any]
+    tokens: dict[str, Any]
+    created_at: str
+    gradstore_version: str
+
+
+class DatastoreList(_Response):
+    datastores: list[DatastoreSummary]
+
+
+class Example(_Response):
+    row: int
+    id: str
+    source: str
+    record: dict[str, Any]
+    num_tokens: int
+    num_label_tokens: int
+    truncated: bool
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+
+class TargetRecords(_Model):
+    """Target examples as corpus records; the service computes their (sgd) gradients with the
+    datastore's own model, checkpoints and projection."""
+
+    records: list[dict[str, Any]] = Field(min_length=1)
+    subtask_field: str | None = Field(
+        None, description="record field naming each target's subtask (LESS: mean within, max across); "
+                          "absent or null: one subtask")
+
+
+class TargetDatastore(_Model):
+    """Targets from another datastore (built by the indexer with ``sgd`` gradients)."""
+
+    datastore: str
+    subtask_field: str | None = None
+
+
+class TargetVectors(_Model):
+    """Raw target vectors: per checkpoint name, one ``dim``-sized vector per target example."""
+
+    vectors: dict[str, list[list[float]]] = Field(min_length=1)
+    subtasks: list[str] | None = Field(None, description="subtask of each target example")
+
+
+Targets = TargetRecords | TargetDatastore | TargetVectors
+
+
+class ScoringOptions(_Model):
+    checkpoints: list[str] | None = Field(None, description="checkpoints to use (default: all)")
+    weights: dict[str, float] | None = Field(None, description="override the manifest's checkpoint weights")
+
+
+# -- select ----------------------------------------------------------------------------------------
+
+
+class SelectRequest(ScoringOptions):
+    targets: Targets
+    aggregation: Aggregation = "less"
+    k: int | None = Field(None, ge=1, description="select the top k examples")
+    fraction: float | None = Field(None, gt=0, le=1, description="or the top fraction of the pool")
+    sources: list[str] | None = Field(None, description="only these sources")
+    per_source_cap: int | None = Field(None, ge=1, description="at most this many examples per source")
+    dedup_threshold: float | None = Field(
+        None, gt=-1, le=1, description="skip a candidate whose cosine to an already selected one exceeds this")
+    page_size: int = Field(1000, ge=1, description="items in the first page; the rest by cursor")
+    export: Literal["jsonl", "parquet"] | None = Field(
+        None, description="also write the selected records, in their original form, to a file")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.k is None) == (self.fraction is None):
+            raise ValueError("give exactly one of k or fraction")
+        return self
+
+
+class SelectedExample(_Response):
+    rank: int
+    row: int
+    id: str
+    source: str
+    score: float
+    subtask_scores: dict[str, float]
+
+
+class SelectPage(_Response):
+    datastore: str
+    selection_id: str
+    total: int = Field(description="examples in the whole selection")
+    pool: int = Field(description="examples eligible after source filters")
+    items: list[SelectedExample]
+    next_cursor: str | None = None
+    export_path: str | None = None
+
+
+# -- influence and similar -------------------------------------------------------------------------
+
+
+class InfluenceRequest(ScoringOptions):
+    targets: Targets
+    k: int = Field(10, ge=1)
+
+
+class Neighbor(_Response):
+    row: int
+    id: str
+    source: str
+    score: float
+
+
+class TargetInfluence(_Response):
+    target: int = Field(description="index of the target example in the request")
+    neighbors: list[Neighbor]
+
+
+class InfluenceResponse(_Response):
+    datastore: str
+    exact: bool = Field(description="true when the index is exact (Flat)")
+    results: list[TargetInfluence]
+
+
+class SimilarRequest(_Model):
+    id: str | None = Field(None, description="a training example id of this datastore")
+    vectors: dict[str, list[float]] | None = Field(None, description="or one vector per checkpoint")
+    k: int = Field(10, ge=1)
+    include_self: bool = False
+
+    @model_validator(mode="after")
+    def _one_query(self):
+        if (self.id is None) == (self.vectors is None):
+            raise ValueError("give exactly one of id or vectors")
+        return self
+
+
+class SimilarResponse(_Response):
+    datastore: str
+    neighbors: list[Neighbor]
+
+
+# -- jobs ------------------------------------------------------------------------------------------
+
+
+class IndexJobRequest(_Model):
+    """An indexing job; paths are on the service host, inside its allowed input folders."""
+
+    datastore: str = Field(description="name of the datastore to create under the service root")
+    corpus: list[str] = Field(min_length=1, description="corpus files ([NAME=]PATH)")
+    model: str
+    tokenizer: str | None = None
+    checkpoints: list[str] = Field(default_factory=list, description="[NAME=]DIR[:WEIGHT]")
+    run: str | None = Field(None, description="a warmup run folder, instead of checkpoints")
+    gradient_type: GradientType = "adam"
+    proj_dim: int = Field(8192, ge=1)
+    seed: int = 0
+    max_length: int = Field(2048, ge=1)
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: float = 16.0
+    on_bad_record: Literal["error", "skip"] = "error"
+    device: str = "auto"
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    overwrite: bool = False
+
+
+class JobProgress(_Response):
+    done: int = 0
+    total: int = 0
+    examples_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class Job(_Response):
+    id: str
+    status: JobStatus
+    request: IndexJobRequest
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: JobProgress = Field(default_factory=JobProgress)
+    error: str | None = None
+    attempts: int = 0
+
+
+class JobList(_Response):
+    jobs: list[Job]
+
+
+# -- health ----------------------------------------------------------------------------------------
+
+
+class Health(_Response):
+    status: Literal["ok"]
+
+
+class StoreState(_Response):
+    name: str
+    loaded: bool
+    error: str | None = None
+
+
+class Readiness(_Response):
+    ready: bool
+    datastores: list[StoreState]
