@@ -8,6 +8,8 @@ without checkpoints attaches a fresh LoRA (rank, alpha, target modules, seeded i
 from __future__ import annotations
 
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -65,6 +67,15 @@ def load_base_model(path: str | Path, dtype: str, device: torch.device) -> torch
     return model.to(device).eval()
 
 
+@contextmanager
+def _quiet_peft():
+    """PEFT calls a transformers property deprecated in v5; the warning is not the user's concern."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings("ignore", message="fan_in_fan_out is set to False", category=UserWarning)
+        yield
+
+
 def attach_lora(model: torch.nn.Module, checkpoints: list[CheckpointSpec], fresh: LoraSpec):
     """Wrap ``model`` in PEFT: with the first checkpoint's adapter config, or a fresh LoRA."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -73,7 +84,8 @@ def attach_lora(model: torch.nn.Module, checkpoints: list[CheckpointSpec], fresh
     if first is not None:
         first.validate()
         try:
-            peft_model = PeftModel.from_pretrained(model, str(first.path), is_trainable=True)
+            with _quiet_peft():
+                peft_model = PeftModel.from_pretrained(model, str(first.path), is_trainable=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise CheckpointError(f"{first.path}: cannot load the LoRA adapter: {exc}") from exc
     else:
@@ -82,7 +94,8 @@ def attach_lora(model: torch.nn.Module, checkpoints: list[CheckpointSpec], fresh
                             task_type="CAUSAL_LM")
         torch.manual_seed(fresh.init_seed)
         try:
-            peft_model = get_peft_model(model, config)
+            with _quiet_peft():
+                peft_model = get_peft_model(model, config)
         except ValueError as exc:
             raise ModelError(f"cannot attach LoRA: {exc}") from exc
     return peft_model.eval()

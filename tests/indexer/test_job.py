@@ -240,15 +240,16 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, tiny_model_dirs, corpus_dir
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one(tmp_path, tiny_model_dirs, corpus_dir):
     model = tiny_model_dirs["gpt2"]
+    # torchrun gives each rank one thread; CPU kernels may round differently with another thread
+    # count (last fp16 bit of a few features), so the single process runs with one thread too.
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = tmp_path / "single"
-    subprocess.run(cli_index_command(model, corpus_dir, single), check=True, capture_output=True)
+    subprocess.run(cli_index_command(model, corpus_dir, single), check=True, capture_output=True, env=env)
     double = tmp_path / "double"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(torchrun + cli_index_command(model, corpus_dir, double)[1:], capture_output=True,
                             text=True, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
-    a, b = Datastore.open(single), Datastore.open(double)
-    assert a.examples().equals(b.examples())
-    fa, fb = a.features("fresh").astype(np.float32), b.features("fresh").astype(np.float32)
-    np.testing.assert_allclose(fa, fb, atol=2e-3)
+    # Shards are computed the same way whichever rank takes them: the stores are byte-identical.
+    assert store_files(double) == store_files(single)
+    assert Datastore.open(double).manifest.job["world_size"] == 2
