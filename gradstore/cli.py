@@ -82,6 +82,9 @@ def _add_index_parser(subparsers) -> None:
     run.add_argument("--index-memory", type=_size, default="4GiB",
                      help="memory budget steering --index auto (e.g. 4GiB)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run.add_argument("--progress-file", type=Path, metavar="PATH",
+                     help="keep a JSON progress report here: done, total, examples_per_second, eta_seconds, "
+                          "phase (for supervisors such as the service's job runner)")
     p.set_defaults(handler=_run_index)
 
 
@@ -112,6 +115,7 @@ def _run_index(args) -> int:
         shard_size=args.shard_size, dtype=args.dtype, device=args.device, index=args.index,
         index_memory_budget=args.index_memory, on_bad_record=args.on_bad_record,
         overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
+        progress_file=args.progress_file,
     )
     summary = IndexJob(config, log=lambda line: print(line, file=sys.stderr)).run()
     if summary is not None:
@@ -218,6 +222,153 @@ def _run_info(args) -> int:
     return 0
 
 
+def _add_select_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "select", help="select the training examples that matter most for a target task",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Score every example of a datastore against target examples with LESS "
+                    "(sum over checkpoints of w_c * cos(train_c, target_c), aggregated over the targets) and "
+                    "print the ranked selection. Targets come from an sgd datastore of target examples "
+                    "(--targets-store) or from target records (--targets), whose gradients are then computed "
+                    "with the datastore's own model, checkpoints and projection.",
+    )
+    p.add_argument("store", type=Path, help="datastore folder of the training pool")
+    targets = p.add_mutually_exclusive_group(required=True)
+    targets.add_argument("--targets-store", type=Path, metavar="DIR",
+                         help="datastore of the target examples (gradstore index --gradient-type sgd)")
+    targets.add_argument("--targets", type=Path, metavar="FILE",
+                         help="target records (JSONL or Parquet, corpus format)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--k", type=int, metavar="N", help="select the top N examples")
+    budget.add_argument("--fraction", type=float, metavar="F", help="select the top ceil(F x pool) examples")
+    p.add_argument("--aggregation", default="less", choices=["less", "max", "mean"],
+                   help="less: mean within each subtask, then max across subtasks; max / mean over all targets")
+    p.add_argument("--subtask-field", metavar="NAME",
+                   help="record field naming each target's subtask (default: one subtask)")
+    p.add_argument("--sources", type=_names, metavar="A,B", help="only examples of these corpus sources")
+    p.add_argument("--per-source-cap", type=int, metavar="N", help="at most N examples per source")
+    p.add_argument("--dedup-threshold", type=float, metavar="X",
+                   help="skip a candidate whose similarity to an already selected example exceeds X")
+    p.add_argument("--checkpoints", type=_names, metavar="A,B", help="checkpoints to use (default: all)")
+    p.add_argument("--weights", type=_checkpoint_weights, metavar="A=W,B=W",
+                   help="checkpoint weights instead of the manifest's (normalised to sum to 1)")
+    p.add_argument("--export", type=Path, metavar="OUT.jsonl|OUT.parquet",
+                   help="write the selected records, in their original form and rank order")
+    p.add_argument("--scores", type=Path, metavar="OUT.parquet",
+                   help="write the whole pool's ranked scores (rank, row, id, source, score, score_<subtask>)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per selected example")
+    p.add_argument("--device", default="auto", help="where target gradients are computed (with --targets)")
+    p.set_defaults(handler=_run_select)
+
+
+def _names(text: str) -> list[str]:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def _checkpoint_weights(text: str) -> dict[str, float]:
+    weights = {}
+    for item in _names(text):
+        name, sep, value = item.partition("=")
+        try:
+            weights[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(f"expected NAME=WEIGHT pairs, got {item!r}")
+    return weights
+
+
+def _run_select(args) -> int:
+    from gradstore.indexer.corpus import CorpusSource, read_corpus
+    from gradstore.indexer.datastore import Datastore
+    from gradstore.service.engine import SelectionEngine, SelectionOptions, TargetSet
+
+    store = Datastore.open(args.store)
+    engine = SelectionEngine(store)
+    options = SelectionOptions(
+        aggregation=args.aggregation, k=args.k, fraction=args.fraction, sources=args.sources,
+        per_source_cap=args.per_source_cap, dedup_threshold=args.dedup_threshold,
+        checkpoints=args.checkpoints, weights=args.weights,
+    )
+    # Refuse a bad query before computing any target gradient.
+    options.validate()
+    engine.pool(options.sources)
+    engine.resolve_checkpoints(options.checkpoints, options.weights)
+    if args.targets_store is not None:
+        targets = TargetSet.from_datastore(Datastore.open(args.targets_store), args.subtask_field)
+    else:
+        from gradstore.service.targets import TargetFeaturizer
+
+        records = [r.record for r in read_corpus([CorpusSource.parse(str(args.targets))]).records]
+        targets = TargetFeaturizer(store, device=args.device).featurize(records, args.subtask_field)
+    selection = engine.select(targets, options)
+    if args.export is not None:
+        engine.export(selection, args.export)
+        print(f"selected records written to {args.export}", file=sys.stderr)
+    if args.scores is not None:
+        engine.write_scores(selection, args.scores)
+        print(f"scores written to {args.scores}", file=sys.stderr)
+    items = selection.items()
+    if args.json:
+        for item in items:
+            print(json.dumps(item, ensure_ascii=False))
+    else:
+        id_width = max([len("id")] + [len(item["id"]) for item in items])
+        rank_width = max(len("rank"), len(str(len(items))))
+        print(f"{'rank':>{rank_width}}  {'score':>10}  {'id':<{id_width}}  source")
+        for item in items:
+            print(f"{item['rank']:>{rank_width}}  {item['score']:>10.6f}  {item['id']:<{id_width}}  {item['source']}")
+    print(f"selected {len(selection)} of {selection.pool} examples ({targets.num_targets} targets, "
+          f"{len(selection.subtasks)} subtasks, aggregation {selection.aggregation}, checkpoints "
+          f"{', '.join(f'{n}={w:.3g}' for n, w in zip(selection.checkpoints, selection.weights))})", file=sys.stderr)
+    return 0
+
+
+def _add_serve_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "serve", help="serve the datastores under a folder over HTTP",
+        description="Run the REST service over every datastore in --root (one sub-folder each). "
+                    "Every setting can also come from a GRADSTORE_* environment variable (GRADSTORE_ROOT, "
+                    "GRADSTORE_API_KEYS=key1,key2, ...); flags given here take precedence.",
+    )
+    p.add_argument("--root", type=Path, help="folder holding the datastores (or GRADSTORE_ROOT)")
+    p.add_argument("--host", help="interface to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY",
+                   help="accepted API key; repeat for several")
+    p.add_argument("--api-key-file", type=Path, metavar="FILE", help="file with one accepted API key per line")
+    p.add_argument("--no-auth", action="store_true", default=None, dest="auth_disabled",
+                   help="serve without authentication (otherwise at least one API key is required)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from gradstore.service.app import create_app
+    from gradstore.service.settings import ConfigurationError, Settings
+
+    given = {key: getattr(args, key) for key in ("root", "host", "port", "api_keys", "api_key_file", "auth_disabled")
+             if getattr(args, key) is not None}
+    try:
+        settings = Settings(**given)
+        app = create_app(settings)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
+        print(f"gradstore serve: {problems} (flags or GRADSTORE_* variables)", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigurationError as exc:
+        print(f"gradstore serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradstore import __version__
 
@@ -230,6 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_warmup_parser(subparsers)
     _add_index_parser(subparsers)
     _add_info_parser(subparsers)
+    _add_select_parser(subparsers)
+    _add_serve_parser(subparsers)
     return parser
 
 
@@ -257,7 +410,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_gradstore_error(exc: BaseException) -> bool:
     indexer_errors = sys.modules.get("gradstore.indexer.errors")
-    return indexer_errors is not None and isinstance(exc, indexer_errors.IndexerError)
+    engine = sys.modules.get("gradstore.service.engine")
+    return ((indexer_errors is not None and isinstance(exc, indexer_errors.IndexerError))
+            or (engine is not None and isinstance(exc, engine.SelectionError)))
 
 
 if __name__ == "__main__":

@@ -52,7 +52,8 @@ Rows and shards
       ``gradstore_version``;
     - ``model`` {path, sha256, architecture, dtype, device}; ``tokenizer`` (the formatter's
       description, free-form); ``lora`` {r, alpha, target_modules, params: name -> shape,
-      num_params}; ``gradient_type`` (e.g. ``"adam"`` or ``"sgd"``);
+      num_params, init_seed (the seed of a fresh, untrained LoRA; null with checkpoints)};
+      ``gradient_type`` (e.g. ``"adam"`` or ``"sgd"``);
     - ``checkpoints`` [{name, path, weight, learning_rate, adapter_sha256, optimizer_sha256}], in
       the order of the index's vector blocks;
     - ``projection`` (``ProjectionSpec.to_dict()``: kind, dim, seed, version);
@@ -161,6 +162,7 @@ class LoraInfo(_Strict):
     target_modules: list[str]
     params: dict[str, list[int]]
     num_params: int
+    init_seed: int | None = None  # seed of a fresh LoRA's initialisation; None with checkpoints
 
 
 class CheckpointInfo(_Strict):

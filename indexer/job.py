@@ -76,6 +76,7 @@ class IndexJobConfig:
     overwrite: bool = False
     restart: bool = False
     progress: bool = True
+    progress_file: Path | None = None  # rank 0 keeps a JSON progress report here (see _Progress)
 
     def validate(self) -> None:
         if self.gradient_type not in GRADIENT_TYPES:
@@ -308,7 +309,8 @@ class IndexJob:
 
     # -- set-up --------------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def load(self) -> None:
+        """Load the tokenizer, formatter, model with its LoRA, featurizer and checkpoints."""
         cfg = self.config
         self.device = resolve_device(cfg.device)
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
@@ -336,7 +338,8 @@ class IndexJob:
             adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
         return CheckpointState(spec, weight, make_transform(self.config.gradient_type, states), adapter_state)
 
-    def _activate(self, checkpoint: CheckpointState) -> None:
+    def activate(self, checkpoint: CheckpointState) -> None:
+        """Switch the model and featurizer to ``checkpoint``."""
         from peft import set_peft_model_state_dict
 
         if checkpoint.adapter_state is not None:
@@ -391,25 +394,36 @@ class IndexJob:
 
     # -- compute -------------------------------------------------------------------------------
 
+    def compute_features(self, encoded: list[Encoded], progress=None) -> dict[str, dict[str, np.ndarray]]:
+        """Every checkpoint's ``feature`` (fp16, normalised), ``grad_norm``, ``feature_norm`` and
+        ``loss`` of ``encoded``, in the given order; needs :meth:`load` first.
+
+        Batching is a function of ``encoded`` alone (longest first, ties in order), so the same
+        examples always give the same bits.
+        """
+        cfg = self.config
+        lengths = [e.num_tokens for e in encoded]
+        batches = length_batches(list(range(len(encoded))), lengths, cfg.max_tokens_per_batch, cfg.max_batch_size)
+        features = {}
+        for checkpoint in self.checkpoints:
+            self.activate(checkpoint)
+            out = {"feature": np.zeros((len(encoded), cfg.projection.dim), np.float16)}
+            for column in ("grad_norm", "feature_norm", "loss"):
+                out[column] = np.zeros(len(encoded), np.float32)
+            for batch in batches:
+                results = self.featurizer.features([encoded[i] for i in batch])
+                for column, values in zip(("feature", "grad_norm", "feature_norm", "loss"), results):
+                    out[column][batch] = values
+                if progress is not None:
+                    progress.update(len(batch), sum(lengths[i] for i in batch))
+            features[checkpoint.spec.name] = out
+        return features
+
     def _compute_shard(self, prepared: Prepared, shard: int, progress) -> None:
         cfg = self.config
         rows = range(shard * cfg.shard_size, min(prepared.num_rows, (shard + 1) * cfg.shard_size))
-        lengths = {r: prepared.encoded[r].num_tokens for r in rows}
-        batches = length_batches(list(rows), lengths, cfg.max_tokens_per_batch, cfg.max_batch_size)
-        features = {}
-        for checkpoint in self.checkpoints:
-            self._activate(checkpoint)
-            position = {row: i for i, row in enumerate(rows)}
-            out = {"feature": np.zeros((len(rows), cfg.projection.dim), np.float16)}
-            for column in ("grad_norm", "feature_norm", "loss"):
-                out[column] = np.zeros(len(rows), np.float32)
-            for batch_rows in batches:
-                results = self.featurizer.features([prepared.encoded[r] for r in batch_rows])
-                index = [position[r] for r in batch_rows]
-                for column, values in zip(("feature", "grad_norm", "feature_norm", "loss"), results):
-                    out[column][index] = values
-                progress.update(len(batch_rows), sum(lengths[r] for r in batch_rows))
-            features[checkpoint.spec.name] = FeatureBatch(rows=np.arange(rows.start, rows.stop), **out)
+        computed = self.compute_features([prepared.encoded[r] for r in rows], progress)
+        features = {name: FeatureBatch(rows=np.arange(rows.start, rows.stop), **out) for name, out in computed.items()}
         write_shard(cfg.work_dir, shard, examples_table(prepared, rows), features)
 
     # -- the whole job ---------------------------------------------------------------------------
@@ -418,8 +432,10 @@ class IndexJob:
         cfg = self.config
         cfg.validate()
         start = time.perf_counter()
+        report = cfg.progress_file if self.rank == 0 else None
+        write_progress_file(report, "prepare")
         _init_distributed(self.world_size)
-        self._load()
+        self.load()
         prepared = prepare(cfg, self.formatter)
         finalised = self._open_work_dir(self._fingerprint(prepared))
         num_shards = math.ceil(prepared.num_rows / cfg.shard_size)
@@ -428,13 +444,20 @@ class IndexJob:
         todo = [s for s in mine if s not in done]
         if done and self.rank == 0:
             self.log(f"resuming {cfg.work_dir}: {len(done)} of {num_shards} shards already done")
-        todo_examples = sum(min(prepared.num_rows, (s + 1) * cfg.shard_size) - s * cfg.shard_size for s in todo)
-        with _Progress(todo_examples * len(self.checkpoints), enabled=cfg.progress and self.rank == 0) as progress:
+
+        def examples_in(shards: list[int]) -> int:
+            return sum(min(prepared.num_rows, (s + 1) * cfg.shard_size) - s * cfg.shard_size for s in shards)
+
+        passes = len(self.checkpoints)
+        todo_examples = examples_in(todo)
+        with _Progress(todo_examples * passes, enabled=cfg.progress and self.rank == 0, report=report,
+                       reused=(examples_in(mine) - todo_examples) * passes) as progress:
             for shard in todo:
                 self._compute_shard(prepared, shard, progress)
         _barrier()
         if self.rank != 0:
             return None
+        progress.report_phase("finalize")
         compute_seconds = time.perf_counter() - start
         if prepared.skipped:
             write_skipped_report(prepared.skipped, cfg.work_dir / "skipped.jsonl")
@@ -444,6 +467,7 @@ class IndexJob:
         publish_store(cfg.work_dir, cfg.out, overwrite=cfg.overwrite)
         summary.store_bytes = sum(f.bytes for f in manifest.files.values())
         summary.wall_seconds = time.perf_counter() - start
+        progress.report_phase("done")
         return summary
 
     def _summary(self, prepared: Prepared, progress, seconds: float, computed: int, reused: int) -> JobSummary:
@@ -465,6 +489,7 @@ class IndexJob:
         lora = lora_description(self.peft_model)
         shapes = self.featurizer.grads.param_shapes
         lora.update(params={n: list(s) for n, s in shapes.items()}, num_params=sum(math.prod(s) for s in shapes.values()))
+        lora["init_seed"] = None if cfg.checkpoints else cfg.lora.init_seed  # a fresh LoRA's weights depend on it
         return {
             "gradstore_version": __version__,
             "model": {"path": str(cfg.model.resolve()), "sha256": model_sha256(cfg.model),
@@ -529,13 +554,35 @@ def model_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-class _Progress:
-    """A tqdm bar over examples (× checkpoints) with tokens/s, or a silent counter."""
+def write_progress_file(path: Path | None, phase: str, done: int = 0, total: int = 0,
+                        examples_per_second: float | None = None, eta_seconds: float | None = None) -> None:
+    """Atomically replace the JSON progress report at ``path`` (nothing when ``path`` is None)."""
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"done": done, "total": total, "examples_per_second": examples_per_second,
+                               "eta_seconds": eta_seconds, "phase": phase}))
+    os.replace(tmp, path)
 
-    def __init__(self, total: int, enabled: bool):
+
+class _Progress:
+    """A tqdm bar over examples (× checkpoints) with tokens/s, or a silent counter.
+
+    With ``report``, it also keeps a JSON file ``{"done", "total", "examples_per_second",
+    "eta_seconds", "phase"}`` up to date (at most about once a second, and at phase changes) for
+    whoever supervises the job. ``done`` and ``total`` count examples × checkpoints of this rank's
+    shards (the whole corpus in a single process), shards reused from an earlier run included.
+    """
+
+    REPORT_INTERVAL = 1.0
+
+    def __init__(self, total: int, enabled: bool, report: Path | None = None, reused: int = 0):
         self.total, self.enabled = total, enabled
         self.count, self.tokens, self.seconds = 0, 0, 0.0
         self._bar = None
+        self._report, self._reused, self._reported_at = report, reused, 0.0
 
     def __enter__(self):
         self._start = time.perf_counter()
@@ -543,6 +590,7 @@ class _Progress:
             from tqdm.auto import tqdm
 
             self._bar = tqdm(total=self.total, unit="ex", desc="indexing", dynamic_ncols=True)
+        self.report_phase("compute")
         return self
 
     def update(self, n: int, tokens: int) -> None:
@@ -552,6 +600,18 @@ class _Progress:
             self._bar.update(n)
             elapsed = time.perf_counter() - self._start
             self._bar.set_postfix(tok_s=f"{self.tokens / max(elapsed, 1e-9):,.0f}", refresh=False)
+        if self._report is not None and time.perf_counter() - self._reported_at >= self.REPORT_INTERVAL:
+            self.report_phase("compute")
+
+    def report_phase(self, phase: str) -> None:
+        if self._report is None:
+            return
+        self._reported_at = time.perf_counter()
+        elapsed = self.seconds or self._reported_at - self._start
+        rate = self.count / elapsed if self.count and elapsed > 0 else None
+        remaining = self.total - self.count
+        eta = 0.0 if remaining <= 0 else (remaining / rate if rate else None)
+        write_progress_file(self._report, phase, self._reused + self.count, self._reused + self.total, rate, eta)
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self._start

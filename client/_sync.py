@@ -1,0 +1,284 @@
+"""The synchronous client."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, TypeVar
+
+import httpx
+
+from ._base import TERMINAL_JOB_STATUSES, BaseClient, Call, TargetsLike, export_file_name
+from .errors import APIError, InvalidResponseError, JobTimeoutError
+from .models import (
+    Aggregation,
+    DatastoreDetail,
+    DatastoreSummary,
+    Example,
+    Health,
+    IndexJobRequest,
+    InfluenceResponse,
+    Job,
+    Readiness,
+    SelectedExample,
+    SelectPage,
+    SimilarResponse,
+)
+
+T = TypeVar("T")
+
+# Module-level so that tests (and callers) can replace them.
+_sleep = time.sleep
+_clock = time.monotonic
+
+
+class Client(BaseClient):
+    """Synchronous client of the gradstore REST service.
+
+    ``base_url`` is the service root (``http://host:8080``, or with a path prefix); ``api_key``
+    is sent in the ``api_key_header`` header. ``timeout`` is in seconds (or an ``httpx.Timeout``).
+    Retries: see :mod:`gradstore.client` (429/503/connection errors, up to ``max_retries``, with
+    exponential ``backoff`` and ``Retry-After``).
+
+    ``transport`` is any ``httpx.BaseTransport`` (e.g. ``httpx.MockTransport``); ``http_client``
+    an ``httpx.Client`` to send through instead (e.g. Starlette's ``TestClient``: it is not
+    closed by :meth:`close`). Use as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, base_url: str | httpx.URL, api_key: str | None = None, *,
+                 api_key_header: str = "X-API-Key",
+                 timeout: float | httpx.Timeout | None = 30.0,
+                 max_retries: int = 3,
+                 backoff: float = 0.5,
+                 transport: httpx.BaseTransport | None = None,
+                 headers: Mapping[str, str] | None = None,
+                 http_client: httpx.Client | None = None) -> None:
+        super().__init__(base_url, api_key, api_key_header=api_key_header, timeout=timeout,
+                         max_retries=max_retries, backoff=backoff, headers=headers)
+        if http_client is not None and transport is not None:
+            raise ValueError("give transport or http_client, not both")
+        self._owns_http = http_client is None
+        self._http = http_client if http_client is not None else httpx.Client(
+            transport=transport, timeout=self.timeout, follow_redirects=False)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close the connection pool (not a caller's ``http_client``)."""
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # -- sending -----------------------------------------------------------------------------------
+
+    def _send(self, call: Call[Any], *, stream: bool = False) -> httpx.Response:
+        """Send with retries; the final response (error statuses included, not raised)."""
+        attempt = 0
+        while True:
+            request = self._build_request(self._http, call)
+            try:
+                response = self._http.send(request, stream=stream)
+            except httpx.RequestError as exc:
+                delay = self._retry_after_error(call, attempt, exc)
+                if delay is None:
+                    raise self._transport_error(exc, request) from exc
+            else:
+                delay = self._retry_after_response(call, attempt, response)
+                if delay is None:
+                    return response
+                response.close()
+            _sleep(delay)
+            attempt += 1
+
+    def _request(self, call: Call[T]) -> T:
+        return self._finish(call, self._send(call))
+
+    # -- datastores --------------------------------------------------------------------------------
+
+    def list_datastores(self) -> list[DatastoreSummary]:
+        """The served datastores (``GET /v1/datastores``)."""
+        return self._request(self._list_datastores())
+
+    def get_datastore(self, name: str) -> DatastoreDetail:
+        """One datastore's manifest summary (``GET /v1/datastores/{name}``)."""
+        return self._request(self._get_datastore(name))
+
+    def get_example(self, name: str, id: str) -> Example:
+        """One training example of a datastore, by corpus id."""
+        return self._request(self._get_example(name, id))
+
+    # -- selection ---------------------------------------------------------------------------------
+
+    def select(self, name: str, targets: TargetsLike, *, k: int | None = None,
+               fraction: float | None = None, aggregation: Aggregation = "less",
+               sources: Sequence[str] | None = None, per_source_cap: int | None = None,
+               dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
+               weights: Mapping[str, float] | None = None, page_size: int = 1000,
+               export: str | None = None) -> SelectPage:
+        """Select the top ``k`` (or ``fraction``) examples for ``targets``: the first page.
+
+        ``targets``: see :func:`gradstore.client.to_targets`. Further pages:
+        :meth:`get_selection_page` / :meth:`iter_pages`, or use :meth:`iter_selection`.
+        """
+        return self._request(self._select(
+            name, targets, k=k, fraction=fraction, aggregation=aggregation, sources=sources,
+            per_source_cap=per_source_cap, dedup_threshold=dedup_threshold,
+            checkpoints=checkpoints, weights=weights, page_size=page_size, export=export))
+
+    def get_selection_page(self, name: str, selection_id: str, *, cursor: str | None = None,
+                           page_size: int | None = None) -> SelectPage:
+        """A page of an earlier selection (``GET .../selections/{id}?cursor=&page_size=``)."""
+        return self._request(self._get_selection_page(name, selection_id, cursor, page_size))
+
+    def iter_pages(self, first: SelectPage, *, page_size: int | None = None) -> Iterator[SelectPage]:
+        """``first`` and the following pages of its selection, by ``next_cursor``.
+
+        Raises :class:`GoneError` when the selection expired on the service meanwhile.
+        """
+        page = first
+        while True:
+            yield page
+            cursor = page.next_cursor
+            if cursor is None:
+                return
+            page = self.get_selection_page(first.datastore, first.selection_id, cursor=cursor,
+                                           page_size=page_size)
+            if page.next_cursor == cursor:
+                raise InvalidResponseError(f"selection {first.selection_id}: the cursor did not advance")
+
+    def iter_selection(self, name: str, targets: TargetsLike, *, k: int | None = None,
+                       fraction: float | None = None, aggregation: Aggregation = "less",
+                       sources: Sequence[str] | None = None, per_source_cap: int | None = None,
+                       dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
+                       weights: Mapping[str, float] | None = None, page_size: int = 1000,
+                       export: str | None = None) -> Iterator[SelectedExample]:
+        """Every selected example, in rank order, fetching pages of ``page_size`` as needed.
+
+        Same arguments as :meth:`select`; the request is sent on the first ``next()``.
+        """
+        first = self.select(name, targets, k=k, fraction=fraction, aggregation=aggregation,
+                            sources=sources, per_source_cap=per_source_cap,
+                            dedup_threshold=dedup_threshold, checkpoints=checkpoints,
+                            weights=weights, page_size=page_size, export=export)
+        for page in self.iter_pages(first, page_size=page_size):
+            yield from page.items
+
+    def select_all(self, name: str, targets: TargetsLike, *, k: int | None = None,
+                   fraction: float | None = None, aggregation: Aggregation = "less",
+                   sources: Sequence[str] | None = None, per_source_cap: int | None = None,
+                   dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
+                   weights: Mapping[str, float] | None = None, page_size: int = 1000,
+                   export: str | None = None) -> list[SelectedExample]:
+        """The whole selection as a list (all pages of :meth:`iter_selection`)."""
+        return list(self.iter_selection(
+            name, targets, k=k, fraction=fraction, aggregation=aggregation, sources=sources,
+            per_source_cap=per_source_cap, dedup_threshold=dedup_threshold,
+            checkpoints=checkpoints, weights=weights, page_size=page_size, export=export))
+
+    def download_export(self, name: str, selection_id: str,
+                        path: str | os.PathLike[str] | IO[bytes]) -> Path | None:
+        """Download a selection's export file (``select(..., export="jsonl"|"parquet")``).
+
+        ``path``: the file to write (replaced atomically: a partial download never appears
+        there), an existing folder (the file is named after the service's file name or the
+        selection id), or a writable binary file object (returns None).
+        """
+        call = self._export(name, selection_id)
+        response = self._send(call, stream=True)
+        try:
+            if not 200 <= response.status_code < 300:
+                response.read()
+                raise APIError.from_response(response)
+            if hasattr(path, "write"):
+                for chunk in response.iter_bytes():
+                    path.write(chunk)  # type: ignore[union-attr]
+                return None
+            target = Path(path)  # type: ignore[arg-type]
+            if target.is_dir():
+                target = target / export_file_name(response, selection_id)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    for chunk in response.iter_bytes():
+                        file.write(chunk)
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+            return target
+        except httpx.RequestError as exc:
+            raise self._transport_error(exc, response.request) from exc
+        finally:
+            response.close()
+
+    # -- influence and similar ---------------------------------------------------------------------
+
+    def influence(self, name: str, targets: TargetsLike, *, k: int = 10,
+                  checkpoints: Sequence[str] | None = None,
+                  weights: Mapping[str, float] | None = None) -> InfluenceResponse:
+        """The ``k`` most influential training examples for each target example."""
+        return self._request(self._influence(name, targets, k=k, checkpoints=checkpoints, weights=weights))
+
+    def similar(self, name: str, *, id: str | None = None, vectors: Mapping[str, Any] | None = None,
+                k: int = 10, include_self: bool = False) -> SimilarResponse:
+        """Nearest training examples to a training example (``id``) or to ``vectors``
+        (checkpoint name -> one vector)."""
+        return self._request(self._similar(name, id=id, vectors=vectors, k=k, include_self=include_self))
+
+    # -- jobs --------------------------------------------------------------------------------------
+
+    def create_job(self, request: IndexJobRequest | Mapping[str, Any] | None = None, /,
+                   **fields: Any) -> Job:
+        """Queue an indexing job: ``create_job(IndexJobRequest(...))`` or ``create_job(datastore=...,
+        corpus=[...], model=...)``. Not retried once the request may have reached the service."""
+        return self._request(self._create_job(request, fields))
+
+    def get_job(self, id: str) -> Job:
+        """A job's current state."""
+        return self._request(self._get_job(id))
+
+    def list_jobs(self) -> list[Job]:
+        """Every job the service knows."""
+        return self._request(self._list_jobs())
+
+    def cancel_job(self, id: str) -> Job:
+        """Ask the service to cancel a job; returns its state."""
+        return self._request(self._cancel_job(id))
+
+    def wait_for_job(self, id: str, *, poll_interval: float = 1.0, timeout: float | None = None) -> Job:
+        """Poll a job until it is ``succeeded``, ``failed`` or ``cancelled``, and return it.
+
+        Raises :class:`JobTimeoutError` (with the last state in ``.job``) after ``timeout`` seconds.
+        """
+        if poll_interval <= 0:
+            raise ValueError("poll_interval must be > 0")
+        deadline = None if timeout is None else _clock() + timeout
+        while True:
+            job = self.get_job(id)
+            if job.status in TERMINAL_JOB_STATUSES:
+                return job
+            wait = poll_interval
+            if deadline is not None:
+                remaining = deadline - _clock()
+                if remaining <= 0:
+                    raise JobTimeoutError(f"job {id} still {job.status} after {timeout} s", job=job)
+                wait = min(wait, remaining)
+            _sleep(wait)
+
+    # -- health ------------------------------------------------------------------------------------
+
+    def health(self) -> Health:
+        """Liveness (``GET /healthz``)."""
+        return self._request(self._health())
+
+    def ready(self) -> Readiness:
+        """Readiness (``GET /readyz``): the body also when the service answers 503 (not ready)."""
+        return self._request(self._ready())

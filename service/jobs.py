@@ -1,0 +1,645 @@
+"""Indexing jobs run by the service: a persistent FIFO queue of ``gradstore index`` subprocesses.
+
+:class:`JobStore` keeps the jobs in SQLite (``<root>/.gradstore/jobs.sqlite``, WAL mode), so the
+queue, the history and the progress of every job survive a restart of the service.
+
+:class:`JobManager` validates submissions (:meth:`JobManager.submit`), and one worker thread runs
+the queued jobs one at a time, oldest first. Each job is a subprocess::
+
+    python -m gradstore.cli index --corpus=... --model=... --out=<root>/<name> --no-progress
+        --progress-file=<root>/.gradstore/jobs/<id>/progress.json
+
+with stdout and stderr appended to ``<root>/.gradstore/jobs/<id>/index.log``. The worker polls
+the process and its progress file, and records the outcome: ``succeeded``, ``failed`` (the error
+is the end of the log), or ``cancelled`` (:meth:`JobManager.cancel`: SIGTERM, then SIGKILL after
+a grace period; the job's partial work is discarded).
+
+Every job is resumable, because the indexer is: a job interrupted at any point and run again with
+the same command keeps its finished shards. So:
+
+* :meth:`JobManager.stop` (an orderly shutdown) terminates the running job and puts it back in
+  the queue; that interruption does not count as an attempt.
+* :meth:`JobManager.start` finds jobs that a previous service process left ``running`` (it
+  crashed or was killed): an indexer it left behind is terminated, and the job is queued again to
+  resume, unless it was already started :data:`MAX_ATTEMPTS` times, in which case it fails with
+  an explanation. A job that had already published its store is marked succeeded.
+
+A job is never left ``running`` without a live indexer for long: the next service start settles it.
+
+Several service processes may share a root (for instance ``uvicorn --workers N``): they share the
+queue, and an exclusive lock (``<root>/.gradstore/jobs.lock``) makes exactly one of them run jobs;
+the others take over when it exits. Cancellation works from any of them (through the database).
+
+Job input paths (corpus, model, tokenizer, checkpoints, warmup run) must resolve, symlinks
+followed, inside one of ``settings.job_input_roots``; relative paths are taken relative to the
+service root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from gradstore.client.models import IndexJobRequest, Job, JobProgress
+
+from .errors import ServiceError
+
+try:  # POSIX; elsewhere every process runs jobs (do not run several on one root there)
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None
+
+log = logging.getLogger("gradstore.service.jobs")
+
+STATE_DIR = ".gradstore"
+DB_FILE = "jobs.sqlite"
+LOCK_FILE = "jobs.lock"
+JOBS_DIR = "jobs"
+PROGRESS_FILE = "progress.json"
+LOG_FILE = "index.log"
+
+MAX_ATTEMPTS = 3
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ACTIVE = ("queued", "running")
+TERMINAL = ("succeeded", "failed", "cancelled")
+ERROR_LINES = 12
+ERROR_CHARS = 4000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id               TEXT PRIMARY KEY,
+    datastore        TEXT NOT NULL,
+    status           TEXT NOT NULL,
+    request          TEXT NOT NULL,
+    created_at       TEXT NOT NULL,
+    started_at       TEXT,
+    finished_at      TEXT,
+    progress         TEXT NOT NULL DEFAULT '{}',
+    error            TEXT,
+    attempts         INTEGER NOT NULL DEFAULT 0,
+    pid              INTEGER,
+    cancel_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_status ON jobs (status);
+CREATE INDEX IF NOT EXISTS jobs_by_datastore ON jobs (datastore, status);
+"""
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+# ------------------------------------------------------------------------------------------------
+# Persistence
+# ------------------------------------------------------------------------------------------------
+
+
+class JobStore:
+    """The jobs table in SQLite: one connection shared by the service's threads under a lock.
+
+    Rows are dicts with the table's columns (``request`` and ``progress`` as JSON text). Status
+    changes that race with another thread or process (claiming a queued job, cancelling it) are
+    single conditional ``UPDATE``s, so exactly one side wins.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        with self._lock:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            self._conn.executescript(_SCHEMA)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """An immediate (write-locking) transaction: check-then-insert without races."""
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            self._conn.execute("COMMIT")
+
+    def insert(self, row: dict[str, Any]) -> None:
+        columns = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self._lock:
+            self._conn.execute(f"INSERT INTO jobs ({columns}) VALUES ({marks})", tuple(row.values()))
+
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def all(self) -> list[dict[str, Any]]:
+        """Every job, newest first."""
+        with self._lock:
+            rows = self._conn.execute("SELECT * FROM jobs ORDER BY rowid DESC").fetchall()
+        return [dict(row) for row in rows]
+
+    def with_status(self, *statuses: str) -> list[dict[str, Any]]:
+        """Jobs in these states, oldest first."""
+        marks = ", ".join("?" for _ in statuses)
+        with self._lock:
+            rows = self._conn.execute(f"SELECT * FROM jobs WHERE status IN ({marks}) ORDER BY rowid",
+                                      statuses).fetchall()
+        return [dict(row) for row in rows]
+
+    def active_for(self, datastore: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT * FROM jobs WHERE datastore = ? AND status IN ('queued', 'running') ORDER BY rowid LIMIT 1",
+                (datastore,)).fetchone()
+        return dict(row) if row is not None else None
+
+    def update(self, job_id: str, *, expect: str | Sequence[str] | None = None, **fields: Any) -> bool:
+        """Set ``fields`` of a job (only while its status is ``expect``); True when a row changed."""
+        sets = ", ".join(f"{name} = ?" for name in fields)
+        query, params = f"UPDATE jobs SET {sets} WHERE id = ?", [*fields.values(), job_id]
+        if expect is not None:
+            states = (expect,) if isinstance(expect, str) else tuple(expect)
+            query += f" AND status IN ({', '.join('?' for _ in states)})"
+            params += states
+        with self._lock:
+            return self._conn.execute(query, params).rowcount > 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The manager
+# ------------------------------------------------------------------------------------------------
+
+
+class JobManager:
+    """Accepts, persists and runs indexing jobs for one service root (see the module docstring).
+
+    ``index_args`` are extra ``gradstore index`` flags the operator adds to every job (for
+    instance ``["--max-tokens-per-batch", "65536"]`` for the host's GPU, or ``--shard-size``).
+    """
+
+    def __init__(self, settings, *, index_args: Sequence[str] = (), max_attempts: int = MAX_ATTEMPTS,
+                 poll_interval: float = 0.25, kill_grace: float = 10.0):
+        self.settings = settings
+        self.root = Path(settings.root).resolve()
+        self.input_roots = [Path(p).resolve() for p in (settings.job_input_roots or [self.root])]
+        self.index_args = [str(arg) for arg in index_args]
+        self.max_attempts = max_attempts
+        self.poll_interval = poll_interval
+        self.kill_grace = kill_grace
+        self.state_dir = self.root / STATE_DIR
+        self.jobs_dir = self.state_dir / JOBS_DIR
+        self.store = JobStore(self.state_dir / DB_FILE)
+        self._stopping = threading.Event()
+        self._poke = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_fd: int | None = None
+
+    # -- public API ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Settle jobs a previous service process left running, then start the worker thread."""
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        if not self._try_lead():
+            log.info("another service process runs the jobs of %s; this one queues and reports them", self.root)
+        self._thread = threading.Thread(target=self._work, name="gradstore-jobs", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the worker; a running job is terminated and queued again, to resume on the next start."""
+        self._stopping.set()
+        self._poke.set()
+        if self._thread is not None:
+            self._thread.join(timeout=self.kill_grace + 30)
+            if self._thread.is_alive():
+                log.warning("the job worker did not stop in time")
+            self._thread = None
+        self._release_lead()
+
+    def submit(self, request: IndexJobRequest) -> Job:
+        """Validate and queue a job; 400 ``invalid_name`` / ``path_not_allowed`` / ``invalid_job``,
+        409 ``conflict`` when the datastore exists (without ``overwrite``) or has an active job."""
+        self.index_command(request, self.jobs_dir / "new" / PROGRESS_FILE)  # validates every input
+        out = self.root / request.datastore
+        job_id = uuid.uuid4().hex
+        with self.store.transaction() as conn:
+            active = conn.execute("SELECT id, status FROM jobs WHERE datastore = ? AND status IN ('queued', 'running')",
+                                  (request.datastore,)).fetchone()
+            if active is not None:
+                raise ServiceError(409, "conflict", f"datastore {request.datastore!r} already has a {active['status']} "
+                                   f"job ({active['id']})", {"datastore": request.datastore, "job": active["id"]})
+            if out.exists() and not request.overwrite:
+                raise ServiceError(409, "conflict", f"datastore {request.datastore!r} already exists; set "
+                                   "overwrite to replace it", {"datastore": request.datastore})
+            conn.execute("INSERT INTO jobs (id, datastore, status, request, created_at) VALUES (?, ?, 'queued', ?, ?)",
+                         (job_id, request.datastore, request.model_dump_json(), _now()))
+        log.info("job %s queued: index %s", job_id, request.datastore)
+        self._poke.set()
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        row = self.store.get(job_id) if isinstance(job_id, str) else None
+        if row is None:
+            raise ServiceError(404, "job_not_found", f"no job {job_id!r}", {"job": job_id})
+        return _to_job(row)
+
+    def list(self) -> list[Job]:
+        """Every job, newest first."""
+        return [_to_job(row) for row in self.store.all()]
+
+    def cancel(self, job_id: str) -> Job:
+        """Cancel a queued or running job (waiting up to the kill grace period for a running one to
+        stop); 409 ``conflict`` for a finished job."""
+        job = self.get(job_id)
+        if self.store.update(job_id, expect="queued", status="cancelled", finished_at=_now()):
+            log.info("job %s cancelled while queued", job_id)
+            return self.get(job_id)
+        if self.store.update(job_id, expect="running", cancel_requested=1):
+            self._poke.set()
+            deadline = time.monotonic() + self.kill_grace + 10
+            while time.monotonic() < deadline:
+                job = self.get(job_id)
+                if job.status != "running":
+                    return job
+                time.sleep(0.05)
+            return self.get(job_id)
+        job = self.get(job_id)
+        if job.status == "queued":  # it was requeued while we looked: try again
+            return self.cancel(job_id)
+        raise ServiceError(409, "conflict", f"job {job_id} is already {job.status}",
+                           {"job": job_id, "status": job.status})
+
+    # -- validation and the command line ---------------------------------------------------------
+
+    def index_command(self, request: IndexJobRequest, progress_file: Path) -> list[str]:
+        """The ``gradstore index`` command of a job; raises :class:`ServiceError` for bad inputs."""
+        name = request.datastore
+        if not NAME_PATTERN.match(name) or ".." in name:
+            raise ServiceError(400, "invalid_name", f"invalid datastore name {name!r}: use 1-128 letters, digits "
+                               "and ._- starting with a letter or digit, without '..'",
+                               {"name": name, "pattern": NAME_PATTERN.pattern})
+        if request.run and request.checkpoints:
+            raise ServiceError(400, "invalid_job", "give run or checkpoints, not both")
+        if request.gradient_type in ("adam", "less") and not (request.run or request.checkpoints):
+            raise ServiceError(400, "invalid_job", f"gradient type {request.gradient_type!r} needs checkpoints "
+                               "with optimizer state (checkpoints or run); use 'sgd' or 'sign' for a fresh LoRA")
+        command = [sys.executable, "-m", "gradstore.cli", "index"]
+        for spec in request.corpus:
+            command.append(f"--corpus={self._corpus_arg(spec)}")
+        command.append(f"--model={self._input_path('model', request.model)}")
+        if request.tokenizer:
+            command.append(f"--tokenizer={self._input_path('tokenizer', request.tokenizer)}")
+        for spec in request.checkpoints:
+            command.append(f"--checkpoint={self._checkpoint_arg(spec)}")
+        if request.run:
+            command.append(f"--run={self._input_path('run', request.run)}")
+        command += [f"--gradient-type={request.gradient_type}", f"--proj-dim={request.proj_dim}",
+                    f"--seed={request.seed}", f"--max-length={request.max_length}", f"--lora-r={request.lora_r}",
+                    f"--lora-alpha={request.lora_alpha!r}", f"--on-bad-record={request.on_bad_record}",
+                    f"--device={request.device}", f"--dtype={request.dtype}"]
+        if request.overwrite:
+            command.append("--overwrite")
+        # A partial job of the same datastore left with other settings (a failed or cancelled job)
+        # is discarded; one with the same settings (this job, interrupted) is resumed.
+        command.append("--restart")
+        command += self.index_args
+        command += [f"--out={self.root / name}", "--no-progress", f"--progress-file={progress_file}"]
+        return command
+
+    def _input_path(self, field: str, text: str) -> Path:
+        """``text`` resolved (relative to the root), inside an input root, existing."""
+        path = self._allowed(field, text)
+        if not path.exists():
+            raise ServiceError(400, "invalid_job", f"{field} {text!r} does not exist", {"field": field, "path": text})
+        return path
+
+    def _allowed(self, field: str, text: str) -> Path:
+        path = Path(text)
+        resolved = (path if path.is_absolute() else self.root / path).resolve()
+        if not any(resolved.is_relative_to(root) for root in self.input_roots):
+            raise ServiceError(400, "path_not_allowed", f"{field} path {text!r} is outside the folders allowed "
+                               "for job inputs", {"field": field, "path": text})
+        return resolved
+
+    def _corpus_arg(self, spec: str) -> str:
+        """``[NAME=]PATH`` with PATH resolved; the source keeps the name the given path implies."""
+        name, text = "", spec
+        if "=" in spec:
+            whole = Path(spec) if Path(spec).is_absolute() else self.root / spec
+            if not whole.exists():
+                name, text = spec.split("=", 1)
+                if not name:
+                    raise ServiceError(400, "invalid_job", f"corpus {spec!r}: empty name before '='",
+                                       {"field": "corpus", "path": spec})
+        path = self._input_path("corpus", text)
+        if not name:
+            given = Path(text)
+            name = given.name if path.is_dir() else given.stem
+        return f"{name}={path}" if name and "=" not in name else str(path)
+
+    def _checkpoint_arg(self, spec: str) -> str:
+        from gradstore.indexer.checkpoints import CheckpointSpec
+        from gradstore.indexer.errors import CheckpointError
+
+        try:
+            parsed = CheckpointSpec.parse(spec)
+        except CheckpointError as exc:
+            raise ServiceError(400, "invalid_job", str(exc), {"field": "checkpoints", "path": spec}) from exc
+        path = self._input_path("checkpoint", str(parsed.path))
+        if "=" in parsed.name:
+            raise ServiceError(400, "invalid_job", f"checkpoint {spec!r}: name it with NAME=DIR",
+                               {"field": "checkpoints", "path": spec})
+        return f"{parsed.name}={path}" + (f":{parsed.weight!r}" if parsed.weight is not None else "")
+
+    # -- leadership and recovery ---------------------------------------------------------------
+
+    def _try_lead(self) -> bool:
+        """Take the root's job lock (non-blocking); on success, settle jobs left running."""
+        if self._lock_fd is not None:
+            return True
+        if fcntl is not None:
+            fd = os.open(self.state_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                return False
+            self._lock_fd = fd
+        else:  # pragma: no cover
+            self._lock_fd = -1
+        self._recover()
+        return True
+
+    def _release_lead(self) -> None:
+        if self._lock_fd is not None and self._lock_fd >= 0:
+            os.close(self._lock_fd)  # closing releases the flock
+        self._lock_fd = None
+
+    def _recover(self) -> None:
+        """Jobs marked running now have no supervisor (their service process is gone): settle them."""
+        for row in self.store.with_status("running"):
+            job_id, pid = row["id"], row["pid"]
+            if pid and _is_indexer_of(pid, self._progress_file(job_id)):
+                log.warning("job %s: terminating indexer %d left behind by a previous service process", job_id, pid)
+                _terminate_orphan(pid, self.kill_grace)
+            report = _read_json(self._progress_file(job_id))
+            common = {"pid": None, "cancel_requested": 0}
+            if report.get("phase") == "done":
+                self.store.update(job_id, expect="running", status="succeeded", finished_at=_now(),
+                                  progress=json.dumps(report), **common)
+                log.info("job %s had finished before the service restarted", job_id)
+            elif row["cancel_requested"]:
+                self._discard_partial(row)
+                self.store.update(job_id, expect="running", status="cancelled", finished_at=_now(), **common)
+            elif row["attempts"] >= self.max_attempts:
+                self.store.update(job_id, expect="running", status="failed", finished_at=_now(), **common,
+                                  error=f"the service stopped while this job ran, {row['attempts']} times; "
+                                        f"giving up after {self.max_attempts} attempts (log: {self._log_file(job_id)})")
+                log.error("job %s failed: interrupted %d times", job_id, row["attempts"])
+            else:
+                self.store.update(job_id, expect="running", status="queued", **common)
+                log.warning("job %s was interrupted by a service restart; queued again to resume", job_id)
+
+    # -- the worker ------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                if not self._try_lead():
+                    self._stopping.wait(2.0)
+                    continue
+                row = self._claim_next()
+                if row is None:
+                    self._poke.wait(1.0)
+                    self._poke.clear()
+                    continue
+                self._run(row)
+            except Exception:  # noqa: BLE001 - the worker must outlive any one failure
+                log.exception("job worker error")
+                self._stopping.wait(1.0)
+
+    def _claim_next(self) -> dict[str, Any] | None:
+        for row in self.store.with_status("queued"):
+            if self.store.update(row["id"], expect="queued", status="running", pid=None, cancel_requested=0,
+                                 attempts=row["attempts"] + 1, started_at=row["started_at"] or _now()):
+                return self.store.get(row["id"])
+        return None
+
+    def _run(self, row: dict[str, Any]) -> None:
+        job_id = row["id"]
+        try:
+            self._run_claimed(row)
+        except Exception as exc:  # never leave a job marked running
+            log.exception("job %s: supervision failed", job_id)
+            self.store.update(job_id, expect="running", status="failed", finished_at=_now(), pid=None,
+                              error=f"internal error while running the job: {exc}")
+
+    def _run_claimed(self, row: dict[str, Any]) -> None:
+        job_id = row["id"]
+        request = IndexJobRequest.model_validate_json(row["request"])
+        progress_file, log_file = self._progress_file(job_id), self._log_file(job_id)
+        progress_file.parent.mkdir(parents=True, exist_ok=True)
+        progress_file.unlink(missing_ok=True)
+        try:
+            command = self.index_command(request, progress_file)
+        except ServiceError as exc:  # an input changed or vanished since submission
+            self._finish(job_id, "failed", error=exc.message)
+            return
+        with open(log_file, "ab") as sink:
+            sink.write(f"--- attempt {row['attempts']} at {_now()}: {' '.join(command)}\n".encode())
+            sink.flush()
+            offset = sink.tell()
+            env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+                                       cwd=self.root, env=env, start_new_session=True)
+        self.store.update(job_id, pid=process.pid)
+        log.info("job %s: attempt %d started (pid %d)", job_id, row["attempts"], process.pid)
+        reason = self._supervise(job_id, process, progress_file)
+        report = _read_json(progress_file)
+        if report:
+            self.store.update(job_id, progress=json.dumps(report))
+        if process.returncode == 0 or report.get("phase") == "done":
+            self._finish(job_id, "succeeded")
+        elif reason == "cancel" or (self.store.get(job_id) or {}).get("cancel_requested"):
+            self._discard_partial(row)
+            self._finish(job_id, "cancelled")
+        elif reason == "stop":
+            # An orderly shutdown: resume on the next start, and do not count this attempt.
+            self.store.update(job_id, expect="running", status="queued", pid=None, attempts=row["attempts"] - 1)
+            log.info("job %s: interrupted by the service stopping; queued to resume", job_id)
+        else:
+            self._finish(job_id, "failed", error=_failure_message(log_file, offset, process.returncode))
+
+    def _supervise(self, job_id: str, process: subprocess.Popen, progress_file: Path) -> str | None:
+        """Wait for the process, copying its progress; terminate it on cancel or stop."""
+        last = None
+        while True:
+            exited = process.poll() is not None
+            text = _read_text(progress_file)
+            if text is not None and text != last:
+                last = text
+                try:
+                    self.store.update(job_id, progress=json.dumps(json.loads(text)))
+                except json.JSONDecodeError:
+                    pass
+            if exited:
+                return None
+            current = self.store.get(job_id)
+            reason = "cancel" if current is None or current["cancel_requested"] else None
+            if reason is None and self._stopping.is_set():
+                reason = "stop"
+            if reason is not None:
+                log.info("job %s: terminating the indexer (%s)", job_id, reason)
+                _terminate(process, self.kill_grace)
+                return reason
+            self._poke.wait(self.poll_interval)
+            self._poke.clear()
+
+    def _finish(self, job_id: str, status: str, error: str | None = None) -> None:
+        self.store.update(job_id, expect="running", status=status, finished_at=_now(), pid=None, error=error)
+        log.info("job %s %s%s", job_id, status, f": {error.splitlines()[-1]}" if error else "")
+
+    def _discard_partial(self, row: dict[str, Any]) -> None:
+        """Remove a cancelled job's partial output (``.<name>.partial`` beside the store)."""
+        partial = self.root / f".{row['datastore']}.partial"
+        if partial.exists():
+            shutil.rmtree(partial, ignore_errors=True)
+
+    def _progress_file(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id / PROGRESS_FILE
+
+    def _log_file(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id / LOG_FILE
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def _to_job(row: dict[str, Any]) -> Job:
+    progress = JobProgress.model_validate(json.loads(row["progress"] or "{}"))
+    return Job(id=row["id"], status=row["status"], request=IndexJobRequest.model_validate_json(row["request"]),
+               created_at=row["created_at"], started_at=row["started_at"], finished_at=row["finished_at"],
+               progress=progress, error=row["error"], attempts=row["attempts"])
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except OSError:
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    text = _read_text(path)
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _failure_message(log_file: Path, offset: int, returncode: int | None) -> str:
+    """The last lines this attempt wrote to the log, or how the process ended."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        text = ""
+    lines = [line.rstrip() for line in re.split(r"[\r\n]+", text) if line.strip()]
+    tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
+    errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if errors and (not tracebacks or errors[-1] > tracebacks[-1]):
+        lines = lines[errors[-1]:]  # the CLI's one-line explanation
+    elif tracebacks:
+        lines = lines[tracebacks[-1]:]
+    tail = "\n".join(lines[-ERROR_LINES:])[-ERROR_CHARS:]
+    if returncode is not None and returncode > 0 and tail:
+        return tail  # the indexer explained itself (``error: ...`` or a traceback)
+    if returncode is not None and returncode < 0:
+        ended = f"the indexer was killed by signal {-returncode}"
+    else:
+        ended = f"the indexer exited with status {returncode}"
+    return f"{ended}\n{tail}" if tail else ended
+
+
+def _terminate(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the process group, SIGKILL it after ``grace`` seconds, and reap the process."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _is_indexer_of(pid: int, progress_file: Path) -> bool:
+    """Whether ``pid`` is still the indexer of the job with this progress file (not a reused pid)."""
+    if not _pid_alive(pid):
+        return False
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False  # cannot tell (no /proc): leave it alone
+    return b"gradstore.cli" in args and f"--progress-file={progress_file}".encode() in args
+
+
+def _terminate_orphan(pid: int, grace: float) -> None:
+    """Stop an indexer that is not our child: SIGTERM its group, SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not _pid_alive(pid):
+                return
+            time.sleep(0.05)

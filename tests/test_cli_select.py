@@ -1,0 +1,171 @@
+"""``gradstore select`` as a user runs it: real stores, real subprocesses, numpy as the reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from gradstore.indexer.checkpoints import CheckpointSpec
+from gradstore.indexer.corpus import CorpusSource
+from gradstore.indexer.job import IndexJob, IndexJobConfig
+from gradstore.indexer.model import LoraSpec
+from gradstore.indexer.projection import ProjectionSpec
+
+WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
+
+
+def chat_records(n, seed, prefix, subtasks=None):
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))
+        answer = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))
+        record = {"id": f"{prefix}-{i}", "messages": [{"role": "user", "content": prompt},
+                                                     {"role": "assistant", "content": answer}]}
+        if subtasks:
+            record["subtask"] = subtasks[i % len(subtasks)]
+        records.append(record)
+    return records
+
+
+def write_jsonl(path: Path, records) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def build_store(out, model, corpus, checkpoints, gradient_type) -> Path:
+    config = IndexJobConfig(corpus=[CorpusSource.parse(str(p)) for p in corpus], model=model, out=out,
+                            checkpoints=checkpoints, gradient_type=gradient_type, lora=LoraSpec(r=4, alpha=8),
+                            projection=ProjectionSpec(dim=256, seed=0), max_length=64, shard_size=16,
+                            max_tokens_per_batch=256, device="cpu", progress=False)
+    IndexJob(config, log=lambda *_: None).run()
+    return out
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory, tiny_model_dirs):
+    from gradstore.indexer.warmup import WarmupConfig, run_warmup
+
+    root = tmp_path_factory.mktemp("cli-select")
+    alpaca = write_jsonl(root / "alpaca.jsonl", chat_records(26, seed=10, prefix="alpaca"))
+    dolly = write_jsonl(root / "dolly.jsonl", chat_records(20, seed=11, prefix="dolly"))
+    targets = write_jsonl(root / "targets.jsonl", chat_records(6, seed=12, prefix="t", subtasks=["x", "y", "z"]))
+    model = tiny_model_dirs["gpt2"]
+    run_warmup(WarmupConfig(corpus=[CorpusSource.parse(str(alpaca))], model=model, out=root / "run", fraction=0.5,
+                            epochs=2, learning_rate=1e-3, lora_r=4, lora_alpha=8, batch_size=4, max_length=64,
+                            progress=False), log=lambda *_: None)
+    checkpoints = [CheckpointSpec.parse(str(root / "run" / n)) for n in ("epoch-1", "epoch-2")]
+    return {"pool": build_store(root / "pool", model, [alpaca, dolly], checkpoints, "adam"),
+            "target": build_store(root / "target", model, [targets], checkpoints, "sgd"),
+            "targets": targets, "corpus": [alpaca, dolly]}
+
+
+def gradstore(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "gradstore.cli", *map(str, args)], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"gradstore {' '.join(map(str, args))} failed:\n{result.stderr[-3000:]}")
+    return result
+
+
+def features(store: Path, checkpoint: str) -> np.ndarray:
+    table = pq.read_table(store / "features" / checkpoint)
+    dim = table.schema.field("feature").type.list_size
+    matrix = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, dim).astype(np.float64)
+    return matrix[np.argsort(table.column("row").to_numpy())]
+
+
+def numpy_ranking(pool: Path, target: Path, aggregation: str) -> tuple[list[str], np.ndarray]:
+    """Ids in LESS rank order and their scores, from the Parquet files and manifest alone."""
+    manifest = json.loads((pool / "manifest.json").read_text())
+    weights = {c["name"]: c["weight"] for c in manifest["checkpoints"]}
+    scores = sum(w / sum(weights.values()) * features(pool, n) @ features(target, n).T for n, w in weights.items())
+    examples = pq.read_table(pool / "examples").to_pandas().sort_values("row")
+    target_records = pq.read_table(target / "examples").to_pandas().sort_values("row")["record"]
+    labels = [json.loads(r)["subtask"] for r in target_records]
+    means = np.stack([scores[:, [l == s for l in labels]].mean(1) for s in dict.fromkeys(labels)], axis=1)
+    aggregated = {"less": means.max(1), "max": scores.max(1), "mean": scores.mean(1)}[aggregation]
+    rows = examples["row"].to_numpy()
+    order = np.lexsort((rows, -aggregated))
+    return examples["id"].to_numpy()[order].tolist(), aggregated[order]
+
+
+def test_select_json_equals_numpy_less_scores(stores):
+    for aggregation in ("less", "max", "mean"):
+        out = gradstore("select", stores["pool"], "--targets-store", stores["target"], "--subtask-field", "subtask",
+                        "--k", 46, "--aggregation", aggregation, "--json")
+        items = [json.loads(line) for line in out.stdout.splitlines()]
+        ids, scores = numpy_ranking(stores["pool"], stores["target"], aggregation)
+        assert [item["id"] for item in items] == ids
+        np.testing.assert_allclose([item["score"] for item in items], scores, atol=1e-5)
+        assert [item["rank"] for item in items] == list(range(1, 47))
+        assert set(items[0]["subtask_scores"]) == {"x", "y", "z"}
+        assert "selected 46 of 46 examples (6 targets, 3 subtasks" in out.stderr
+
+
+def test_select_table_with_filters_export_and_scores(stores, tmp_path):
+    out = gradstore("select", stores["pool"], "--targets-store", stores["target"], "--fraction", "0.2",
+                    "--sources", "dolly", "--checkpoints", "epoch-2", "--weights", "epoch-2=2",
+                    "--export", tmp_path / "selected.jsonl", "--scores", tmp_path / "scores.parquet")
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["rank", "score", "id", "source"]
+    table = [line.split() for line in lines[1:]]
+    assert len(table) == 4  # ceil(0.2 x 20)
+    assert [row[0] for row in table] == ["1", "2", "3", "4"] and {row[3] for row in table} == {"dolly"}
+    corpus = {json.loads(line)["id"]: line for p in stores["corpus"] for line in p.read_text().splitlines()}
+    assert (tmp_path / "selected.jsonl").read_text().splitlines() == [corpus[row[2]] for row in table]
+    scores = pd.read_parquet(tmp_path / "scores.parquet")
+    assert len(scores) == 20 and scores["score"].is_monotonic_decreasing
+    assert scores["id"].tolist()[:4] == [row[2] for row in table]
+    assert "checkpoints epoch-2=1" in out.stderr
+    capped = gradstore("select", stores["pool"], "--targets-store", stores["target"], "--k", "10",
+                       "--per-source-cap", "2", "--dedup-threshold", "0.9", "--json",
+                       "--export", tmp_path / "selected.parquet")
+    items = [json.loads(line) for line in capped.stdout.splitlines()]
+    assert len(items) == 4 and sorted(i["source"] for i in items) == ["alpaca", "alpaca", "dolly", "dolly"]
+    assert pd.read_parquet(tmp_path / "selected.parquet")["id"].tolist() == [i["id"] for i in items]
+
+
+def test_select_with_target_records_matches_the_target_store(stores):
+    from_store = gradstore("select", stores["pool"], "--targets-store", stores["target"], "--subtask-field", "subtask",
+                           "--k", 15, "--json")
+    from_records = gradstore("select", stores["pool"], "--targets", stores["targets"], "--subtask-field", "subtask",
+                             "--k", 15, "--json", "--device", "cpu")
+    a = [json.loads(line) for line in from_store.stdout.splitlines()]
+    b = [json.loads(line) for line in from_records.stdout.splitlines()]
+    assert [i["id"] for i in a] == [i["id"] for i in b]
+    np.testing.assert_allclose([i["score"] for i in a], [i["score"] for i in b], atol=1e-4)
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--k", "3", "--checkpoints", "epoch-7"], 1, "error: unknown checkpoint 'epoch-7': the datastore has "
+                                                  "['epoch-1', 'epoch-2']"),
+    (["--k", "3", "--sources", "flan"], 1, "error: unknown source 'flan': the datastore has ['alpaca', 'dolly']"),
+    (["--k", "3", "--subtask-field", "task"], 1, "has no field 'task'"),
+    (["--k", "3", "--dedup-threshold", "2"], 1, "error: dedup_threshold must be in (-1, 1], got 2.0"),
+    (["--k", "0"], 1, "error: k must be a positive integer, got 0"),
+    (["--k", "3", "--fraction", "0.1"], 2, "not allowed with argument"),
+    ([], 2, "one of the arguments --k --fraction is required"),
+    (["--k", "3", "--weights", "epoch-1:1"], 2, "expected NAME=WEIGHT pairs"),
+])
+def test_select_errors_are_one_line(stores, args, code, message):
+    result = gradstore("select", stores["pool"], "--targets-store", stores["target"], *args, check=False)
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr and "Traceback" not in result.stderr
+    if code == 1:
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_select_needs_targets_and_explains_its_options():
+    assert gradstore("select", "somewhere", "--k", "3", check=False).returncode == 2
+    help_text = gradstore("select", "--help").stdout
+    for option in ("--targets-store", "--targets", "--k", "--fraction", "--aggregation", "--subtask-field",
+                   "--sources", "--per-source-cap", "--dedup-threshold", "--checkpoints", "--weights",
+                   "--export", "--scores", "--json"):
+        assert option in help_text
