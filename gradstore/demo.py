@@ -6,10 +6,11 @@
    the corpus so that its gradients mean something.
 3. Warmup: LoRA training on a random fraction of the corpus, one checkpoint per epoch with its
    optimizer state and average learning rate (``gradstore.indexer.warmup``).
-4. Index the corpus (``adam`` gradients) and the target examples (``sgd`` gradients) at every
-   warmup checkpoint into two datastores.
-5. Score every training example by its LESS influence on the target and print the top selection
-   with its precision: the share of selected examples from the target's family vs. its base rate.
+4. Index the corpus (``adam`` gradients at every warmup checkpoint) into a datastore.
+5. Start ``gradstore serve`` on loopback and ask it, through the Python SDK, for the top 5 % of
+   the corpus for the target examples (the service computes their ``sgd`` gradients with the
+   datastore's own model and checkpoints); print the selection with its precision: the share of
+   selected examples from the target's family vs. its base rate.
 
 Everything is written under ``demo-output/`` (override with ``--out``); the base model is reused
 when it is already there.
@@ -18,14 +19,11 @@ when it is already there.
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import random
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 
 def log(message: str) -> None:
@@ -69,15 +67,15 @@ def build_base_model(out: Path, corpus: list[dict], steps: int) -> Path:
     return model_dir
 
 
-def index(corpus_files: list[Path], model_dir: Path, run_dir: Path, out: Path, gradient_type: str) -> Path:
+def index_corpus(corpus_file: Path, model_dir: Path, run_dir: Path, out: Path) -> Path:
     from gradstore.indexer.corpus import CorpusSource
     from gradstore.indexer.job import IndexJob, IndexJobConfig
     from gradstore.indexer.projection import ProjectionSpec
     from gradstore.indexer.warmup import read_run_manifest
 
     config = IndexJobConfig(
-        corpus=[CorpusSource.parse(str(path)) for path in corpus_files], model=model_dir, out=out,
-        tokenizer=run_dir, checkpoints=read_run_manifest(run_dir), gradient_type=gradient_type,
+        corpus=[CorpusSource.parse(str(corpus_file))], model=model_dir, out=out, tokenizer=run_dir,
+        checkpoints=read_run_manifest(run_dir), gradient_type="adam",
         projection=ProjectionSpec(dim=2048, seed=0), max_length=128, device="cpu", overwrite=True,
     )
     summary = IndexJob(config, log=log).run()
@@ -86,14 +84,16 @@ def index(corpus_files: list[Path], model_dir: Path, run_dir: Path, out: Path, g
     return out
 
 
-def less_scores(train_store, target_store) -> np.ndarray:
-    """Σ_c w_c · mean over targets of cos(train_c, target_c): LESS with one subtask."""
-    scores = np.zeros(train_store.num_examples)
-    for name, weight in zip(train_store.checkpoint_names, train_store.weights):
-        train = train_store.features(name).astype(np.float32)
-        target = target_store.features(name).astype(np.float32)
-        scores += weight * (train @ target.T).mean(axis=1)
-    return scores
+def select_through_service(root: Path, store: str, targets: list[dict], fraction: float, out: Path):
+    """Start ``gradstore serve`` and select through the SDK; returns the selected items."""
+    from gradstore.client import Client
+    from gradstore.service.process import ServiceProcess
+
+    api_key = "demo-key"
+    with ServiceProcess(root, api_key=api_key, log_file=out / "service.log") as service:
+        log(f"service listening on {service.url} (log: {out / 'service.log'})")
+        with Client(service.url, api_key=api_key, timeout=300) as client:
+            return client.select_all(store, targets, fraction=fraction)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pretrain-steps", type=int, default=300)
     args = parser.parse_args(argv)
 
-    from gradstore.indexer.datastore import Datastore
     from gradstore.indexer.demo_corpus import FAMILIES, generate_corpus, generate_targets, write_jsonl
     from gradstore.indexer.corpus import CorpusSource
     from gradstore.indexer.warmup import WarmupConfig, run_warmup
@@ -117,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     corpus = generate_corpus(args.examples, seed=0)
     corpus_file = write_jsonl(corpus, out / "corpus.jsonl")
-    target_file = write_jsonl(generate_targets(args.target, 8, seed=1), out / f"target-{args.target}.jsonl")
+    targets = generate_targets(args.target, 8, seed=1)
+    write_jsonl(targets, out / f"target-{args.target}.jsonl")
     log(f"corpus: {len(corpus)} examples in {len(FAMILIES)} families + noise -> {corpus_file}")
 
     model_dir = build_base_model(out, corpus, args.pretrain_steps)
@@ -128,21 +128,20 @@ def main(argv: list[str] | None = None) -> int:
         device="cpu", overwrite=True), log=log).out
 
     log("indexing the corpus (adam gradients at every checkpoint)")
-    train = Datastore.open(index([corpus_file], model_dir, run_dir, out / "corpus.gradstore", "adam"))
-    log(f"indexing the {args.target} target examples (sgd gradients)")
-    target = Datastore.open(index([target_file], model_dir, run_dir, out / "target.gradstore", "sgd"))
+    stores = out / "stores"
+    stores.mkdir(exist_ok=True)
+    index_corpus(corpus_file, model_dir, run_dir, stores / "corpus")
 
-    scores = less_scores(train, target)
-    k = max(1, math.ceil(args.fraction * train.num_examples))
-    top = np.argsort(-scores, kind="stable")[:k]
-    examples = train.examples(columns=["id", "record"]).to_pylist()
-    families = [json.loads(e["record"]).get("dataset") for e in examples]
-    precision = np.mean([families[i] == args.target for i in top])
-    base_rate = np.mean([f == args.target for f in families])
-    print(f"\nTop {k} of {train.num_examples} examples ({args.fraction:.0%}) for target '{args.target}':")
-    for rank, row in enumerate(top[:10], 1):
-        user = json.loads(examples[row]["record"])["messages"][0]["content"]
-        print(f"  {rank:>2}. {scores[row]:+.4f}  {examples[row]['id']:<24} {user[:60]!r}")
+    log(f"selecting the top {args.fraction:.0%} for {len(targets)} '{args.target}' target examples "
+        "through the REST service and the Python SDK")
+    selected = select_through_service(stores, "corpus", targets, args.fraction, out)
+    family_of = {record["id"]: record["dataset"] for record in corpus}
+    precision = sum(family_of[item.id] == args.target for item in selected) / len(selected)
+    base_rate = sum(family == args.target for family in family_of.values()) / len(family_of)
+    prompts = {record["id"]: record["messages"][0]["content"] for record in corpus}
+    print(f"\nTop {len(selected)} of {len(corpus)} examples ({args.fraction:.0%}) for target '{args.target}':")
+    for item in selected[:10]:
+        print(f"  {item.rank:>2}. {item.score:+.4f}  {item.id:<24} {prompts[item.id][:60]!r}")
     print(f"\nselection precision {precision:.1%} vs base rate {base_rate:.1%} "
           f"({precision / max(base_rate, 1e-9):.1f}x); finished in {time.perf_counter() - start:.0f} s")
     return 0

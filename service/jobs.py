@@ -219,6 +219,11 @@ class JobManager:
 
     # -- public API ----------------------------------------------------------------------------
 
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive (what ``/readyz`` reports)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self) -> None:
         """Settle jobs a previous service process left running, then start the worker thread."""
         if self._thread is not None:

@@ -27,3 +27,174 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
 
     root = tmp_path_factory.mktemp("models")
     return {kind: build_model(kind, tiny_tokenizer, root / kind, seed=1) for kind in ("gpt2", "llama")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Service datastores, shared by tests/service and tests/client.
+#
+# The numpy helpers below read a store's Parquet files and manifest directly, so the service and
+# the SDK are checked against the datastore format, not against their own code.
+# ------------------------------------------------------------------------------------------------
+
+WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
+DIM = 256
+
+
+def chat_records(n, seed, prefix):
+    """``n`` chat records with ids ``<prefix>-<i>`` and a ``task`` field (``task-0`` / ``task-1``)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return [{"id": f"{prefix}-{i}", "dataset": "toy", "task": f"task-{i % 2}",
+             "messages": [{"role": "user", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))},
+                          {"role": "assistant", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))}]}
+            for i in range(n)]
+
+
+def write_jsonl(path, records):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="session")
+def service_corpus(tmp_path_factory):
+    """``(folder, {source: records})``: ``toy`` (28), ``more`` (12) and the targets ``tgt`` (6) as
+    JSONL files in ``folder``."""
+    folder = tmp_path_factory.mktemp("service-corpus")
+    records = {"toy": chat_records(28, 0, "ex"), "more": chat_records(12, 1, "more"), "tgt": chat_records(6, 2, "tgt")}
+    for name, items in records.items():
+        write_jsonl(folder / f"{name}.jsonl", items)
+    return folder, records
+
+
+@pytest.fixture(scope="session")
+def service_root(tmp_path_factory, tiny_model_dirs, service_corpus):
+    """A folder of datastores built by the indexer on the tiny GPT-2: ``pool`` (toy + more, adam,
+    two warmup checkpoints, Flat index), ``targets`` (tgt, sgd, same model and checkpoints) and
+    ``pool-noindex`` (the pool without its index). Read-only: copy it to add or change stores."""
+    import shutil
+
+    from gradstore.indexer.checkpoints import CheckpointSpec
+    from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.job import IndexJob, IndexJobConfig
+    from gradstore.indexer.projection import ProjectionSpec
+    from gradstore.indexer.warmup import WarmupConfig, run_warmup
+
+    folder, _ = service_corpus
+    work = tmp_path_factory.mktemp("service-build")
+    model = tiny_model_dirs["gpt2"]
+    run = work / "run"
+    run_warmup(WarmupConfig(corpus=[CorpusSource.parse(str(folder / "toy.jsonl"))], model=model, out=run,
+                            fraction=0.5, epochs=2, learning_rate=1e-3, lora_r=4, lora_alpha=8, batch_size=4,
+                            max_length=64, progress=False), log=lambda *_: None)
+    checkpoints = [CheckpointSpec.parse(str(run / name)) for name in ("epoch-1", "epoch-2")]
+    stores = tmp_path_factory.mktemp("service-root")
+
+    def index(name, files, gradient_type):
+        config = IndexJobConfig(corpus=[CorpusSource.parse(str(folder / f)) for f in files], model=model,
+                                out=stores / name, checkpoints=checkpoints, gradient_type=gradient_type,
+                                projection=ProjectionSpec(dim=DIM, seed=0), max_length=64, shard_size=16,
+                                max_tokens_per_batch=512, device="cpu", index="flat", progress=False)
+        IndexJob(config, log=lambda *_: None).run()
+
+    index("pool", ["toy.jsonl", "more.jsonl"], "adam")
+    index("targets", ["tgt.jsonl"], "sgd")
+    shutil.copytree(stores / "pool", stores / "pool-noindex")
+    drop_index(stores / "pool-noindex")
+    return stores
+
+
+def copy_stores(root, dest):
+    """The datastores of ``root`` (not its service state: exports, jobs) copied into ``dest``."""
+    import shutil
+
+    shutil.copytree(root, dest, ignore=shutil.ignore_patterns(".*"))
+    return dest
+
+
+def drop_index(store) -> None:
+    import json
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    manifest["index"] = None
+    del manifest["files"]["index.faiss"]
+    (store / "index.faiss").unlink()
+    (store / "manifest.json").write_text(json.dumps(manifest))
+
+
+def id_of(row: int) -> str:
+    """The id of a ``pool`` row (28 ``toy`` examples, then 12 ``more``)."""
+    return f"ex-{row}" if row < 28 else f"more-{row - 28}"
+
+
+def features(store, checkpoint: str):
+    """float64 (N, k) features of a checkpoint, read straight from the Parquet files."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(store / "features" / checkpoint).sort_by("row")
+    return np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float64)
+
+
+def weights(store) -> dict[str, float]:
+    """The manifest's checkpoint weights, normalised to sum 1."""
+    import json
+
+    manifest = json.loads((store / "manifest.json").read_text())
+    raw = {c["name"]: c["weight"] for c in manifest["checkpoints"]}
+    total = sum(raw.values())
+    return {name: w / total for name, w in raw.items()}
+
+
+def unit(rows):
+    import numpy as np
+
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def less_scores(root, target_vectors, subtasks=None):
+    """LESS by hand over ``root/pool``: per subtask the mean of Σ_c w_c cos(train_c, target_c),
+    then the max."""
+    import numpy as np
+
+    w = weights(root / "pool")
+    per_target = sum(w[c] * features(root / "pool", c) @ unit(target_vectors[c]).T for c in w)
+    labels = np.array(subtasks or ["all"] * per_target.shape[1])
+    return np.max([per_target[:, labels == s].mean(axis=1) for s in dict.fromkeys(labels)], axis=0)
+
+
+def top_rows(scores, k: int) -> list[int]:
+    """The rows of the ``k`` highest scores, ties broken by row."""
+    import numpy as np
+
+    return np.lexsort((np.arange(len(scores)), -scores))[:k].tolist()
+
+
+def numpy_top_k(root, target_vectors, k):
+    """Exact influence over ``root/pool``: per target, (top ``k`` rows, their scores)."""
+    import numpy as np
+
+    w = weights(root / "pool")
+    scores = sum(w[c] * features(root / "pool", c) @ unit(target_vectors[c]).T for c in w)
+    return [(top_rows(scores[:, t], k), np.sort(scores[:, t])[::-1][:k]) for t in range(scores.shape[1])]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sgd_job_request(corpus, model, **overrides):
+    """An ``IndexJobRequest`` for a tiny fresh-LoRA ``sgd`` job (rank 4, 256 dimensions, CPU)
+    that writes datastore ``pool`` from the ``corpus`` paths."""
+    from gradstore.client.models import IndexJobRequest
+
+    fields = dict(datastore="pool", corpus=[str(path) for path in corpus], model=str(model),
+                  gradient_type="sgd", lora_r=4, lora_alpha=8, proj_dim=DIM, max_length=64, device="cpu")
+    fields.update(overrides)
+    return IndexJobRequest(**fields)

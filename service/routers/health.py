@@ -28,15 +28,8 @@ async def readyz(request: Request, registry: RegistryDep) -> JSONResponse:
 
 
 def _jobs_running(request: Request) -> bool:
-    """Whether the job manager runs: its ``running`` flag when it has one, else its worker thread."""
     jobs = getattr(request.app.state, "jobs", None)
-    if jobs is None:
-        return False
-    running = getattr(jobs, "running", None)
-    if running is not None:
-        return bool(running() if callable(running) else running)
-    worker = getattr(jobs, "_thread", None)
-    return worker is not None and worker.is_alive()
+    return jobs is not None and jobs.running
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
