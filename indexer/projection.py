@@ -1,38 +1,57 @@
 """Random projections of per-example gradients, identical on every device and in every process.
 
-The projection of a (transformed) gradient ``g`` is ``Σ_p R_pᵀ vec(g_p) / sqrt(k)``, summed over the
-LoRA parameters ``p``, where ``R_p`` is an ``(numel_p, k)`` Rademacher (±1) matrix. Stacking the
-``R_p`` in parameter order gives one dense matrix over the flattened gradient, so this is exactly
-the global projection LESS uses; it is simply never materialised as a whole.
+The projection of a (transformed) gradient ``g`` is ``Σ_p R_pᵀ vec(g_p)``, summed over the LoRA
+parameters ``p``, where ``R_p`` is an ``(numel_p, k)`` random sign matrix. Stacking the ``R_p`` in
+parameter order gives one matrix over the flattened gradient, so this is exactly the global
+projection LESS uses; it is simply never materialised as a whole. Two kinds:
 
-Each entry of ``R_p`` is a pure function of ``(seed, parameter name, parameter shape, k)`` and its
-row and column, computed with a counter-based integer hash (below) in plain int64 tensor arithmetic
-that never overflows. The same bits therefore come out on CPU and on any GPU, in any process, with
-any torch version: a service or another machine reproduces the projection from the four values
-stored in the datastore manifest. (Projectors driven by a device RNG do not have this property.)
+``sjlt`` (the default): a sparse Johnson-Lindenstrauss transform. Each gradient coordinate goes to
+``s`` of the ``k`` outputs, one in each of ``s`` blocks of ``k/s`` outputs, with a random sign and
+weight ``1/sqrt(s)``. Its cost per example is ``s · numel`` instead of ``k · numel``, and for
+inner products its error variance, ``(‖x‖²‖y‖² + ⟨x,y⟩² − 2 Σ_i x_i² y_i²) / k``, is the same as
+a dense Rademacher matrix's (and within the ``Σ x_i² y_i²`` term of a dense Gaussian's).
 
-The hash, version ``gradstore-rademacher-v1``, for parameter ``name`` of shape ``S``:
+``rademacher``: the dense ``±1/sqrt(k)`` matrix (TRAK's and LESS's kind), generated in blocks.
 
-    key       = first 4 bytes (little-endian) of sha256("gradstore-rademacher-v1|{seed}|{name}|{S}|{k}")
+Every entry is a pure function of ``(seed, parameter name, parameter shape, k)`` (and ``s``) and
+its position, computed with a counter-based integer hash in plain int64 tensor arithmetic that
+never overflows. The same bits therefore come out on CPU and on any GPU, in any process, with any
+torch version: a service or another machine reproduces the projection from the values stored in
+the datastore manifest. (Projectors driven by a device RNG do not have this property.)
+
+``mix32`` is the "lowbias32" integer finaliser (xor-shift 16, ×0x7feb352d, xor-shift 15,
+×0x846ca68b, xor-shift 16, all mod 2**32), ``i`` indexes ``vec(g_p)`` in row-major (C) order, and
+``key`` is the first 4 bytes (little-endian) of the SHA-256 of the text shown.
+
+``gradstore-sjlt-v1``, for parameter ``name`` of shape ``S``, ``s`` non-zeros, block ``b = k / s``:
+
+    key       = sha256("gradstore-sjlt-v1|{seed}|{name}|{S}|{k}|{s}")
+    h[i, j]   = mix32(mix32((key + i) mod 2**32) XOR mix32((j * 0x9E3779B9) mod 2**32)),  j < s
+    R[i, j·b + (h[i, j] mod b)] = (+1 if h[i, j] < 2**31 else -1) / sqrt(s), other entries 0
+
+``gradstore-rademacher-v1``, for parameter ``name`` of shape ``S``:
+
+    key       = sha256("gradstore-rademacher-v1|{seed}|{name}|{S}|{k}")
     row_h[i]  = mix32((key + i) mod 2**32)
     col_h[j]  = mix32((j * 0x9E3779B9) mod 2**32)
-    R[i, j]   = +1 if mix32(row_h[i] XOR col_h[j]) < 2**31 else -1
-
-where ``mix32`` is the "lowbias32" integer finaliser (xor-shift 16, ×0x7feb352d, xor-shift 15,
-×0x846ca68b, xor-shift 16, all mod 2**32). ``i`` indexes ``vec(g_p)`` in row-major (C) order.
+    R[i, j]   = (+1 if mix32(row_h[i] XOR col_h[j]) < 2**31 else -1) / sqrt(k)
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 
 import torch
 
 HASH_VERSION = "gradstore-rademacher-v1"
-PROJECTION_KINDS = ("rademacher",)
+SJLT_VERSION = "gradstore-sjlt-v1"
+VERSIONS = {"sjlt": SJLT_VERSION, "rademacher": HASH_VERSION}
+PROJECTION_KINDS = tuple(VERSIONS)
+DEFAULT_NONZEROS = 4
 
 _MASK32 = 0xFFFFFFFF
 _MASK16 = 0xFFFF
@@ -44,19 +63,29 @@ _BLOCK_ENTRIES = 1 << 24
 class ProjectionSpec:
     """Everything that defines a projection; stored in the datastore manifest."""
 
-    kind: str = "rademacher"
+    kind: str = "sjlt"
     dim: int = 8192
     seed: int = 0
-    version: str = HASH_VERSION
+    nonzeros: int | None = None  # sjlt only: outputs per gradient coordinate (default 4)
+    version: str | None = None  # the hash version of ``kind``; filled in
 
     def __post_init__(self):
         if self.kind not in PROJECTION_KINDS:
             raise ValueError(f"unknown projection kind {self.kind!r}: expected one of {PROJECTION_KINDS}")
         if self.dim < 1:
             raise ValueError(f"projection dim must be positive, got {self.dim}")
-        if self.version != HASH_VERSION:
-            raise ValueError(f"projection version {self.version!r} is not supported by this gradstore "
-                             f"(supported: {HASH_VERSION!r})")
+        if self.kind == "sjlt":
+            nonzeros = DEFAULT_NONZEROS if self.nonzeros is None else self.nonzeros
+            if nonzeros < 1 or self.dim % nonzeros:
+                raise ValueError(f"sjlt needs a number of non-zeros that divides the dim {self.dim}, got {nonzeros}")
+            object.__setattr__(self, "nonzeros", nonzeros)
+        elif self.nonzeros is not None:
+            raise ValueError(f"nonzeros applies to the sjlt projection only, not {self.kind!r}")
+        version = self.version or VERSIONS[self.kind]
+        if version != VERSIONS[self.kind]:
+            raise ValueError(f"projection version {version!r} is not supported by this gradstore "
+                             f"(supported for {self.kind}: {VERSIONS[self.kind]!r})")
+        object.__setattr__(self, "version", version)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -81,9 +110,10 @@ def mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def param_key(seed: int, name: str, shape: tuple[int, ...], dim: int) -> int:
-    text = f"{HASH_VERSION}|{seed}|{name}|{tuple(int(s) for s in shape)}|{dim}"
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+def param_key(seed: int, name: str, shape: tuple[int, ...], dim: int, version: str = HASH_VERSION,
+              *extra: int) -> int:
+    fields = [version, str(seed), name, str(tuple(int(s) for s in shape)), str(dim), *map(str, extra)]
+    return int.from_bytes(hashlib.sha256("|".join(fields).encode()).digest()[:4], "little")
 
 
 def rademacher_block(seed: int, name: str, shape: tuple[int, ...], dim: int, rows: range,
@@ -160,7 +190,67 @@ class RademacherProjector(Projector):
         return out * scale
 
 
+def sjlt_coordinates(seed: int, name: str, shape: tuple[int, ...], dim: int, nonzeros: int,
+                     device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Output index and sign (±1, int8) of every non-zero of ``R_p``, each ``(nonzeros, numel)``."""
+    key = param_key(seed, name, shape, dim, SJLT_VERSION, nonzeros)
+    block = dim // nonzeros
+    row_h = mix32((torch.arange(math.prod(shape), dtype=torch.int64, device=device) + key) & _MASK32)
+    slot_h = mix32(_mul32(torch.arange(nonzeros, dtype=torch.int64, device=device), 0x9E3779B9))
+    h = mix32(row_h[None, :] ^ slot_h[:, None])
+    offsets = torch.arange(nonzeros, dtype=torch.int64, device=device)[:, None] * block
+    return offsets + h % block, (1 - 2 * (h >> 31)).to(torch.int8)
+
+
+class SparseProjector(Projector):
+    """The ``sjlt`` projection as a sparse ``(k, numel)`` CSR matrix per parameter.
+
+    ``Rᵀ vec(g)`` for a whole batch is one sparse-dense matrix product (MKL on CPU, cuSPARSE on
+    GPU). Matrices are cached while they fit ``cache_bytes`` (12 bytes per non-zero), else rebuilt
+    from the hash on each call; building one costs about as much as one projection.
+    """
+
+    def __init__(self, spec: ProjectionSpec, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, cache_bytes: int = 2 << 30):
+        super().__init__(spec)
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.cache_bytes = cache_bytes
+        self._cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._cached_bytes = 0
+
+    def _build(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        spec = self.spec
+        outputs, signs = sjlt_coordinates(spec.seed, name, shape, spec.dim, spec.nonzeros, self.device)
+        numel = outputs.shape[1]
+        inputs = torch.arange(numel, device=self.device).expand_as(outputs)
+        values = signs.to(self.dtype) / math.sqrt(spec.nonzeros)
+        coo = torch.sparse_coo_tensor(torch.stack([outputs.flatten(), inputs.flatten()]), values.flatten(),
+                                      (spec.dim, numel), check_invariants=False)
+        # Within a block each coordinate has one output, so coalescing sums nothing: exact.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            return coo.coalesce().to_sparse_csr()
+
+    def _matrix(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        cached = self._cache.get((name, shape))
+        if cached is not None:
+            return cached
+        matrix = self._build(name, shape)
+        size = matrix.values().numel() * 12
+        if self._cached_bytes + size <= self.cache_bytes:
+            self._cache[(name, shape)] = matrix
+            self._cached_bytes += size
+        return matrix
+
+    def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
+        flat = grads.reshape(grads.shape[0], -1).to(self.dtype)
+        return torch.sparse.mm(self._matrix(name, tuple(grads.shape[1:])), flat.T).T
+
+
 def make_projector(spec: ProjectionSpec, device: torch.device | str = "cpu", **kwargs) -> Projector:
+    if spec.kind == "sjlt":
+        return SparseProjector(spec, device, **kwargs)
     if spec.kind == "rademacher":
         return RademacherProjector(spec, device, **kwargs)
     raise ValueError(f"unknown projection kind {spec.kind!r}")

@@ -13,25 +13,74 @@ import torch
 from gradstore.indexer.projection import (
     ProjectionSpec,
     RademacherProjector,
+    SparseProjector,
+    make_projector,
     rademacher_block,
+    sjlt_coordinates,
 )
 
 
+def mix32(x):
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def key_of(text):
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+
+
 def reference_entry(seed, name, shape, dim, i, j):
-    """The documented hash, in plain Python integers (module docstring of projection.py)."""
-
-    def mix32(x):
-        x ^= x >> 16
-        x = (x * 0x7FEB352D) & 0xFFFFFFFF
-        x ^= x >> 15
-        x = (x * 0x846CA68B) & 0xFFFFFFFF
-        return x ^ (x >> 16)
-
-    text = f"gradstore-rademacher-v1|{seed}|{name}|{tuple(shape)}|{dim}"
-    key = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    """The documented dense hash, in plain Python integers (module docstring of projection.py)."""
+    key = key_of(f"gradstore-rademacher-v1|{seed}|{name}|{tuple(shape)}|{dim}")
     row_h = mix32((key + i) & 0xFFFFFFFF)
     col_h = mix32((j * 0x9E3779B9) & 0xFFFFFFFF)
     return 1 if mix32(row_h ^ col_h) < 2**31 else -1
+
+
+def reference_sjlt(seed, name, shape, dim, nonzeros, i, j):
+    """Output index and sign of non-zero ``j`` of coordinate ``i``, as documented."""
+    key = key_of(f"gradstore-sjlt-v1|{seed}|{name}|{tuple(shape)}|{dim}|{nonzeros}")
+    h = mix32(mix32((key + i) & 0xFFFFFFFF) ^ mix32((j * 0x9E3779B9) & 0xFFFFFFFF))
+    block = dim // nonzeros
+    return j * block + h % block, 1 if h < 2**31 else -1
+
+
+def test_sjlt_follows_the_documented_hash():
+    shape, dim, nonzeros = (8, 16), 96, 3
+    outputs, signs = sjlt_coordinates(7, "layer.lora_B.weight", shape, dim, nonzeros)
+    for i in range(0, 128, 9):
+        for j in range(nonzeros):
+            assert (outputs[j, i].item(), signs[j, i].item()) == reference_sjlt(
+                7, "layer.lora_B.weight", shape, dim, nonzeros, i, j)
+
+
+def test_sjlt_projection_is_the_documented_sparse_matrix():
+    spec = ProjectionSpec(kind="sjlt", dim=256, seed=4, nonzeros=4)
+    grads = torch.randn(3, 10, 6)
+    outputs, signs = sjlt_coordinates(4, "w", (10, 6), 256, 4)
+    dense = torch.zeros(60, 256)
+    for j in range(4):
+        dense[torch.arange(60), outputs[j]] += signs[j].float() / 2
+    assert torch.count_nonzero(dense) == 240  # s distinct outputs per coordinate, one per block
+    expected = grads.reshape(3, -1) @ dense
+    torch.testing.assert_close(SparseProjector(spec).project("w", grads), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(SparseProjector(spec, cache_bytes=0).project("w", grads), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_spec_defaults_and_validation():
+    spec = ProjectionSpec()
+    assert (spec.kind, spec.dim, spec.nonzeros, spec.version) == ("sjlt", 8192, 4, "gradstore-sjlt-v1")
+    assert ProjectionSpec.from_dict(spec.to_dict()) == spec
+    old = ProjectionSpec.from_dict({"kind": "rademacher", "dim": 64, "seed": 0, "version": "gradstore-rademacher-v1"})
+    assert old.nonzeros is None
+    with pytest.raises(ValueError, match="divides"):
+        ProjectionSpec(dim=100, nonzeros=3)
+    with pytest.raises(ValueError, match="not supported"):
+        ProjectionSpec(kind="sjlt", version="gradstore-sjlt-v0")
 
 
 def test_matrix_follows_the_documented_hash():
@@ -61,17 +110,21 @@ def test_blocks_tile_the_matrix():
 
 SUBPROCESS = """
 import sys, torch
-from gradstore.indexer.projection import rademacher_block
-block = rademacher_block(11, "model.layers.0.self_attn.q_proj.lora_B.weight", (64, 8), 1024, range(512))
-sys.stdout.buffer.write(block.numpy().tobytes())
+from gradstore.indexer.projection import rademacher_block, sjlt_coordinates
+name = "model.layers.0.self_attn.q_proj.lora_B.weight"
+block = rademacher_block(11, name, (64, 8), 1024, range(512))
+outputs, signs = sjlt_coordinates(11, name, (64, 8), 1024, 4)
+sys.stdout.buffer.write(block.numpy().tobytes() + outputs.numpy().tobytes() + signs.numpy().tobytes())
 """
 
 
 def test_identical_across_processes():
     outputs = [subprocess.run([sys.executable, "-c", SUBPROCESS], capture_output=True, check=True).stdout
                for _ in range(2)]
-    here = rademacher_block(11, "model.layers.0.self_attn.q_proj.lora_B.weight", (64, 8), 1024, range(512))
-    assert outputs[0] == outputs[1] == here.numpy().tobytes()
+    name = "model.layers.0.self_attn.q_proj.lora_B.weight"
+    here = rademacher_block(11, name, (64, 8), 1024, range(512))
+    coords, signs = sjlt_coordinates(11, name, (64, 8), 1024, 4)
+    assert outputs[0] == outputs[1] == here.numpy().tobytes() + coords.numpy().tobytes() + signs.numpy().tobytes()
 
 
 @pytest.mark.gpu
@@ -81,11 +134,15 @@ def test_identical_on_cpu_and_cuda():
     cpu = rademacher_block(*args, device="cpu")
     cuda = rademacher_block(*args, device="cuda").cpu()
     assert torch.equal(cpu, cuda)
-    spec = ProjectionSpec(dim=8192, seed=5)
+    for on_cpu, on_cuda in zip(sjlt_coordinates(*args[:4], 4, device="cpu"),
+                               sjlt_coordinates(*args[:4], 4, device="cuda")):
+        assert torch.equal(on_cpu, on_cuda.cpu())
     grads = torch.randn(3, 8, 64)
-    on_cpu = RademacherProjector(spec, "cpu").project(args[1], grads)
-    on_cuda = RademacherProjector(spec, "cuda").project(args[1], grads.cuda()).cpu()
-    torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-4, atol=1e-4)
+    for kind in ("rademacher", "sjlt"):
+        spec = ProjectionSpec(kind=kind, dim=8192, seed=5)
+        on_cpu = make_projector(spec, "cpu").project(args[1], grads)
+        on_cuda = make_projector(spec, "cuda").project(args[1], grads.cuda()).cpu()
+        torch.testing.assert_close(on_cuda, on_cpu, rtol=1e-4, atol=1e-4)
 
 
 def test_cached_and_streamed_projection_agree():
@@ -98,7 +155,8 @@ def test_cached_and_streamed_projection_agree():
     torch.testing.assert_close(cached, dense, rtol=1e-5, atol=1e-5)
 
 
-def test_projected_cosines_track_exact_cosines_of_real_gradients(tiny_model_dirs, tiny_tokenizer):
+@pytest.mark.parametrize("kind", ["sjlt", "rademacher"])
+def test_projected_cosines_track_exact_cosines_of_real_gradients(tiny_model_dirs, tiny_tokenizer, kind):
     """Per-example gradients of a tiny Llama: Pearson(projected cos, exact cos) >= 0.97 at k=8192."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -117,8 +175,8 @@ def test_projected_cosines_track_exact_cosines_of_real_gradients(tiny_model_dirs
         ids = templates[n % 4].clone()
         ids[torch.randint(0, 20, (4,), generator=gen)] = torch.randint(3, len(tiny_tokenizer), (4,), generator=gen)
         examples.append((ids.tolist(), ids.tolist()))
-    spec = ProjectionSpec(dim=8192, seed=0)
-    projector = RademacherProjector(spec)
+    spec = ProjectionSpec(kind=kind, dim=8192, seed=0)
+    projector = make_projector(spec)
     _, per_param = PerExampleGradients(model)(Batch.collate(examples, pad_id=0, device="cpu"))
     full, projected = [], torch.zeros(len(examples), spec.dim)
     for name, grads in per_param:
