@@ -1,8 +1,16 @@
-"""Shared fixtures: a tiny tokenizer and tiny GPT-2 / Llama models built locally (no hub)."""
+"""Shared fixtures: a tiny tokenizer and tiny GPT-2 / Llama models built locally (no hub), and the
+service datastores built on them with the numpy references that check queries over them."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
+
+from gradstore.client.models import IndexJobRequest
 
 CORPUS_TEXTS = [
     "add 12 and 30 to get 42",
@@ -42,8 +50,6 @@ DIM = 256
 
 def chat_records(n, seed, prefix):
     """``n`` chat records with ids ``<prefix>-<i>`` and a ``task`` field (``task-0`` / ``task-1``)."""
-    import numpy as np
-
     rng = np.random.default_rng(seed)
     return [{"id": f"{prefix}-{i}", "dataset": "toy", "task": f"task-{i % 2}",
              "messages": [{"role": "user", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))},
@@ -52,8 +58,6 @@ def chat_records(n, seed, prefix):
 
 
 def write_jsonl(path, records):
-    import json
-
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 
@@ -74,8 +78,6 @@ def service_root(tmp_path_factory, tiny_model_dirs, service_corpus):
     """A folder of datastores built by the indexer on the tiny GPT-2: ``pool`` (toy + more, adam,
     two warmup checkpoints, Flat index), ``targets`` (tgt, sgd, same model and checkpoints) and
     ``pool-noindex`` (the pool without its index). Read-only: copy it to add or change stores."""
-    import shutil
-
     from gradstore.indexer.checkpoints import CheckpointSpec
     from gradstore.indexer.corpus import CorpusSource
     from gradstore.indexer.job import IndexJob, IndexJobConfig
@@ -108,15 +110,14 @@ def service_root(tmp_path_factory, tiny_model_dirs, service_corpus):
 
 def copy_stores(root, dest):
     """The datastores of ``root`` (not its service state: exports, jobs) copied into ``dest``."""
-    import shutil
-
-    shutil.copytree(root, dest, ignore=shutil.ignore_patterns(".*"))
+    dest.mkdir(parents=True, exist_ok=True)
+    for store in root.iterdir():
+        if not store.name.startswith("."):
+            shutil.copytree(store, dest / store.name)
     return dest
 
 
 def drop_index(store) -> None:
-    import json
-
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["index"] = None
     del manifest["files"]["index.faiss"]
@@ -131,17 +132,12 @@ def id_of(row: int) -> str:
 
 def features(store, checkpoint: str):
     """float64 (N, k) features of a checkpoint, read straight from the Parquet files."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
     table = pq.read_table(store / "features" / checkpoint).sort_by("row")
     return np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float64)
 
 
 def weights(store) -> dict[str, float]:
     """The manifest's checkpoint weights, normalised to sum 1."""
-    import json
-
     manifest = json.loads((store / "manifest.json").read_text())
     raw = {c["name"]: c["weight"] for c in manifest["checkpoints"]}
     total = sum(raw.values())
@@ -149,16 +145,12 @@ def weights(store) -> dict[str, float]:
 
 
 def unit(rows):
-    import numpy as np
-
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
 def less_scores(root, target_vectors, subtasks=None):
     """LESS by hand over ``root/pool``: per subtask the mean of Σ_c w_c cos(train_c, target_c),
     then the max."""
-    import numpy as np
-
     w = weights(root / "pool")
     per_target = sum(w[c] * features(root / "pool", c) @ unit(target_vectors[c]).T for c in w)
     labels = np.array(subtasks or ["all"] * per_target.shape[1])
@@ -167,33 +159,19 @@ def less_scores(root, target_vectors, subtasks=None):
 
 def top_rows(scores, k: int) -> list[int]:
     """The rows of the ``k`` highest scores, ties broken by row."""
-    import numpy as np
-
     return np.lexsort((np.arange(len(scores)), -scores))[:k].tolist()
 
 
 def numpy_top_k(root, target_vectors, k):
     """Exact influence over ``root/pool``: per target, (top ``k`` rows, their scores)."""
-    import numpy as np
-
     w = weights(root / "pool")
     scores = sum(w[c] * features(root / "pool", c) @ unit(target_vectors[c]).T for c in w)
     return [(top_rows(scores[:, t], k), np.sort(scores[:, t])[::-1][:k]) for t in range(scores.shape[1])]
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def sgd_job_request(corpus, model, **overrides):
     """An ``IndexJobRequest`` for a tiny fresh-LoRA ``sgd`` job (rank 4, 256 dimensions, CPU)
     that writes datastore ``pool`` from the ``corpus`` paths."""
-    from gradstore.client.models import IndexJobRequest
-
     fields = dict(datastore="pool", corpus=[str(path) for path in corpus], model=str(model),
                   gradient_type="sgd", lora_r=4, lora_alpha=8, proj_dim=DIM, max_length=64, device="cpu")
     fields.update(overrides)

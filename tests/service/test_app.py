@@ -8,93 +8,39 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
 
 import httpx
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from gradstore.indexer.checkpoints import CheckpointSpec
-from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.datastore import Datastore
-from gradstore.indexer.job import IndexJob, IndexJobConfig
-from gradstore.indexer.projection import ProjectionSpec
 from gradstore.service.app import create_app
+from gradstore.service.process import free_port
 from gradstore.service.settings import ConfigurationError, Settings
+
+from conftest import DIM, features, id_of, less_scores, numpy_top_k, top_rows, unit, weights
 
 KEY = "test-key-1"
 AUTH = {"X-API-Key": KEY}
-WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
-DIM = 256
 
 
 # ------------------------------------------------------------------------------------ fixtures
 
 
-def chat_records(n, seed, prefix):
-    rng = np.random.default_rng(seed)
-    return [{"id": f"{prefix}-{i}", "dataset": "toy", "task": f"task-{i % 2}",
-             "messages": [{"role": "user", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))},
-                          {"role": "assistant", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))}]}
-            for i in range(n)]
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
+@pytest.fixture(scope="module")
+def corpus(service_corpus):
+    """``(folder, {source: records})`` of the shared service stores (see ``conftest.py``)."""
+    return service_corpus
 
 
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    """``{source: records}`` written as JSONL files, plus the target records."""
-    folder = tmp_path_factory.mktemp("service-corpus")
-    records = {"toy": chat_records(28, 0, "ex"), "more": chat_records(12, 1, "more"), "tgt": chat_records(6, 2, "tgt")}
-    for name, items in records.items():
-        write_jsonl(folder / f"{name}.jsonl", items)
-    return folder, records
-
-
-@pytest.fixture(scope="module")
-def root(tmp_path_factory, tiny_model_dirs, corpus):
-    """A service root with ``pool`` (adam, two warmup checkpoints, Flat index), ``targets`` (sgd,
-    same model and checkpoints) and ``pool-noindex`` (the pool without its index)."""
-    from gradstore.indexer.warmup import WarmupConfig, run_warmup
-
-    folder, _ = corpus
-    work = tmp_path_factory.mktemp("service-build")
-    model = tiny_model_dirs["gpt2"]
-    run = work / "run"
-    run_warmup(WarmupConfig(corpus=[CorpusSource.parse(str(folder / "toy.jsonl"))], model=model, out=run,
-                            fraction=0.5, epochs=2, learning_rate=1e-3, lora_r=4, lora_alpha=8, batch_size=4,
-                            max_length=64, progress=False), log=lambda *_: None)
-    checkpoints = [CheckpointSpec.parse(str(run / name)) for name in ("epoch-1", "epoch-2")]
-    stores = tmp_path_factory.mktemp("service-root")
-
-    def index(name, files, gradient_type):
-        config = IndexJobConfig(corpus=[CorpusSource.parse(str(folder / f)) for f in files], model=model,
-                                out=stores / name, checkpoints=checkpoints, gradient_type=gradient_type,
-                                projection=ProjectionSpec(dim=DIM, seed=0), max_length=64, shard_size=16,
-                                max_tokens_per_batch=512, device="cpu", index="flat", progress=False)
-        IndexJob(config, log=lambda *_: None).run()
-
-    index("pool", ["toy.jsonl", "more.jsonl"], "adam")
-    index("targets", ["tgt.jsonl"], "sgd")
-    shutil.copytree(stores / "pool", stores / "pool-noindex")
-    drop_index(stores / "pool-noindex")
-    return stores
-
-
-def drop_index(store: Path) -> None:
-    manifest = json.loads((store / "manifest.json").read_text())
-    manifest["index"] = None
-    del manifest["files"]["index.faiss"]
-    (store / "index.faiss").unlink()
-    (store / "manifest.json").write_text(json.dumps(manifest))
+def root(service_root):
+    """A service root with ``pool``, ``targets`` and ``pool-noindex`` (see ``conftest.py``)."""
+    return service_root
 
 
 def make_app(root: Path, **settings):
@@ -105,35 +51,6 @@ def make_app(root: Path, **settings):
 def client(root):
     with TestClient(make_app(root)) as c:
         yield c
-
-
-def features(store: Path, checkpoint: str) -> np.ndarray:
-    """float64 (N, k) features of a checkpoint, read straight from the Parquet files."""
-    table = pq.read_table(store / "features" / checkpoint).sort_by("row")
-    return np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float64)
-
-
-def weights(store: Path) -> dict[str, float]:
-    manifest = json.loads((store / "manifest.json").read_text())
-    raw = {c["name"]: c["weight"] for c in manifest["checkpoints"]}
-    total = sum(raw.values())
-    return {name: w / total for name, w in raw.items()}
-
-
-def unit(rows: np.ndarray) -> np.ndarray:
-    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
-
-
-def less_scores(root: Path, target_vectors: dict[str, np.ndarray], subtasks=None) -> np.ndarray:
-    """LESS by hand: per subtask the mean of Σ_c w_c cos(train_c, target_c), then the max."""
-    w = weights(root / "pool")
-    per_target = sum(w[c] * features(root / "pool", c) @ unit(target_vectors[c]).T for c in w)
-    labels = np.array(subtasks or ["all"] * per_target.shape[1])
-    return np.max([per_target[:, labels == s].mean(axis=1) for s in dict.fromkeys(labels)], axis=0)
-
-
-def top_rows(scores: np.ndarray, k: int) -> list[int]:
-    return np.lexsort((np.arange(len(scores)), -scores))[:k].tolist()
 
 
 def assert_error(response: httpx.Response, status: int, code: str) -> dict:
@@ -300,12 +217,6 @@ def test_export_holds_the_selected_original_records(client, corpus):
 # ------------------------------------------------------------------------ influence, similar
 
 
-def numpy_top_k(root, target_vectors, k):
-    w = weights(root / "pool")
-    scores = sum(w[c] * features(root / "pool", c) @ unit(target_vectors[c]).T for c in w)
-    return [(top_rows(scores[:, t], k), np.sort(scores[:, t])[::-1][:k]) for t in range(scores.shape[1])]
-
-
 @pytest.mark.parametrize("name", ["pool", "pool-noindex"])
 def test_influence_equals_exact_numpy_top_k(client, root, name):
     targets = {c: features(root / "targets", c) for c in weights(root / "pool")}
@@ -327,11 +238,6 @@ def test_influence_with_own_checkpoints_scores_exactly(client, root):
     for result in response["results"]:
         expected = top_rows(only_second[:, result["target"]], 4)
         assert [n["row"] for n in result["neighbors"]] == expected
-
-
-def id_of(row: int) -> str:
-    """The id of a pool row (28 ``toy`` examples, then 12 ``more``)."""
-    return f"ex-{row}" if row < 28 else f"more-{row - 28}"
 
 
 def test_similar_by_id_and_by_vector(client, root):
@@ -510,12 +416,6 @@ def test_openapi_lists_the_v1_routes(client):
 
 
 # ------------------------------------------------------------------------ real server, CLI
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_real_uvicorn_server(root):

@@ -20,6 +20,8 @@ from gradstore.service.errors import ServiceError
 from gradstore.service.jobs import JobManager
 from gradstore.service.settings import Settings
 
+from conftest import sgd_job_request
+
 WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
 SHARDED = ["--shard-size", "24"]  # small shards: a job that is interrupted has some finished
 
@@ -65,10 +67,7 @@ def managers():
 def job_request(inputs, model_dirs, corpus: str | list[str] = "small", **overrides) -> IndexJobRequest:
     """A fresh-LoRA sgd job; ``corpus`` names one of the ``inputs`` files, or is the request's list."""
     corpus = [str(inputs / f"{corpus}.jsonl")] if isinstance(corpus, str) else corpus
-    fields = dict(datastore="pool", corpus=corpus, model=str(model_dirs["llama"]),
-                  gradient_type="sgd", lora_r=4, lora_alpha=8, proj_dim=256, max_length=64, device="cpu")
-    fields.update(overrides)
-    return IndexJobRequest(**fields)
+    return sgd_job_request(corpus, overrides.pop("model", model_dirs["llama"]), **overrides)
 
 
 def wait_for(get_job, until, timeout=60.0) -> Job:
