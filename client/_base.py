@@ -180,6 +180,10 @@ def _segment(value: Any, what: str) -> str:
     text = str(value)
     if not text:
         raise ValueError(f"{what} must not be empty")
+    if text in (".", ".."):
+        # Left as is, URL normalisation would turn ".." into the parent path; encoded, it reaches
+        # the service, which answers for that name or id.
+        return text.replace(".", "%2E")
     return quote(text, safe="")
 
 

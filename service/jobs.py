@@ -407,10 +407,14 @@ class JobManager:
     def _recover(self) -> None:
         """Jobs marked running now have no supervisor (their service process is gone): settle them."""
         for row in self.store.with_status("running"):
-            job_id, pid = row["id"], row["pid"]
-            if pid and _is_indexer_of(pid, self._progress_file(job_id)):
-                log.warning("job %s: terminating indexer %d left behind by a previous service process", job_id, pid)
-                _terminate_orphan(pid, self.kill_grace)
+            job_id = row["id"]
+            # The pid is recorded just after the indexer starts; a service killed in between left
+            # none, so the job's indexer is also looked up by its (job-unique) progress file.
+            pids = [row["pid"]] if row["pid"] else _indexers_of(self._progress_file(job_id))
+            for pid in pids:
+                if _is_indexer_of(pid, self._progress_file(job_id)):
+                    log.warning("job %s: terminating indexer %d left behind by a previous service process", job_id, pid)
+                    _terminate_orphan(pid, self.kill_grace)
             report = _read_json(self._progress_file(job_id))
             common = {"pid": None, "cancel_requested": 0}
             if report.get("phase") == "done":
@@ -631,6 +635,15 @@ def _is_indexer_of(pid: int, progress_file: Path) -> bool:
     except OSError:
         return False  # cannot tell (no /proc): leave it alone
     return b"gradstore.cli" in args and f"--progress-file={progress_file}".encode() in args
+
+
+def _indexers_of(progress_file: Path) -> list[int]:
+    """Pids of live indexers writing ``progress_file`` (found through /proc; empty without it)."""
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        if _is_indexer_of(int(entry.name), progress_file):
+            pids.append(int(entry.name))
+    return pids
 
 
 def _terminate_orphan(pid: int, grace: float) -> None:

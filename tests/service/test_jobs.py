@@ -275,6 +275,26 @@ def test_a_job_interrupted_too_often_fails_with_a_reason(settings, inputs, tiny_
     assert not (settings.root / "pool").exists()
 
 
+def test_an_indexer_started_just_before_a_crash_is_found_without_its_pid(settings, inputs, tiny_model_dirs,
+                                                                          managers):
+    """The service died after starting the indexer but before recording its pid."""
+    old = managers(settings)
+    job = old.submit(job_request(inputs, tiny_model_dirs))
+    progress_file = old.jobs_dir / job.id / "progress.json"
+    # A stand-in for that indexer: a live process with the indexer's identifying arguments.
+    orphan = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)", "gradstore.cli", "index",
+                               f"--progress-file={progress_file}"], start_new_session=True)
+    try:
+        old.store.update(job.id, status="running", attempts=1, pid=None, started_at=job.created_at.isoformat())
+        manager = managers(settings)
+        manager.start()
+        assert orphan.wait(timeout=60) is not None  # terminated by the new service
+        assert manager.get(job.id).status in ("queued", "running", "succeeded")
+    finally:
+        if orphan.poll() is None:
+            orphan.kill()
+
+
 def test_http_api(settings, inputs, tiny_model_dirs):
     from fastapi.testclient import TestClient
 
