@@ -60,6 +60,11 @@ def _add_index_parser(subparsers) -> None:
     ck.add_argument("--lora-targets", default=None,
                     help="comma-separated target modules of a fresh LoRA (default: PEFT's for the model)")
     ck.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k")
+    ck.add_argument("--projection", default="sjlt", choices=["sjlt", "rademacher"],
+                    help="sjlt: sparse sign projection, cost independent of k, same error variance as dense; "
+                         "rademacher: dense ±1 matrix as LESS/TRAK use")
+    ck.add_argument("--proj-nonzeros", type=int, default=None,
+                    help="sjlt only: outputs per gradient coordinate (default 4; must divide --proj-dim)")
     ck.add_argument("--seed", type=int, default=0, help="projection seed (and fresh-LoRA init seed)")
 
     tok = p.add_argument_group("tokenisation")
@@ -109,7 +114,8 @@ def _run_index(args) -> int:
         checkpoints=checkpoints,
         lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, init_seed=args.seed),
         gradient_type=args.gradient_type,
-        projection=ProjectionSpec(dim=args.proj_dim, seed=args.seed),
+        projection=ProjectionSpec(kind=args.projection, dim=args.proj_dim, seed=args.seed,
+                                  nonzeros=args.proj_nonzeros),
         max_length=args.max_length, template=args.template,
         max_tokens_per_batch=args.max_tokens_per_batch, max_batch_size=args.max_batch_size,
         shard_size=args.shard_size, dtype=args.dtype, device=args.device, index=args.index,
@@ -369,6 +375,97 @@ def _run_serve(args) -> int:
     return 0
 
 
+def _add_eval_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "eval", help="measure a selection: fine-tune on it, on a random subset and on everything",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Select the top fraction of a datastore for the target examples, then fine-tune a fresh LoRA "
+                    "on the base model the store was built with: on the selection, on a random subset of the "
+                    "same size (one per seed) and on the whole pool; evaluate each, and the base model, on "
+                    "held-out records of the target task (mean answer-token loss, exact-match accuracy of "
+                    "greedy generation against each record's 'answer') and print the table.",
+    )
+    p.add_argument("--store", required=True, type=Path, help="datastore folder of the training pool")
+    p.add_argument("--targets", required=True, type=Path, metavar="FILE",
+                   help="target records (JSONL or Parquet, corpus format)")
+    p.add_argument("--heldout", required=True, type=Path, metavar="FILE",
+                   help="held-out records of the target task, each with an 'answer' field (else its last "
+                        "assistant message is the answer)")
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool to select")
+    p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="0,1,2",
+                   help="fine-tuning seeds of the selected and random arms (one random subset per seed)")
+    p.add_argument("--no-full", action="store_true", help="leave out fine-tuning on the whole pool")
+    p.add_argument("--full-seeds", type=_seeds, default=None, metavar="0",
+                   help="seeds of the whole-pool arm (default: the first of --seeds)")
+    # LESS's fine-tuning settings by default, as for the warmup; a tiny model needs a higher learning rate.
+    p.add_argument("--epochs", type=int, default=4, help="epochs of the selected and random arms")
+    p.add_argument("--full-epochs", type=int, default=1, help="epochs of the whole-pool arm")
+    p.add_argument("--learning-rate", type=float, default=2e-5)
+    p.add_argument("--lora-r", type=int, default=128)
+    p.add_argument("--lora-alpha", type=float, default=512.0)
+    p.add_argument("--lora-dropout", type=float, default=0.1)
+    p.add_argument("--lora-targets", default=None,
+                   help="comma-separated target modules, or all-linear (default: PEFT's for the model)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--max-length", type=int, default=None, help="tokens per example (default: the store's)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="generation budget per held-out record")
+    p.add_argument("--family-field", metavar="NAME",
+                   help="record field naming an example's task family, for the selection's precision")
+    p.add_argument("--target-family", metavar="NAME",
+                   help="the target task's family (default: the targets' common --family-field value)")
+    p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the result as JSON")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_eval)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def _run_eval(args) -> int:
+    from gradstore.evaluate import compare, format_table, to_json
+    from gradstore.indexer.corpus import CorpusSource, read_corpus
+    from gradstore.indexer.finetune import FinetuneSettings
+
+    targets = [r.record for r in read_corpus([CorpusSource.parse(str(args.targets))]).records]
+    heldout = [r.record for r in read_corpus([CorpusSource.parse(str(args.heldout))]).records]
+    target_family = args.target_family
+    if args.family_field is not None and target_family is None:
+        families = {str(r.get(args.family_field)) for r in targets}
+        if len(families) != 1 or None in (r.get(args.family_field) for r in targets):
+            print(f"gradstore eval: the targets do not share one {args.family_field!r} value; give --target-family",
+                  file=sys.stderr)
+            return EXIT_USAGE
+        target_family = families.pop()
+    settings = FinetuneSettings(
+        epochs=args.epochs, learning_rate=args.learning_rate, lora_r=args.lora_r, lora_alpha=args.lora_alpha,
+        lora_dropout=args.lora_dropout, lora_targets=_lora_targets(args.lora_targets), batch_size=args.batch_size,
+    )
+    result = compare(
+        args.store, targets, heldout, fraction=args.fraction, seeds=args.seeds, include_full=not args.no_full,
+        full_seeds=args.full_seeds, settings=settings, full_epochs=args.full_epochs, max_length=args.max_length,
+        max_new_tokens=args.max_new_tokens, family_field=args.family_field, target_family=target_family,
+        device=args.device, progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr),
+    )
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(to_json(result))
+        print(f"result written to {args.json}", file=sys.stderr)
+    print(format_table(result))
+    return 0
+
+
+def _lora_targets(text: str | None) -> tuple[str, ...] | str | None:
+    return "all-linear" if text == "all-linear" else _split_targets(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gradstore import __version__
 
@@ -383,6 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_info_parser(subparsers)
     _add_select_parser(subparsers)
     _add_serve_parser(subparsers)
+    _add_eval_parser(subparsers)
     return parser
 
 

@@ -11,19 +11,30 @@
    the corpus for the target examples (the service computes their ``sgd`` gradients with the
    datastore's own model and checkpoints); print the selection with its precision: the share of
    selected examples from the target's family vs. its base rate.
+6. Measure the selection (``gradstore.evaluate``): fine-tune a fresh LoRA on the selected 5 %, on
+   a random 5 % of the same size (three seeds each) and on the whole corpus (one seed, one
+   epoch), evaluate each and the base model on 100 held-out examples of the target task, and
+   print held-out loss and exact-match accuracy per arm with the selection's precision.
 
 Everything is written under ``demo-output/`` (override with ``--out``); the base model is reused
-when it is already there.
+when it is already there and was built with the same recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
 from pathlib import Path
 
+# Fine-tuning of the comparison arms: a LoRA on every linear map of the tiny model, trained hard
+# enough on 150 examples to learn the task's answer format; the full corpus gets one epoch.
+FINETUNE = dict(epochs=5, learning_rate=5e-3, lora_r=8, lora_alpha=16, lora_targets="all-linear", batch_size=8,
+                max_length=128)
+FULL_EPOCHS = 1
+HELDOUT_EXAMPLES = 100
 
 
 def log(message: str) -> None:
@@ -53,17 +64,31 @@ def pretrain(model_dir: Path, texts: list[str], steps: int, seed: int = 0) -> No
     model.save_pretrained(model_dir)
 
 
+RECIPE_FILE = "demo_recipe.json"
+
+
 def build_base_model(out: Path, corpus: list[dict], steps: int) -> Path:
+    """A tiny Llama-style model pretrained on the corpus as plain text (``prompt answer</s>``).
+
+    The model never sees the chat format: fine-tuning teaches it. Each text ends with EOS so that
+    the model learns when an answer is over. A model already in ``out/base-model`` is reused when
+    its recorded recipe is this one.
+    """
     from gradstore.indexer.tiny import build_model, build_tokenizer
 
     model_dir = out / "base-model"
-    if (model_dir / "config.json").exists():
+    recipe = {"version": 2, "examples": len(corpus), "pretrain_steps": steps, "hidden": 128, "layers": 4,
+              "vocab_size": 768, "eos": True}
+    recorded = model_dir / RECIPE_FILE
+    if (model_dir / "config.json").exists() and recorded.is_file() and json.loads(recorded.read_text()) == recipe:
         log(f"reusing the base model in {model_dir}")
         return model_dir
     texts = [" ".join(m["content"] for m in r["messages"]) for r in corpus]
-    tokenizer = build_tokenizer(texts, vocab_size=768)
-    build_model("llama", tokenizer, model_dir, hidden=128, layers=4, heads=4, max_positions=256)
-    pretrain(model_dir, texts, steps)
+    tokenizer = build_tokenizer(texts, vocab_size=recipe["vocab_size"])
+    build_model("llama", tokenizer, model_dir, hidden=recipe["hidden"], layers=recipe["layers"], heads=4,
+                max_positions=256)
+    pretrain(model_dir, [text + tokenizer.eos_token for text in texts], steps)
+    recorded.write_text(json.dumps(recipe) + "\n")
     return model_dir
 
 
@@ -96,21 +121,54 @@ def select_through_service(root: Path, store: str, targets: list[dict], fraction
             return client.select_all(store, targets, fraction=fraction)
 
 
+def measure_selection(corpus: list[dict], selected_ids: list[str], target: str, model_dir: Path, out: Path,
+                      fraction: float, seeds: list[int]):
+    """Fine-tune on the selection, on random subsets and on the whole corpus; print the table."""
+    from gradstore.evaluate import format_table, run_comparison, to_json
+    from gradstore.indexer.demo_corpus import generate_heldout, write_jsonl
+    from gradstore.indexer.finetune import FinetuneSettings
+
+    by_id = {record["id"]: record for record in corpus}
+    selected = [by_id[i] for i in selected_ids]
+    heldout = generate_heldout(target, HELDOUT_EXAMPLES)
+    write_jsonl(heldout, out / f"heldout-{target}.jsonl")
+    result = run_comparison(corpus, selected, heldout, model_dir, model_dir, settings=FinetuneSettings(**FINETUNE),
+                            seeds=seeds, full_seeds=seeds[:1], full_epochs=FULL_EPOCHS, max_new_tokens=16,
+                            family_field="dataset", target_family=target, device="cpu", log=log)
+    result.fraction = fraction
+    (out / "comparison.json").write_text(to_json(result))
+    print(f"\nFine-tuned on the LESS selection, a random subset of the same size and the full corpus; "
+          f"evaluated on {len(heldout)} held-out '{target}' examples (loss: mean answer-token loss; accuracy: "
+          f"exact match of the greedy answer):\n")
+    print(format_table(result))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gradstore.demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("demo-output"))
     parser.add_argument("--examples", type=int, default=3000, help="corpus size")
     parser.add_argument("--target", default="unit_conversion", help="target task family")
     parser.add_argument("--fraction", type=float, default=0.05, help="share of the corpus to select")
-    parser.add_argument("--pretrain-steps", type=int, default=300)
+    parser.add_argument("--pretrain-steps", type=int, default=1500)
+    parser.add_argument("--seeds", default="0,1,2",
+                        help="fine-tuning seeds of the selected and random arms (the full corpus uses the first)")
+    parser.add_argument("--no-eval", action="store_true", help="stop after the selection (no fine-tuning)")
     args = parser.parse_args(argv)
 
-    from gradstore.indexer.demo_corpus import FAMILIES, generate_corpus, generate_targets, write_jsonl
+    from gradstore.evaluate import family_share
     from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.demo_corpus import FAMILIES, generate_corpus, generate_targets, write_jsonl
     from gradstore.indexer.warmup import WarmupConfig, run_warmup
 
     if args.target not in FAMILIES:
         parser.error(f"--target must be one of {', '.join(FAMILIES)}")
+    try:
+        seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not seeds or len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must be distinct integers, at least one, got {args.seeds!r}")
     start = time.perf_counter()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -135,15 +193,21 @@ def main(argv: list[str] | None = None) -> int:
     log(f"selecting the top {args.fraction:.0%} for {len(targets)} '{args.target}' target examples "
         "through the REST service and the Python SDK")
     selected = select_through_service(stores, "corpus", targets, args.fraction, out)
-    family_of = {record["id"]: record["dataset"] for record in corpus}
-    precision = sum(family_of[item.id] == args.target for item in selected) / len(selected)
-    base_rate = sum(family == args.target for family in family_of.values()) / len(family_of)
+    by_id = {record["id"]: record for record in corpus}
+    precision = family_share([by_id[item.id] for item in selected], "dataset", args.target)
+    base_rate = family_share(corpus, "dataset", args.target)
     prompts = {record["id"]: record["messages"][0]["content"] for record in corpus}
     print(f"\nTop {len(selected)} of {len(corpus)} examples ({args.fraction:.0%}) for target '{args.target}':")
     for item in selected[:10]:
         print(f"  {item.rank:>2}. {item.score:+.4f}  {item.id:<24} {prompts[item.id][:60]!r}")
     print(f"\nselection precision {precision:.1%} vs base rate {base_rate:.1%} "
-          f"({precision / max(base_rate, 1e-9):.1f}x); finished in {time.perf_counter() - start:.0f} s")
+          f"({precision / max(base_rate, 1e-9):.1f}x) after {time.perf_counter() - start:.0f} s")
+    if not args.no_eval:
+        log(f"measuring the selection: fine-tuning on the selected {args.fraction:.0%}, a random {args.fraction:.0%} "
+            f"({len(seeds)} seed(s) each) and the full corpus")
+        measure_selection(corpus, [item.id for item in selected], args.target, model_dir, out, args.fraction, seeds)
+        log(f"comparison written to {out / 'comparison.json'}")
+    print(f"\nfinished in {time.perf_counter() - start:.0f} s")
     return 0
 
 

@@ -115,6 +115,23 @@ class Formatter:
             raise BadRecordError(record.location, self._nothing_to_train_on(labels, truncated))
         return encoded
 
+    def prompt_text(self, record: Record) -> str:
+        """The text a model is given to produce the record's last answer.
+
+        It is the record's own rendering (the one :meth:`encode` trains on) up to where the loss
+        span of its last assistant message (or its completion) begins: for a chat record, every
+        message before the last answer followed by the assistant header (``<|assistant|>\\n`` in
+        the default format, the generation prompt with a tokenizer template); for a
+        ``prompt_completion`` record, BOS and the prompt. Training and generation therefore see
+        the same format. A ``text`` record, or a chat record without an assistant message, has no
+        prompt and raises :class:`BadRecordError`.
+        """
+        rendered = self._render(record)
+        if rendered.loss_on_all_tokens or not rendered.loss_spans:
+            raise BadRecordError(record.location, "the record has no answer to generate (a text record, or "
+                                                  "no assistant message), so it has no prompt")
+        return rendered.text[: rendered.loss_spans[-1][0]]
+
     def describe(self) -> dict:
         """JSON-able description of the encoding, for the datastore manifest."""
         tokenizer = self.tokenizer

@@ -9,9 +9,17 @@ graph over per-example copies.
 
 Each example's loss is the mean cross-entropy over its own label tokens (what HF computes for that
 example alone) and the batch loss is their sum, so examples do not scale each other's gradients.
-Padding is on the right with an attention mask: padded positions neither attend nor are attended
-to, and they carry no loss, so their output gradients are exactly zero and neither padding nor
-batch composition changes any example's gradient.
+Padding is on the right. Attention is causal, so no real position attends to a padded one (they
+all come after it), and padded positions carry no loss, so their output gradients are exactly zero:
+neither padding nor batch composition changes any example's gradient. For the same reason a
+right-padded batch needs no padding mask: the model gets an all-ones mask and runs on its causal
+attention kernels, faster than masked ones (a batch padded otherwise keeps its mask).
+
+Logits are only computed where they are used: a forward pre-hook on the model's output layer
+(``get_output_embeddings()``) passes it the hidden states of the positions that predict a label
+token, so prompt and padding positions skip the vocabulary projection and the softmax, forward
+and backward. The losses are the same numbers; models whose output layer is adapted by LoRA, or
+whose logits do not come straight from that layer, take the full path.
 """
 
 from __future__ import annotations
@@ -91,6 +99,80 @@ def find_lora_pairs(model: torch.nn.Module, adapter_name: str = "default") -> li
     return pairs
 
 
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The model's keyword arguments for ``batch``.
+
+    When the padding is all on the right, causal attention already keeps every real position from
+    seeing a padded one, so the mask passed is all ones: the model takes its causal fast path and
+    real positions get exactly the values a padding mask would give them. Other padding keeps its
+    mask.
+    """
+    mask = batch.attention_mask
+    if mask.shape[1] < 2 or bool((mask[:, 1:] <= mask[:, :-1]).all()):
+        mask = torch.ones_like(mask)
+    return {"input_ids": batch.input_ids, "attention_mask": mask}
+
+
+def output_head(model: torch.nn.Module, exclude: list[torch.nn.Module] = ()) -> torch.nn.Module | None:
+    """The model's output layer if logits can be computed on selected positions only, else None.
+
+    ``exclude``: modules whose inputs must keep their ``(B, T, ...)`` shape (the LoRA maps).
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, torch.nn.Module):
+        return None
+    excluded = {id(m) for m in exclude}
+    if any(id(m) in excluded for m in head.modules()):
+        return None
+    return head
+
+
+def label_position_losses(model: torch.nn.Module, batch: Batch, head: torch.nn.Module | None) -> torch.Tensor | None:
+    """:func:`per_example_losses` of ``model`` on ``batch``, with logits at label positions only.
+
+    Position ``t`` predicts token ``t + 1``, so only positions whose next label is not
+    ``IGNORE_INDEX`` reach ``head``. Returns None (nothing computed worth keeping) when ``head`` is
+    None or the model's logits turn out not to be ``head``'s output; the caller then uses the full
+    logits. Call with gradients enabled to backpropagate.
+    """
+    if head is None:
+        return None
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    if bool((keep.sum(dim=1) == 0).any()):
+        raise ValueError("an example in the batch has no label tokens")
+    rows, cols = keep.nonzero(as_tuple=True)
+
+    def gather(module, args):
+        if not args or tuple(args[0].shape[:2]) != tuple(batch.input_ids.shape):
+            return None  # not the (B, T, hidden) call expected: left alone, caught below
+        return (args[0][rows, cols], *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        logits = model(**model_inputs(batch)).logits
+    finally:
+        handle.remove()
+    if logits.dim() != 2 or logits.shape[0] != rows.shape[0]:
+        return None
+    token_loss = F.cross_entropy(logits.float(), targets[rows, cols], reduction="none")
+    # Scattered back to (B, T - 1) and summed per row: the same sums, in the same order, as the
+    # full path's, and deterministic on every device (no atomic adds).
+    per_token = torch.zeros(targets.shape, dtype=token_loss.dtype, device=token_loss.device)
+    per_token = per_token.index_put((rows, cols), token_loss)
+    return per_token.sum(dim=1) / keep.sum(dim=1)
+
+
+def batch_losses(model: torch.nn.Module, batch: Batch, head: torch.nn.Module | None) -> torch.Tensor:
+    """Per-example mean token losses ``(B,)`` of ``model`` on ``batch`` (see :func:`output_head`)."""
+    losses = label_position_losses(model, batch, head)
+    if losses is None:
+        logits = model(**model_inputs(batch)).logits
+        losses = per_example_losses(logits, batch.labels)
+    return losses
+
+
 def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean next-token cross-entropy over each example's own label tokens, shape ``(B,)``."""
     shift_logits = logits[:, :-1].float()
@@ -118,6 +200,7 @@ class PerExampleGradients:
         self.model = model
         self.pairs = find_lora_pairs(model, adapter_name)
         self._captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._head = output_head(model, [m for pair in self.pairs for m in (pair.a, pair.b)])
 
     @property
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -142,8 +225,11 @@ class PerExampleGradients:
         handles = [m.register_forward_hook(self._capture) for m in modules]
         try:
             with torch.enable_grad():
-                logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-                losses = per_example_losses(logits, batch.labels)
+                losses = label_position_losses(self.model, batch, self._head)
+                if losses is None:  # the logits are not the output layer's: full logits from now on
+                    self._head = None
+                    logits = self.model(**model_inputs(batch)).logits
+                    losses = per_example_losses(logits, batch.labels)
                 outputs = [self._captured[id(m)][1] for m in modules]
                 output_grads = torch.autograd.grad(losses.sum(), outputs)
         finally:

@@ -216,16 +216,25 @@ def token_statistics(encoded: list[Encoded]) -> dict:
     }
 
 
+# A batch takes no example shorter than its longest one divided by this: every example is padded
+# by at most 20 % of its own length, so padded tokens stay within 1.2x the real ones.
+MAX_PADDING_RATIO = 1.2
+
+
 def length_batches(rows: list[int], lengths: list[int], max_tokens: int, max_batch: int) -> list[list[int]]:
     """Rows packed longest-first into batches of at most ``max_tokens`` padded tokens.
 
-    Sorting by length keeps padding low; ties keep row order, so batching is deterministic.
+    Sorting by length keeps padding low; ties keep row order, so batching is deterministic. A
+    batch is also closed before an example that would be padded to more than
+    ``MAX_PADDING_RATIO`` times its length: padding costs as much compute as real tokens, and
+    where lengths are sparse (a small shard, the long tail) it would otherwise dominate.
     """
     order = sorted(rows, key=lambda r: (-lengths[r], r))
     batches, current = [], []
     for row in order:
         padded = lengths[current[0]] if current else lengths[row]
-        if current and (len(current) + 1 > max_batch or (len(current) + 1) * padded > max_tokens):
+        if current and (len(current) + 1 > max_batch or (len(current) + 1) * padded > max_tokens
+                        or padded > MAX_PADDING_RATIO * lengths[row]):
             batches.append(current)
             current = []
         current.append(row)

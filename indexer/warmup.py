@@ -38,6 +38,10 @@ defines one example's loss and gradient, so the warmup optimises the same per-ex
 whose gradients are later compared. (LESS trained with HF's token-level mean; the two differ only
 in how long and short examples are weighted within a batch.)
 
+The loop itself is :func:`train_lora` (with :func:`fresh_lora_model`), which
+:mod:`gradstore.indexer.finetune` reuses, so warmup and fine-tuning train in exactly the same way;
+only what happens at the end of an epoch (here: saving a checkpoint) differs.
+
 The learning rate recorded for an epoch is the mean of the learning rates actually used by its
 optimizer steps (the scheduler's value at the time of each ``optimizer.step()``, so the first
 step of a run with warmup uses 0).
@@ -67,7 +71,7 @@ from .corpus import CorpusSource, read_corpus
 from .errors import CheckpointError, JobError, ModelError
 from .formatting import TEMPLATE_CHOICES, Formatter
 from .grads import Batch, per_example_losses
-from .model import DTYPES, load_base_model, load_tokenizer, resolve_device
+from .model import DTYPES, _quiet_peft, load_base_model, load_tokenizer, resolve_device
 
 RUN_MANIFEST = "warmup_run.json"
 RUN_FORMAT = "gradstore-warmup-run"
@@ -245,63 +249,33 @@ def run_warmup(config: WarmupConfig, log: Callable[[str], None] = print) -> Warm
     records = [corpus.records[i] for i in indices]
     encoded = [formatter.encode(record) for record in records]
     examples = [(e.input_ids, e.labels) for e in encoded]
-    steps_per_epoch = math.ceil(len(examples) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    num_warmup = warmup_steps(total_steps, config.warmup_ratio)
+    steps_per_epoch, total_steps, num_warmup = schedule_steps(len(examples), config.batch_size, config.epochs,
+                                                              config.warmup_ratio)
     log(f"warmup: {len(examples):,} of {len(corpus.records):,} records, {config.epochs} epoch(s) of "
         f"{steps_per_epoch} step(s) at batch size {config.batch_size} ({num_warmup} warmup step(s)), "
         f"on {device}")
 
-    model = _fresh_lora_model(config, device)
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    log(f"LoRA r={config.lora_r} alpha={config.lora_alpha}: "
-        f"{sum(p.numel() for _, p in trainable):,} trainable parameters in {len(trainable)} tensors")
-    optimizer = torch.optim.AdamW([p for _, p in trainable], lr=config.learning_rate, betas=tuple(config.betas),
-                                  eps=config.eps, weight_decay=config.weight_decay)
-    from transformers import get_linear_schedule_with_warmup
-
-    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup, total_steps)
+    model = fresh_lora_model(config.model, dtype=config.dtype, device=device, r=config.lora_r,
+                             alpha=config.lora_alpha, dropout=config.lora_dropout, targets=config.lora_targets,
+                             seed=config.seed)
+    log(f"LoRA r={config.lora_r} alpha={config.lora_alpha}: {_describe_trainable(model)}")
 
     out = config.out
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        shuffle = torch.Generator().manual_seed(config.seed)
-        pad_id = tokenizer.pad_token_id
-        model.train()
-        global_step = 0
-        average_rates, losses = [], []
-        for epoch in range(1, config.epochs + 1):
-            order = torch.randperm(len(examples), generator=shuffle).tolist()
-            rates, loss_sum = [], 0.0
-            with _EpochBar(epoch, config.epochs, steps_per_epoch, config.progress) as bar:
-                for start in range(0, len(order), config.batch_size):
-                    rows = order[start:start + config.batch_size]
-                    batch = Batch.collate([examples[r] for r in rows], pad_id, device)
-                    lr = float(optimizer.param_groups[0]["lr"])  # what this step uses
-                    loss = _batch_loss(model, batch)
-                    if not torch.isfinite(loss):
-                        raise JobError(f"epoch {epoch}, step {global_step + 1}: the training loss is "
-                                       f"{loss.item()}; lower the learning rate or use dtype fp32")
-                    loss.backward()
-                    optimizer.step()
-                    scheduler.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    global_step += 1
-                    rates.append(lr)
-                    loss_sum += loss.item() * len(rows)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)
-            average_rates.append(sum(rates) / len(rates))
-            losses.append(loss_sum / len(examples))
-            _save_checkpoint(work / f"{CHECKPOINT_PREFIX}{epoch}", model, optimizer, {
-                "epoch": epoch,
-                "global_step": global_step,
-                "average_learning_rate": average_rates[-1],
-                "train_loss": losses[-1],
-            })
-            log(f"epoch {epoch}/{config.epochs}: train loss {losses[-1]:.4f}, "
-                f"average learning rate {average_rates[-1]:.4g}, step {global_step}")
+        def save(epoch: int, optimizer: torch.optim.Optimizer, info: dict) -> None:
+            _save_checkpoint(work / f"{CHECKPOINT_PREFIX}{epoch}", model, optimizer, info)
+            log(f"epoch {epoch}/{config.epochs}: train loss {info['train_loss']:.4f}, "
+                f"average learning rate {info['average_learning_rate']:.4g}, step {info['global_step']}")
+
+        training = train_lora(
+            model, examples, pad_id=tokenizer.pad_token_id, device=device, epochs=config.epochs,
+            learning_rate=config.learning_rate, batch_size=config.batch_size, seed=config.seed,
+            warmup_ratio=config.warmup_ratio, weight_decay=config.weight_decay, betas=tuple(config.betas),
+            eps=config.eps, progress=config.progress, desc="warmup", on_epoch_end=save,
+        )
+        average_rates, losses = training.average_learning_rates, training.losses
 
         tokenizer.save_pretrained(str(work))
         names = [f"{CHECKPOINT_PREFIX}{epoch}" for epoch in range(1, config.epochs + 1)]
@@ -340,26 +314,118 @@ def run_warmup(config: WarmupConfig, log: Callable[[str], None] = print) -> Warm
     )
 
 
-def _fresh_lora_model(config: WarmupConfig, device: torch.device):
-    """The base model with a freshly initialised, trainable LoRA."""
+# ------------------------------------------------------------------------------------------------
+# The LoRA training loop, shared with fine-tuning (gradstore.indexer.finetune)
+
+
+@dataclass
+class TrainingRun:
+    """What :func:`train_lora` did: the schedule's step counts and, per epoch, the mean training
+    loss (per-example, dropout on) and the mean learning rate of its optimizer steps."""
+
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    average_learning_rates: list[float]
+    losses: list[float]
+
+
+def schedule_steps(num_examples: int, batch_size: int, epochs: int, warmup_ratio: float) -> tuple[int, int, int]:
+    """``(steps per epoch, total steps, warmup steps)`` of a run over ``num_examples`` examples."""
+    steps_per_epoch = math.ceil(num_examples / batch_size)
+    total_steps = steps_per_epoch * epochs
+    return steps_per_epoch, total_steps, warmup_steps(total_steps, warmup_ratio)
+
+
+def fresh_lora_model(model_path: str | Path, *, dtype: str = "fp32", device: torch.device | str = "cpu",
+                     r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                     targets: tuple[str, ...] | list[str] | str | None = None, seed: int = 0):
+    """The base model at ``model_path`` with a freshly initialised, trainable LoRA.
+
+    ``targets``: module names, ``"all-linear"``, or None for PEFT's default for the architecture.
+    The LoRA weights are initialised after ``torch.manual_seed(seed)``.
+    """
     from peft import LoraConfig, get_peft_model
 
-    base = load_base_model(config.model, config.dtype, device)
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=list(config.lora_targets) if config.lora_targets is not None else None,
-        task_type="CAUSAL_LM",
-    )
-    torch.manual_seed(config.seed)
+    base = load_base_model(model_path, dtype, torch.device(device))
+    if targets is not None and not isinstance(targets, str):
+        targets = list(targets)
+    lora = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, task_type="CAUSAL_LM")
+    torch.manual_seed(seed)
     try:
-        model = get_peft_model(base, lora)
+        with _quiet_peft():
+            model = get_peft_model(base, lora)
     except ValueError as exc:
-        raise ModelError(f"cannot attach LoRA to {config.model}: {exc}") from exc
+        raise ModelError(f"cannot attach LoRA to {model_path}: {exc}") from exc
     if not any(p.requires_grad for p in model.parameters()):
-        raise ModelError(f"the LoRA on {config.model} has no trainable parameters; check lora_targets")
+        raise ModelError(f"the LoRA on {model_path} has no trainable parameters; check lora_targets")
     return model
+
+
+def train_lora(model, examples: list[tuple], *, pad_id: int, device: torch.device | str, epochs: int,
+               learning_rate: float, batch_size: int, seed: int, warmup_ratio: float = 0.03,
+               weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+               progress: bool = True, desc: str = "training",
+               on_epoch_end: Callable[[int, torch.optim.Optimizer, dict], None] | None = None) -> TrainingRun:
+    """Train the trainable (LoRA) parameters of ``model`` on ``examples`` (see the module docstring).
+
+    ``examples`` are ``(input_ids, labels)`` pairs as :meth:`Formatter.encode` gives them. AdamW
+    over the trainable parameters, a linear schedule with ``ceil(warmup_ratio * total_steps)``
+    warmup steps, one optimizer step per batch of ``batch_size`` examples shuffled every epoch by a
+    generator seeded with ``seed``, and the loss of a batch the mean of its examples' mean token
+    losses. After every epoch ``on_epoch_end(epoch, optimizer, info)`` is called with ``info`` =
+    ``{"epoch", "global_step", "average_learning_rate", "train_loss"}``. The model is left in
+    train mode.
+    """
+    if not examples:
+        raise JobError("no examples to train on")
+    steps_per_epoch, total_steps, num_warmup = schedule_steps(len(examples), batch_size, epochs, warmup_ratio)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=learning_rate, betas=tuple(betas), eps=eps,
+                                  weight_decay=weight_decay)
+    from transformers import get_linear_schedule_with_warmup
+
+    scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup, total_steps)
+    shuffle = torch.Generator().manual_seed(seed)
+    model.train()
+    global_step = 0
+    average_rates, losses = [], []
+    for epoch in range(1, epochs + 1):
+        order = torch.randperm(len(examples), generator=shuffle).tolist()
+        rates, loss_sum = [], 0.0
+        with _EpochBar(f"{desc} epoch {epoch}/{epochs}", steps_per_epoch, progress) as bar:
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                batch = Batch.collate([examples[r] for r in rows], pad_id, device)
+                lr = float(optimizer.param_groups[0]["lr"])  # what this step uses
+                loss = _batch_loss(model, batch)
+                if not torch.isfinite(loss):
+                    raise JobError(f"epoch {epoch}, step {global_step + 1}: the training loss is "
+                                   f"{loss.item()}; lower the learning rate or use dtype fp32")
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                global_step += 1
+                rates.append(lr)
+                loss_sum += loss.item() * len(rows)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.3g}", refresh=False)
+        average_rates.append(sum(rates) / len(rates))
+        losses.append(loss_sum / len(examples))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, optimizer, {
+                "epoch": epoch,
+                "global_step": global_step,
+                "average_learning_rate": average_rates[-1],
+                "train_loss": losses[-1],
+            })
+    return TrainingRun(steps_per_epoch, total_steps, num_warmup, average_rates, losses)
+
+
+def _describe_trainable(model) -> str:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return f"{sum(p.numel() for p in trainable):,} trainable parameters in {len(trainable)} tensors"
 
 
 def _batch_loss(model, batch: Batch) -> torch.Tensor:
@@ -396,13 +462,12 @@ def _publish(work: Path, out: Path, overwrite: bool) -> None:
 class _EpochBar:
     """A tqdm bar over one epoch's steps, or a stand-in that does nothing."""
 
-    def __init__(self, epoch: int, epochs: int, steps: int, enabled: bool):
+    def __init__(self, desc: str, steps: int, enabled: bool):
         self._bar = None
         if enabled:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=steps, desc=f"warmup epoch {epoch}/{epochs}", unit="step",
-                             dynamic_ncols=True)
+            self._bar = tqdm(total=steps, desc=desc, unit="step", dynamic_ncols=True)
 
     def __enter__(self):
         return self

@@ -1,0 +1,305 @@
+"""Approximate search: gradstore's IVF and HNSW indexes against exact Flat search.
+
+The indexes are built with ``indexer.faiss_index`` exactly as a datastore builds them
+(``choose_factory`` for the factory string, ``build_index`` with its stored search defaults):
+``Flat`` (exact), ``IVF{4·sqrt(N)},SQfp16`` trained on a seeded sample, and ``HNSW32,SQfp16``.
+
+Data: N synthetic unit vectors of dimension d with cluster structure, float32, generated batch by
+batch from a fixed seed: a mixture of ``--clusters`` components of unequal sizes (weights ∝
+1/sqrt(rank)), each component a centre (a shared direction plus a random direction, so clusters
+are not orthogonal) plus a random ``--subspace``-dimensional within-cluster variation plus
+isotropic noise, then L2-normalised (norms: shared direction 0.5 and random direction 1 before
+the centre is normalised, within-cluster variation 0.8, noise 0.6). Queries are fresh draws from the same distribution.
+
+Every index answers the same batch of ``--queries`` queries for their top ``--k`` (one
+``search`` call, all cores, best of two); recall@k is the mean share of the exact top k (Flat over
+the same vectors) that the index returns, and queries/s is the batch size over the call's wall
+time. The machine is shared, so the exact queries/s each setting is compared with is timed on
+``--exact-queries`` of the queries (one batched ``search``, as fast per query as the whole batch)
+just before and just after that setting, and the better of the two is used.
+IVF is swept over ``nprobe``, HNSW over ``efSearch`` (FAISS searches with max(efSearch, k)).
+
+HNSW insertion on 2 cores is slow at this dimension, so HNSW is built on the first
+``--hnsw-n`` vectors only and compared with exact search over those same vectors.
+
+Target: recall@100 >= 0.95 at >= 10x the queries/s of exact search on the same vectors.
+
+    python bench/approximate_search.py                       # N = 1M, d = 1024, HNSW on 100k
+    python bench/approximate_search.py --n 200000 --hnsw-n 50000 --json ann.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+GIB = 1 << 30
+
+
+def machine_info() -> dict:
+    import pyarrow
+    import torch
+
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
+            "numpy": np.__version__, "torch": torch.__version__, "faiss": faiss.__version__,
+            "faiss_compile_options": faiss.get_compile_options(), "faiss_threads": faiss.omp_get_max_threads(),
+            "pyarrow": pyarrow.__version__, "loadavg_start": os.getloadavg(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+
+def vm_hwm() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
+
+
+# ------------------------------------------------------------------------------------- data
+
+
+class Mixture:
+    """A seeded mixture of low-rank Gaussian clusters on the unit sphere."""
+
+    def __init__(self, dim: int, clusters: int, subspace: int, seed: int, shared: float = 0.5,
+                 spread: float = 0.8, noise: float = 0.6):
+        rng = np.random.default_rng(seed)
+        self.dim, self.clusters, self.subspace, self.seed = dim, clusters, subspace, seed
+        common = rng.standard_normal(dim).astype(np.float32)
+        common /= np.linalg.norm(common)
+        centres = rng.standard_normal((clusters, dim), dtype=np.float32)
+        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+        centres = shared * common + centres
+        self.centres = centres / np.linalg.norm(centres, axis=1, keepdims=True)
+        # Within-cluster variation: `subspace` random directions per cluster, norm about `spread`.
+        self.bases = rng.standard_normal((clusters, subspace, dim), dtype=np.float32)
+        self.bases *= np.float32(spread / math.sqrt(subspace * dim))
+        weights = 1.0 / np.sqrt(np.arange(1, clusters + 1))
+        self.weights = rng.permutation(weights / weights.sum())
+        self.noise = noise
+
+    def batch(self, stream: int, index: int, size: int) -> np.ndarray:
+        """``size`` unit vectors; (stream, index) fixes them, so any batch can be regenerated."""
+        rng = np.random.default_rng([self.seed, stream, index])
+        labels = np.sort(rng.choice(self.clusters, size=size, p=self.weights))
+        # Isotropic noise (uniform entries, variance noise² / dim each: cheaper than normal draws).
+        out = rng.random((size, self.dim), dtype=np.float32)
+        out -= np.float32(0.5)
+        out *= np.float32(self.noise * math.sqrt(12 / self.dim))
+        z = rng.standard_normal((size, self.subspace), dtype=np.float32)
+        bounds = np.flatnonzero(np.diff(labels)) + 1
+        for start, stop in zip(np.concatenate([[0], bounds]), np.concatenate([bounds, [size]])):
+            cluster = labels[start]
+            out[start:stop] += self.centres[cluster]
+            # einsum, not BLAS: thousands of tiny products, where BLAS thread start-up dominates.
+            out[start:stop] += np.einsum("nr,rd->nd", z[start:stop], self.bases[cluster])
+        out /= np.sqrt(np.einsum("nd,nd->n", out, out))[:, None]
+        return out[rng.permutation(size)]
+
+    def batches(self, stream: int, n: int, batch_size: int):
+        for index, start in enumerate(range(0, n, batch_size)):
+            yield self.batch(stream, index, min(batch_size, n - start))
+
+
+# ---------------------------------------------------------------------------------- measure
+
+
+def timed_search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, float]:
+    start = time.perf_counter()
+    _, ids = index.search(queries, k)
+    return ids, time.perf_counter() - start
+
+
+def recall(found: np.ndarray, truth: np.ndarray) -> float:
+    k = truth.shape[1]
+    return float(np.mean([len(np.intersect1d(f[f >= 0], t)) / k for f, t in zip(found, truth)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gradstore.indexer.faiss_index import build_index, choose_factory, ivf_nlist
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--n", type=int, default=1_000_000, help="vectors in the Flat and IVF indexes")
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--clusters", type=int, default=1000)
+    parser.add_argument("--subspace", type=int, default=16, help="within-cluster variation rank")
+    parser.add_argument("--queries", type=int, default=500)
+    parser.add_argument("--k", type=int, default=100)
+    parser.add_argument("--exact-queries", type=int, default=100,
+                        help="queries of the exact searches timed around each approximate setting")
+    parser.add_argument("--nprobe", default="4,8,16,32,64,128,256", help="IVF nprobe values ('': skip IVF)")
+    parser.add_argument("--ivf-train", type=int, default=64_000,
+                        help="IVF training sample (the store's rule would take 64 per list, capped by memory)")
+    parser.add_argument("--nlist", type=int, default=None, help="override the IVF list count (default 4·sqrt(N))")
+    parser.add_argument("--hnsw-n", type=int, default=100_000, help="vectors in the HNSW index (0: skip HNSW)")
+    parser.add_argument("--ef", default="100,128,256,512", help="HNSW efSearch values")
+    parser.add_argument("--hnsw-factory", default=None,
+                        help="another HNSW factory to measure instead of the store's (e.g. HNSW32,Flat)")
+    parser.add_argument("--batch", type=int, default=50_000, help="vectors generated / added per batch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    info = machine_info()
+    print(f"{info['cpu']}, {info['cores']} cores; faiss {info['faiss']} ({info['faiss_compile_options'].strip()}), "
+          f"{info['faiss_threads']} threads; load average {info['loadavg_start']}", flush=True)
+    mixture = Mixture(args.dim, args.clusters, args.subspace, args.seed)
+    queries = mixture.batch(stream=1, index=0, size=args.queries)
+    rows, timings = [], {}
+    memory_budget = 64 << 30  # choose_factory only picks the factory string here
+
+    # -- exact: Flat over N -------------------------------------------------------------------
+    start = time.perf_counter()
+    kind, factory = choose_factory("flat", args.n, args.dim, memory_budget)
+    flat = build_index(mixture.batches(0, args.n, args.batch), factory, args.dim)
+    timings["flat_build_s"] = time.perf_counter() - start
+    print(f"Flat: {args.n:,} x {args.dim} generated and added in {timings['flat_build_s']:.1f} s", flush=True)
+    truth, seconds = timed_search(flat, queries, args.k)
+    exact_qps = args.queries / seconds
+    rows.append({"index": "Flat (exact)", "factory": factory, "n": args.n, "param": "", "recall": 1.0,
+                 "qps": exact_qps, "exact_qps": exact_qps, "speedup": 1.0, "search_s": seconds})
+    print(f"  exact search: {exact_qps:.1f} queries/s ({seconds:.1f} s for {args.queries})", flush=True)
+    sims = queries[:50] @ faiss.rev_swig_ptr(flat.get_xb(), 200_000 * args.dim).reshape(-1, args.dim).T \
+        if args.n >= 200_000 else None
+    data_stats = {}
+    if sims is not None:
+        top = np.sort(sims, axis=1)[:, ::-1]
+        data_stats = {"query_cosine_mean": float(sims.mean()), "query_cosine_p99": float(np.quantile(sims, 0.99)),
+                      "query_top1_mean_200k": float(top[:, 0].mean()), "query_top100_mean_200k": float(top[:, 99].mean())}
+        print(f"  data: query-vector cosine mean {data_stats['query_cosine_mean']:.3f}, 99th percentile "
+              f"{data_stats['query_cosine_p99']:.3f}; over the first 200k vectors, 1st / 100th best "
+              f"{data_stats['query_top1_mean_200k']:.3f} / {data_stats['query_top100_mean_200k']:.3f}", flush=True)
+    xb = faiss.rev_swig_ptr(flat.get_xb(), args.n * args.dim).reshape(args.n, args.dim)
+
+    # -- IVF over N -------------------------------------------------------------------------
+    nprobes = [int(v) for v in args.nprobe.split(",") if v.strip()]
+    ivf = None
+    if nprobes:
+        kind, factory = choose_factory("ivf", args.n, args.dim, memory_budget)
+        if args.nlist is not None:
+            factory = f"IVF{args.nlist},SQfp16"
+        nlist = args.nlist or ivf_nlist(args.n)
+        sample_rows = np.sort(np.random.default_rng(args.seed).choice(args.n, size=min(args.n, args.ivf_train),
+                                                                      replace=False))
+        sample = xb[sample_rows]
+        start = time.perf_counter()
+        ivf = build_index([], factory, args.dim, sample)  # train only
+        timings["ivf_train_s"] = time.perf_counter() - start
+        del sample
+        start = time.perf_counter()
+        for first in range(0, args.n, args.batch):
+            ivf.add(xb[first:first + args.batch])
+        timings["ivf_add_s"] = time.perf_counter() - start
+        ivf_struct = faiss.extract_index_ivf(ivf)
+        default_nprobe = ivf_struct.nprobe
+        print(f"{factory}: trained on {len(sample_rows):,} vectors in {timings['ivf_train_s']:.1f} s, "
+              f"{args.n:,} added in {timings['ivf_add_s']:.1f} s (stored nprobe {default_nprobe})", flush=True)
+
+    # -- IVF sweep, each setting between two exact searches (Flat still in memory) -----------
+    def sweep(index, name, factory_name, n, exact_index, truth_ids, settings, apply):
+        """Recall and queries/s per setting; the exact queries/s it is compared with is timed on
+        ``--exact-queries`` queries just before and just after, so both see the same machine load."""
+        exact_q = queries[:args.exact_queries]
+        for label, value in settings:
+            apply(value)
+            before = timed_search(exact_index, exact_q, args.k)[1]
+            ids, seconds = timed_search(index, queries, args.k)
+            ids2, seconds2 = timed_search(index, queries, args.k)
+            after = timed_search(exact_index, exact_q, args.k)[1]
+            exact = len(exact_q) / min(before, after)
+            qps = args.queries / min(seconds, seconds2)
+            rows.append({"index": name, "factory": factory_name, "n": n, "param": label,
+                         "recall": recall(ids, truth_ids), "qps": qps, "exact_qps": exact, "speedup": qps / exact,
+                         "search_s": [seconds, seconds2], "exact_s": [before, after]})
+            print(f"  {name} {label}: recall@{args.k} {rows[-1]['recall']:.4f}, {qps:.1f} queries/s, exact "
+                  f"{exact:.1f} queries/s -> {rows[-1]['speedup']:.1f}x", flush=True)
+
+    if ivf is not None:
+        sweep(ivf, "IVF", factory, args.n, flat, truth,
+              [(f"nprobe={v}" + (" (stored default)" if v == default_nprobe else ""), v) for v in nprobes],
+              lambda v: setattr(ivf_struct, "nprobe", v))
+        del ivf
+
+    # -- HNSW over the first hnsw_n vectors ---------------------------------------------------
+    if args.hnsw_n:
+        m = min(args.hnsw_n, args.n)
+        subset = np.array(xb[:m])
+        del flat, xb  # the Flat index's 4 bytes x N x d are no longer needed
+        sub_flat = build_index([subset], "Flat", args.dim)
+        sub_truth, seconds = timed_search(sub_flat, queries, args.k)
+        rows.append({"index": "Flat (exact)", "factory": "Flat", "n": m, "param": "", "recall": 1.0,
+                     "qps": args.queries / seconds, "exact_qps": args.queries / seconds, "speedup": 1.0,
+                     "search_s": seconds})
+        kind, factory_h = choose_factory("hnsw", m, args.dim, memory_budget)
+        factory_h = args.hnsw_factory or factory_h
+        start = time.perf_counter()
+        hnsw = build_index((subset[i:i + args.batch] for i in range(0, m, args.batch)), factory_h, args.dim)
+        timings["hnsw_build_s"] = time.perf_counter() - start
+        del subset
+        print(f"{factory_h}: {m:,} vectors built in {timings['hnsw_build_s']:.1f} s; exact search over them "
+              f"{rows[-1]['qps']:.1f} queries/s", flush=True)
+        inner = faiss.downcast_index(hnsw)
+        default_ef = inner.hnsw.efSearch
+        sweep(hnsw, "HNSW", factory_h, m, sub_flat, sub_truth,
+              [(f"efSearch={v}" + (" (stored default)" if v == default_ef else ""), v)
+               for v in (int(e) for e in args.ef.split(","))],
+              lambda v: setattr(inner.hnsw, "efSearch", v))
+        del hnsw, sub_flat
+    else:
+        del flat, xb
+
+    ivf_built = "ivf_train_s" in timings
+    # -- report -----------------------------------------------------------------------------
+    print(f"\nrecall@{args.k} and queries/s ({args.queries} queries in one batch, best of 2), d = {args.dim}, "
+          f"{faiss.omp_get_max_threads()} threads; speed-up vs exact Flat over the same N, timed on "
+          f"{args.exact_queries} queries just before and after each setting (best of the 2)")
+    header = (f"{'index':<14} {'factory':<16} {'N':>10} {'setting':<30} {'recall':>7} {'queries/s':>10} "
+              f"{'exact q/s':>10} {'speed-up':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r['index']:<14} {r['factory']:<16} {r['n']:>10,} {r['param']:<30} {r['recall']:>7.4f} "
+              f"{r['qps']:>10.1f} {r['exact_qps']:>10.1f} {r['speedup']:>8.1f}x")
+    verdicts = {}
+    for kind in ("IVF", "HNSW"):
+        candidates = [r for r in rows if r["index"] == kind]
+        if not candidates:
+            continue
+        good = [r for r in candidates if r["recall"] >= 0.95 and r["speedup"] >= 10]
+        best = max(good, key=lambda r: r["speedup"]) if good else None
+        verdicts[kind] = {"met": bool(good), "best": best}
+        if best:
+            print(f"{kind}: target MET at {best['param']} (recall {best['recall']:.4f}, {best['speedup']:.1f}x)")
+        else:
+            at_recall = [r for r in candidates if r["recall"] >= 0.95]
+            fastest = max(at_recall, key=lambda r: r["speedup"]) if at_recall else None
+            detail = (f"recall >= 0.95 first at {fastest['param']} with {fastest['speedup']:.1f}x" if fastest
+                      else f"best recall {max(r['recall'] for r in candidates):.4f}")
+            print(f"{kind}: target NOT MET ({detail})")
+    print(f"build: Flat {timings['flat_build_s']:.1f} s (includes generating the data)"
+          + (f", IVF train {timings['ivf_train_s']:.1f} s + add {timings['ivf_add_s']:.1f} s" if ivf_built else "")
+          + (f", HNSW {timings['hnsw_build_s']:.1f} s" if "hnsw_build_s" in timings else "")
+          + f"; peak RSS {vm_hwm() / GIB:.2f} GiB")
+    info["loadavg_end"] = os.getloadavg()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"benchmark": "approximate_search", "args": {**vars(args), "json": str(args.json)},
+                   "machine": info, "data": data_stats, "timings": timings, "peak_rss_bytes": vm_hwm(),
+                   "results": rows, "targets": verdicts}
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
