@@ -12,7 +12,7 @@ neither half of the gradient is zero.
 Every pair of examples is then compared three ways at each k:
 
 * exact: the cosine of the two full, flattened gradients (float64);
-* gradstore: ``indexer.projection.RademacherProjector`` applied per parameter and summed, as the
+* gradstore: the projector of ``--kind`` (``sjlt`` by default) applied per parameter and summed, as the
   indexer does, then L2-normalised (the stored feature) — projected cosine = dot product;
 * Gaussian: one dense ``torch.randn(D, k) / sqrt(k)`` matrix over the flattened gradient, then
   normalised the same way.
@@ -173,11 +173,11 @@ def _offsets(names, shapes):
 # ----------------------------------------------------------------------------- projections
 
 
-def gradstore_projection(names, shapes, flat: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
-    """``Σ_p R_pᵀ vec(g_p) / sqrt(k)`` with gradstore's projector, parameter by parameter."""
-    from gradstore.indexer.projection import ProjectionSpec, RademacherProjector
+def gradstore_projection(names, shapes, flat: torch.Tensor, dim: int, seed: int, kind: str) -> torch.Tensor:
+    """``Σ_p R_pᵀ vec(g_p)`` with gradstore's projector of ``kind``, parameter by parameter."""
+    from gradstore.indexer.projection import ProjectionSpec, make_projector
 
-    projector = RademacherProjector(ProjectionSpec(dim=dim, seed=seed), cache_bytes=0)
+    projector = make_projector(ProjectionSpec(kind=kind, dim=dim, seed=seed), cache_bytes=0)
     out = torch.zeros(flat.shape[0], dim, dtype=torch.float32)
     offset = 0
     for name, shape in zip(names, shapes):
@@ -225,6 +225,8 @@ def summarize(errs: np.ndarray, projected: np.ndarray, exact_pooled: np.ndarray)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--examples", type=int, default=400, help="examples (all pairs are compared)")
+    parser.add_argument("--kind", default="sjlt", choices=["sjlt", "rademacher"],
+                        help="gradstore projection kind (sjlt is the indexer's default)")
     parser.add_argument("--dims", default="1024,4096,8192", help="projection dims k, comma-separated")
     parser.add_argument("--seeds", type=int, default=2, help="gradstore projection seeds (errors pooled)")
     parser.add_argument("--gaussian-seeds", type=int, default=6,
@@ -269,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         theory_cos = math.sqrt(float(np.mean((1 - exact ** 2) ** 2)) / dim)
         row = {"k": dim, "theory_ip_std": theory_ip, "theory_cos_std": theory_cos}
         for method, project, seeds in (
-                ("gradstore", lambda s: gradstore_projection(names, shapes, flat, dim, s), args.seeds),
+                ("gradstore", lambda s: gradstore_projection(names, shapes, flat, dim, s, args.kind), args.seeds),
                 ("gaussian", lambda s: gaussian_projection(flat, dim, s), args.gaussian_seeds)):
             pooled = {"cos": [], "ip": [], "cos_values": []}
             per_seed_std, seconds = [], 0.0
