@@ -62,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -606,8 +607,13 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, help="override the number of interleaved floor/gradstore repeats")
     parser.add_argument("--bergson-python", default="/tmp/bergson-venv/bin/python",
                         help="python of a virtual environment with bergson installed ('' to skip bergson)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch / OpenMP threads for every method, bergson included (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if args.bergson_python and not Path(args.bergson_python).exists():
         print(f"note: {args.bergson_python} not found; bergson is skipped", file=sys.stderr)
         args.bergson_python = ""
@@ -615,6 +621,14 @@ def main(argv=None) -> int:
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
+    # The 1-minute load average every 30 s while the benchmark runs (other jobs on the machine).
+    load_samples, stop = [], threading.Event()
+
+    def sample_load():
+        while not stop.wait(30.0):
+            load_samples.append(round(os.getloadavg()[0], 2))
+
+    threading.Thread(target=sample_load, daemon=True).start()
     temporary = args.workdir is None
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="gradstore-throughput-")
     results = {"environment": environment(), "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "configs": {}}
@@ -624,14 +638,17 @@ def main(argv=None) -> int:
             for key in ("examples", "reference_examples", "repeats"):
                 if getattr(args, key) is not None:
                     setattr(cfg, key, getattr(args, key))
-            start = time.perf_counter()
+            start, load_before = time.perf_counter(), os.getloadavg()
             results["configs"][name] = bench_config(cfg, args, log)
             results["configs"][name]["config_wall_seconds"] = time.perf_counter() - start
+            results["configs"][name]["load_average"] = {"start": load_before, "end": os.getloadavg()}
             print("\n".join(report(name, results["configs"][name])), flush=True)
     finally:
         if temporary:
             shutil.rmtree(args.workdir, ignore_errors=True)
+    stop.set()
     results["environment"]["load_average_at_end"] = os.getloadavg()
+    results["environment"]["load_1min_samples"] = load_samples
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))
     return 0

@@ -187,6 +187,13 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return token_loss.sum(dim=1) / counts
 
 
+# Per-example gradients are handed on in groups of consecutive parameters of at most this many
+# elements per example (4 MiB in float32), so the transform and the projection run a few large
+# operations per batch instead of a dozen small ones per parameter. The grouping depends on the
+# parameter shapes only, never on the batch.
+GROUP_ELEMENTS = 1 << 20
+
+
 class PerExampleGradients:
     """Computes per-example gradients of every LoRA matrix of a PEFT model.
 
@@ -194,6 +201,7 @@ class PerExampleGradients:
 
         grads = PerExampleGradients(model)
         losses, per_param = grads(batch)      # per_param yields (name, (B, *shape)) lazily
+        losses, groups = grads.grouped(batch) # groups yield ([(name, shape), ...], (B, Σ numel))
     """
 
     def __init__(self, model: torch.nn.Module, adapter_name: str = "default"):
@@ -238,6 +246,29 @@ class PerExampleGradients:
         captured = {id(m): (self._captured[id(m)][0].detach(), g) for m, g in zip(modules, output_grads)}
         self._captured.clear()
         return losses.detach().float(), self._iter_grads(captured)
+
+    def grouped(self, batch: Batch, max_elements: int = GROUP_ELEMENTS
+                ) -> tuple[torch.Tensor, Iterator[tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor]]]:
+        """Per-example losses and an iterator of ``(params, flat)``: consecutive parameters
+        ``[(name, shape), ...]`` of at most ``max_elements`` elements together (or one larger
+        parameter), and their per-example gradients flattened and concatenated in that order,
+        ``(B, Σ numel)`` float32."""
+        losses, per_param = self(batch)
+        return losses, self._iter_groups(per_param, max_elements)
+
+    @staticmethod
+    def _iter_groups(per_param, max_elements: int):
+        params, parts, size = [], [], 0
+        for name, grads in per_param:
+            numel = grads[0].numel()
+            if parts and size + numel > max_elements:
+                yield params, torch.cat(parts, dim=1)
+                params, parts, size = [], [], 0
+            params.append((name, tuple(grads.shape[1:])))
+            parts.append(grads.reshape(grads.shape[0], numel))
+            size += numel
+        if parts:
+            yield params, torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
     def _iter_grads(self, captured) -> Iterator[tuple[str, torch.Tensor]]:
         for pair in self.pairs:

@@ -285,12 +285,13 @@ class Featurizer:
 
     def _features(self, examples: list[Encoded]) -> tuple[np.ndarray, ...]:
         batch = Batch.collate([(e.input_ids, e.labels) for e in examples], self.pad_id, self.device)
-        losses, per_param = self.grads(batch)
+        losses, groups = self.grads.grouped(batch)
         projected = torch.zeros(len(examples), self.projector.spec.dim, device=self.device)
         squared_norm = torch.zeros(len(examples), device=self.device)
-        for name, grads in per_param:
-            squared_norm += grads.square().flatten(1).sum(1)
-            projected += self.projector.project(name, self.transform(name, grads)).float()
+        # Groups of consecutive parameters, each (B, Σ numel): a few large operations per batch.
+        for params, grads in groups:
+            squared_norm += grads.square().sum(1)
+            projected += self.projector.project_many(params, self.transform.flat(params, grads)).float()
         feature_norm = projected.norm(dim=1)
         # A zero gradient has no direction: store a zero vector (cosine 0 with everything).
         normalised = projected / feature_norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None]

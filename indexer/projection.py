@@ -138,6 +138,17 @@ class Projector(ABC):
     def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         """``grads``: ``(batch, *param_shape)``; returns this parameter's ``(batch, dim)`` share."""
 
+    def project_many(self, params: list[tuple[str, tuple[int, ...]]], grads: torch.Tensor) -> torch.Tensor:
+        """``grads``: ``(batch, Σ numel)``, the gradients of ``params`` (``(name, shape)`` pairs)
+        flattened and concatenated in order; returns the sum of their ``(batch, dim)`` shares."""
+        out, offset = None, 0
+        for name, shape in params:
+            numel = math.prod(shape)
+            part = self.project(name, grads[:, offset:offset + numel].reshape(grads.shape[0], *shape))
+            out = part if out is None else out + part
+            offset += numel
+        return out
+
 
 class RademacherProjector(Projector):
     """Dense Rademacher projection, generated blockwise and cached up to ``cache_bytes``.
@@ -203,7 +214,8 @@ def sjlt_coordinates(seed: int, name: str, shape: tuple[int, ...], dim: int, non
 
 
 class SparseProjector(Projector):
-    """The ``sjlt`` projection as a sparse ``(k, numel)`` CSR matrix per parameter.
+    """The ``sjlt`` projection as a sparse ``(k, numel)`` CSR matrix per parameter, or per group
+    of parameters (:meth:`project_many`: their matrices side by side, one product for the group).
 
     ``Rᵀ vec(g)`` for a whole batch is one sparse-dense matrix product (MKL on CPU, cuSPARSE on
     GPU). Matrices are cached while they fit ``cache_bytes`` (12 bytes per non-zero), else rebuilt
@@ -216,36 +228,51 @@ class SparseProjector(Projector):
         self.device = torch.device(device)
         self.dtype = dtype
         self.cache_bytes = cache_bytes
-        self._cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._cache: dict[tuple[tuple[str, tuple[int, ...]], ...], torch.Tensor] = {}  # by parameter group
         self._cached_bytes = 0
 
-    def _build(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _build(self, params: tuple[tuple[str, tuple[int, ...]], ...]) -> torch.Tensor:
+        """``[R_p1ᵀ | R_p2ᵀ | …]``: the parameters' matrices side by side, ``(k, Σ numel)``."""
         spec = self.spec
-        outputs, signs = sjlt_coordinates(spec.seed, name, shape, spec.dim, spec.nonzeros, self.device)
-        numel = outputs.shape[1]
-        inputs = torch.arange(numel, device=self.device).expand_as(outputs)
-        values = signs.to(self.dtype) / math.sqrt(spec.nonzeros)
-        coo = torch.sparse_coo_tensor(torch.stack([outputs.flatten(), inputs.flatten()]), values.flatten(),
-                                      (spec.dim, numel), check_invariants=False)
+        rows, columns, offset = [], [], 0
+        signs = []
+        for name, shape in params:
+            outputs, sign = sjlt_coordinates(spec.seed, name, shape, spec.dim, spec.nonzeros, self.device)
+            numel = outputs.shape[1]
+            rows.append(outputs.flatten())
+            columns.append((torch.arange(numel, device=self.device) + offset).expand_as(outputs).flatten())
+            signs.append(sign.flatten())
+            offset += numel
+        values = torch.cat(signs).to(self.dtype) / math.sqrt(spec.nonzeros)
+        coo = torch.sparse_coo_tensor(torch.stack([torch.cat(rows), torch.cat(columns)]), values,
+                                      (spec.dim, offset), check_invariants=False)
         # Within a block each coordinate has one output, so coalescing sums nothing: exact.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             return coo.coalesce().to_sparse_csr()
 
-    def _matrix(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
-        cached = self._cache.get((name, shape))
+    def _matrix(self, params: tuple[tuple[str, tuple[int, ...]], ...]) -> torch.Tensor:
+        cached = self._cache.get(params)
         if cached is not None:
             return cached
-        matrix = self._build(name, shape)
+        matrix = self._build(params)
         size = matrix.values().numel() * 12
         if self._cached_bytes + size <= self.cache_bytes:
-            self._cache[(name, shape)] = matrix
+            self._cache[params] = matrix
             self._cached_bytes += size
         return matrix
 
+    def _multiply(self, matrix: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(matrix, flat.to(self.dtype).T).T
+
     def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
-        flat = grads.reshape(grads.shape[0], -1).to(self.dtype)
-        return torch.sparse.mm(self._matrix(name, tuple(grads.shape[1:])), flat.T).T
+        flat = grads.reshape(grads.shape[0], -1)
+        return self._multiply(self._matrix(((name, tuple(grads.shape[1:])),)), flat)
+
+    def project_many(self, params: list[tuple[str, tuple[int, ...]]], grads: torch.Tensor) -> torch.Tensor:
+        """One sparse product with the parameters' matrices side by side (built and cached once)."""
+        key = tuple((name, tuple(shape)) for name, shape in params)
+        return self._multiply(self._matrix(key), grads)
 
 
 def make_projector(spec: ProjectionSpec, device: torch.device | str = "cpu", **kwargs) -> Projector:

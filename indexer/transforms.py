@@ -17,8 +17,9 @@ moments.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -43,6 +44,17 @@ class GradientTransform(ABC):
     def __call__(self, param: str, grads: torch.Tensor) -> torch.Tensor:
         """``grads``: ``(batch, *param_shape)`` gradients of ``param``; same shape and dtype out."""
 
+    def flat(self, params: Sequence[tuple[str, tuple[int, ...]]], grads: torch.Tensor) -> torch.Tensor:
+        """``grads``: ``(batch, Σ numel)``, the per-example gradients of ``params`` (``(name, shape)``
+        pairs) flattened and concatenated in order; the transformed gradients, same layout."""
+        outs, offset = [], 0
+        for name, shape in params:
+            numel = math.prod(shape)
+            part = grads[:, offset:offset + numel].reshape(grads.shape[0], *shape)
+            outs.append(self(name, part).reshape(grads.shape[0], numel))
+            offset += numel
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
 
 class SGD(GradientTransform):
     """The raw gradient."""
@@ -53,6 +65,9 @@ class SGD(GradientTransform):
     def __call__(self, param: str, grads: torch.Tensor) -> torch.Tensor:
         return grads
 
+    def flat(self, params, grads: torch.Tensor) -> torch.Tensor:
+        return grads
+
 
 class Sign(GradientTransform):
     """The sign of the gradient (zero stays zero)."""
@@ -61,6 +76,9 @@ class Sign(GradientTransform):
     needs_optimizer_state = False
 
     def __call__(self, param: str, grads: torch.Tensor) -> torch.Tensor:
+        return torch.sign(grads)
+
+    def flat(self, params, grads: torch.Tensor) -> torch.Tensor:
         return torch.sign(grads)
 
 
@@ -76,6 +94,9 @@ class _AdamFamily(GradientTransform):
     def __init__(self, states: Mapping[str, AdamParamState]):
         self.states = dict(states)
         self._moments: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        # (params, device) -> the constants of _apply for those parameters concatenated, or None
+        # when their hyper-parameters differ (then each parameter is transformed on its own).
+        self._flat: dict[tuple, tuple | None] = {}
 
     def _state(self, param: str) -> AdamParamState:
         """The checkpoint state of ``param``; an error naming it when there is none."""
@@ -105,6 +126,43 @@ class _AdamFamily(GradientTransform):
             )
         return exp_avg, exp_avg_sq
 
+    @abstractmethod
+    def _constants(self, state: AdamParamState, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> tuple:
+        """``(m0, alpha_m, v0, alpha_v, eps)`` of ``_apply`` for one parameter's state."""
+
+    @staticmethod
+    def _apply(grads: torch.Tensor, m0: torch.Tensor, alpha_m: float, v0: torch.Tensor, alpha_v: float,
+               eps: float) -> torch.Tensor:
+        """``(m0 + alpha_m g) / (sqrt(v0 + alpha_v g²) + eps)`` in float32, two passes' memory."""
+        g = grads.to(torch.float32)
+        denominator = torch.addcmul(v0, g, g, value=alpha_v).sqrt_().add_(eps)
+        return torch.add(m0, g, alpha=alpha_m).div_(denominator).to(grads.dtype)
+
+    def _hyper(self, param: str) -> tuple:
+        return ()
+
+    def __call__(self, param: str, grads: torch.Tensor) -> torch.Tensor:
+        exp_avg, exp_avg_sq = self._moments_on(param, grads)
+        return self._apply(grads, *self._constants(self._state(param), exp_avg, exp_avg_sq))
+
+    def flat(self, params, grads: torch.Tensor) -> torch.Tensor:
+        key = (tuple(params), grads.device)
+        if key not in self._flat:
+            self._flat[key] = None
+            if len({self._hyper(name) for name, _ in params}) == 1:
+                moments = [self._moments_on(name, grads.new_empty((0, *shape))) for name, shape in params]
+                exp_avg = torch.cat([m.reshape(-1) for m, _ in moments])
+                exp_avg_sq = torch.cat([v.reshape(-1) for _, v in moments])
+                if exp_avg.numel() != grads.shape[1]:
+                    raise OptimizerStateError(f"{self.name} transform: gradients of {len(params)} parameters "
+                                              f"have {grads.shape[1]} elements per example, their optimizer "
+                                              f"state {exp_avg.numel()}")
+                self._flat[key] = self._constants(self._state(params[0][0]), exp_avg, exp_avg_sq)
+        constants = self._flat[key]
+        if constants is None:
+            return super().flat(params, grads)
+        return self._apply(grads, *constants)
+
 
 class Adam(_AdamFamily):
     """Bias-corrected AdamW update direction if ``g`` were the optimizer's next gradient.
@@ -117,16 +175,16 @@ class Adam(_AdamFamily):
 
     name = "adam"
 
-    def __call__(self, param: str, grads: torch.Tensor) -> torch.Tensor:
-        exp_avg, exp_avg_sq = self._moments_on(param, grads)
+    def _hyper(self, param: str) -> tuple:
         state = self._state(param)
-        g = grads.to(torch.float32)
+        return state.step, state.beta1, state.beta2, state.eps
+
+    def _constants(self, state, exp_avg, exp_avg_sq) -> tuple:
+        # m_hat = (b1 m + (1 - b1) g) / (1 - b1^t), v_hat likewise: bias corrections folded in.
         step = state.step + 1
-        m = state.beta1 * exp_avg + (1 - state.beta1) * g
-        v = state.beta2 * exp_avg_sq + (1 - state.beta2) * g.square()
-        m_hat = m / (1 - state.beta1 ** step)
-        v_hat = v / (1 - state.beta2 ** step)
-        return (m_hat / (v_hat.sqrt() + state.eps)).to(grads.dtype)
+        c1, c2 = 1 / (1 - state.beta1 ** step), 1 / (1 - state.beta2 ** step)
+        return (exp_avg * (state.beta1 * c1), (1 - state.beta1) * c1,
+                exp_avg_sq * (state.beta2 * c2), (1 - state.beta2) * c2, state.eps)
 
 
 class LessAdam(_AdamFamily):
@@ -141,12 +199,9 @@ class LessAdam(_AdamFamily):
 
     name = "less"
 
-    def __call__(self, param: str, grads: torch.Tensor) -> torch.Tensor:
-        exp_avg, exp_avg_sq = self._moments_on(param, grads)
-        g = grads.to(torch.float32)
-        m = LESS_BETA1 * exp_avg + (1 - LESS_BETA1) * g
-        v = LESS_BETA2 * exp_avg_sq + (1 - LESS_BETA2) * g.square()
-        return (m / torch.sqrt(v + LESS_EPS)).to(grads.dtype)
+    def _constants(self, state, exp_avg, exp_avg_sq) -> tuple:
+        # m' / sqrt(v' + eps): the eps goes inside the square root, so into v0, and none outside.
+        return (exp_avg * LESS_BETA1, 1 - LESS_BETA1, exp_avg_sq * LESS_BETA2 + LESS_EPS, 1 - LESS_BETA2, 0.0)
 
 
 def make_transform(kind: str, states: Mapping[str, AdamParamState] | None) -> GradientTransform:

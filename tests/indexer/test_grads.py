@@ -79,3 +79,24 @@ def test_example_without_labels_is_rejected(tiny_model_dirs, tiny_tokenizer):
     examples = [([5, 6, 7], [-100, -100, 7]), ([5, 6, 7], [5, -100, -100])]
     with pytest.raises(ValueError, match="no label tokens"):
         PerExampleGradients(model)(Batch.collate(examples, pad_id=0, device="cpu"))
+
+
+def test_grouped_gradients_are_the_per_parameter_ones_concatenated(tiny_model_dirs, tiny_tokenizer):
+    model = lora_model(tiny_model_dirs["llama"], "llama")
+    examples = make_examples([9, 14], len(tiny_tokenizer), seed=5)
+    computer = PerExampleGradients(model)
+    batch = Batch.collate(examples, pad_id=0, device="cpu")
+    _, per_param = computer(batch)
+    expected = dict(per_param)
+    sizes = {name: torch.Size(shape).numel() for name, shape in computer.param_shapes.items()}
+    limit = 3 * max(sizes.values())
+    _, groups = computer.grouped(batch, max_elements=limit)
+    seen = []
+    for params, flat in groups:
+        assert sum(sizes[name] for name, _ in params) <= limit and flat.shape == (2, sum(sizes[n] for n, _ in params))
+        offset = 0
+        for name, shape in params:
+            torch.testing.assert_close(flat[:, offset:offset + sizes[name]].reshape(2, *shape), expected[name])
+            offset += sizes[name]
+        seen += [name for name, _ in params]
+    assert seen == list(computer.param_shapes)

@@ -193,3 +193,16 @@ def test_projected_cosines_track_exact_cosines_of_real_gradients(tiny_model_dirs
     # The error matches JL theory: std ≈ sqrt((1 + cos²) / k) (within a factor of 1.5).
     predicted = np.sqrt((1 + exact**2) / spec.dim).mean()
     assert np.std(approx - exact) < 1.5 * predicted
+
+
+@pytest.mark.parametrize("kind", ["sjlt", "rademacher"])
+def test_projecting_a_group_of_parameters_sums_their_projections(kind):
+    spec = ProjectionSpec(kind=kind, dim=256, seed=3)
+    params = [("a", (4, 6)), ("b", (6, 4)), ("c", (5,))]
+    grads = [torch.randn(3, *shape) for _, shape in params]
+    projector = make_projector(spec)
+    expected = sum(projector.project(name, g) for (name, _), g in zip(params, grads))
+    flat = torch.cat([g.reshape(3, -1) for g in grads], dim=1)
+    torch.testing.assert_close(projector.project_many(params, flat), expected, rtol=1e-5, atol=1e-5)
+    uncached = make_projector(spec, cache_bytes=0).project_many(params, flat)
+    torch.testing.assert_close(uncached, expected, rtol=1e-5, atol=1e-5)

@@ -230,3 +230,28 @@ def test_unknown_param_and_shape_mismatch_are_named():
                        match=rf"{PARAM}: per-example gradients have shape \(1, 2, 3\).*"
                              r"optimizer state has shape \(2, 2\)"):
         transform(PARAM, torch.zeros(1, 2, 3))
+
+
+@pytest.mark.parametrize("kind", ["sgd", "sign", "adam", "less"])
+def test_flat_transform_of_a_parameter_group_equals_each_parameter_on_its_own(kind):
+    shapes = {"p.lora_A.weight": (3, 4), "p.lora_B.weight": (5, 3)}
+    states = {name: random_state(shape, seed=i) for i, (name, shape) in enumerate(shapes.items())}
+    transform = make_transform(kind, states)
+    grads = {name: random_grads(2, shape, seed=i + 5) for i, (name, shape) in enumerate(shapes.items())}
+    params = list(shapes.items())
+    flat = torch.cat([grads[name].reshape(2, -1) for name, _ in params], dim=1)
+    expected = torch.cat([transform(name, grads[name]).reshape(2, -1) for name, _ in params], dim=1)
+    torch.testing.assert_close(transform.flat(params, flat), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_flat_adam_with_different_hyperparameters_per_parameter():
+    shapes = {"p.lora_A.weight": (3, 4), "p.lora_B.weight": (5, 3)}
+    states = {"p.lora_A.weight": random_state((3, 4), step=2), "p.lora_B.weight": random_state((5, 3), step=9)}
+    transform = Adam(states)
+    params = list(shapes.items())
+    flat = random_grads(2, (27,))
+    out = transform.flat(params, flat)
+    torch.testing.assert_close(out[:, :12].reshape(2, 3, 4), transform("p.lora_A.weight", flat[:, :12].reshape(2, 3, 4)))
+    torch.testing.assert_close(out[:, 12:].reshape(2, 5, 3), transform("p.lora_B.weight", flat[:, 12:].reshape(2, 5, 3)))
+    np.testing.assert_allclose(out[:, 12:].reshape(2, 5, 3).double().numpy(),
+                               adam_by_hand(states["p.lora_B.weight"], flat[:, 12:].reshape(2, 5, 3)), rtol=1e-5, atol=1e-6)
