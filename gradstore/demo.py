@@ -1,9 +1,10 @@
-"""``make demo``: the whole gradstore pipeline on a generated corpus, on CPU, in a few minutes.
+"""``make demo``: the whole gradstore pipeline on a generated corpus, on CPU, in under ten minutes.
 
 1. Generate a multi-task instruction corpus (several task families plus noise) and a target task
    given as a few examples (``gradstore.indexer.demo_corpus``).
 2. Build a byte-level BPE tokenizer and a tiny Llama-style model locally, and pretrain it briefly on
-   the corpus so that its gradients mean something.
+   the corpus as plain text (task examples as prompt and answer lines, chit-chat in the chat
+   format) so that its gradients mean something and it has skills for fine-tuning to bring out.
 3. Warmup: LoRA training on a random fraction of the corpus, one checkpoint per epoch with its
    optimizer state and average learning rate (``gradstore.indexer.warmup``).
 4. Index the corpus (``adam`` gradients at every warmup checkpoint) into a datastore.
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import time
@@ -31,8 +33,8 @@ from pathlib import Path
 
 # Fine-tuning of the comparison arms: a LoRA on every linear map of the tiny model, trained hard
 # enough on 150 examples to learn the task's answer format; the full corpus gets one epoch.
-FINETUNE = dict(epochs=5, learning_rate=5e-3, lora_r=8, lora_alpha=16, lora_targets="all-linear", batch_size=8,
-                max_length=128)
+FINETUNE = dict(epochs=5, learning_rate=5e-3, lora_r=8, lora_alpha=16, lora_dropout=0.0, lora_targets="all-linear",
+                batch_size=8, max_length=128)
 FULL_EPOCHS = 1
 HELDOUT_EXAMPLES = 100
 
@@ -42,52 +44,77 @@ def log(message: str) -> None:
 
 
 def pretrain(model_dir: Path, texts: list[str], steps: int, seed: int = 0) -> None:
-    """A short full-parameter causal-LM pretraining of the tiny model on ``texts``."""
+    """A short full-parameter causal-LM pretraining of the tiny model on ``texts`` (written with
+    their special tokens): AdamW at 3e-3 with 50 warmup steps and a cosine decay, batches of 32."""
     import torch
     from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, min(50, steps // 10), steps)
     rng = random.Random(seed)
-    for _ in tqdm(range(steps), desc="pretraining", unit="step", dynamic_ncols=True):
-        batch = tokenizer(rng.sample(texts, 32), return_tensors="pt", padding=True, truncation=True,
-                          max_length=96)
-        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    with tqdm(range(steps), desc="pretraining", unit="step", dynamic_ncols=True) as bar:
+        for _ in bar:
+            batch = tokenizer(rng.sample(texts, min(32, len(texts))), return_tensors="pt", padding=True,
+                              truncation=True, max_length=96, add_special_tokens=False)
+            labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            loss = model(**batch, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.save_pretrained(model_dir)
 
 
 RECIPE_FILE = "demo_recipe.json"
+RECIPE = {"version": 2, "hidden": 128, "layers": 4, "heads": 4, "vocab_size": 768, "task_text": "prompt\\nanswer",
+          "noise_text": "chat", "schedule": "cosine", "learning_rate": 3e-3}
+
+
+def pretraining_texts(corpus: list[dict], bos: str = "", eos: str = "") -> list[str]:
+    """The corpus as pretraining text: task examples as two plain lines (prompt, answer), the
+    chit-chat (noise) in the chat format the indexer and fine-tuning use (``gradstore-default``,
+    see ``gradstore.indexer.formatting``), each between ``bos`` and ``eos``.
+
+    The model thus knows the chat format (from chit-chat) and every task (as plain text), but has
+    never answered a task in the chat format: that is what fine-tuning teaches it. The line break
+    before the answer makes the answer's first token the same as after the chat format's
+    assistant header (byte-level BPE tokens differ with and without a leading space).
+    """
+    from gradstore.indexer.demo_corpus import NOISE
+
+    texts = []
+    for record in corpus:
+        prompt, answer = (m["content"] for m in record["messages"])
+        if record["dataset"] == NOISE:
+            texts.append(f"{bos}<|user|>\n{prompt}\n<|assistant|>\n{answer}{eos}")
+        else:
+            texts.append(f"{bos}{prompt}\n{answer}{eos}")
+    return texts
 
 
 def build_base_model(out: Path, corpus: list[dict], steps: int) -> Path:
-    """A tiny Llama-style model pretrained on the corpus as plain text (``prompt answer</s>``).
+    """A tiny Llama-style model pretrained on the corpus (see :func:`pretraining_texts`).
 
-    The model never sees the chat format: fine-tuning teaches it. Each text ends with EOS so that
-    the model learns when an answer is over. A model already in ``out/base-model`` is reused when
-    its recorded recipe is this one.
+    A model already in ``out/base-model`` is reused when it was built with the same recipe.
     """
     from gradstore.indexer.tiny import build_model, build_tokenizer
 
     model_dir = out / "base-model"
-    recipe = {"version": 2, "examples": len(corpus), "pretrain_steps": steps, "hidden": 128, "layers": 4,
-              "vocab_size": 768, "eos": True}
+    recipe = {**RECIPE, "examples": len(corpus), "pretrain_steps": steps}
     recorded = model_dir / RECIPE_FILE
     if (model_dir / "config.json").exists() and recorded.is_file() and json.loads(recorded.read_text()) == recipe:
         log(f"reusing the base model in {model_dir}")
         return model_dir
-    texts = [" ".join(m["content"] for m in r["messages"]) for r in corpus]
-    tokenizer = build_tokenizer(texts, vocab_size=recipe["vocab_size"])
-    build_model("llama", tokenizer, model_dir, hidden=recipe["hidden"], layers=recipe["layers"], heads=4,
-                max_positions=256)
-    pretrain(model_dir, [text + tokenizer.eos_token for text in texts], steps)
+    tokenizer = build_tokenizer(pretraining_texts(corpus), vocab_size=recipe["vocab_size"])
+    build_model("llama", tokenizer, model_dir, hidden=recipe["hidden"], layers=recipe["layers"],
+                heads=recipe["heads"], max_positions=256)
+    pretrain(model_dir, pretraining_texts(corpus, tokenizer.bos_token, tokenizer.eos_token), steps)
     recorded.write_text(json.dumps(recipe) + "\n")
     return model_dir
 
@@ -155,6 +182,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="fine-tuning seeds of the selected and random arms (the full corpus uses the first)")
     parser.add_argument("--no-eval", action="store_true", help="stop after the selection (no fine-tuning)")
     args = parser.parse_args(argv)
+    # Idle OpenMP threads sleep instead of spinning: on a small machine shared with other work,
+    # spinning threads of the demo and its service fight each other and every other process for
+    # the cores (training steps were measured 10-20x slower). Read when torch loads, so set first.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
     from gradstore.evaluate import family_share
     from gradstore.indexer.corpus import CorpusSource

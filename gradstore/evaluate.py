@@ -318,7 +318,7 @@ def format_table(result: ComparisonResult) -> str:
             values = ", ".join(f"{seed}: {loss:.4f} / {accuracy:.1%}"
                                for seed, loss, accuracy in zip(arm.seeds, arm.losses, arm.accuracies))
             lines.append(f"  {_LABELS[name]:<12} {values}")
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def to_json(result: ComparisonResult) -> str:

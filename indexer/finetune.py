@@ -148,7 +148,7 @@ def finetune_lora(records: Sequence[dict | Record], model_dir: str | Path, token
     for record in to_records(records):
         encoded = formatter.encode(record)
         examples.append((encoded.input_ids, encoded.labels))
-    steps_per_epoch, total, warmup = schedule_steps(len(examples), batch_size, epochs, warmup_ratio)
+    steps_per_epoch = schedule_steps(len(examples), batch_size, epochs, warmup_ratio)[0]
     log(f"{desc}: {len(examples):,} examples, {epochs} epoch(s) of {steps_per_epoch} step(s), lr {learning_rate:g}, "
         f"LoRA r={lora_r} alpha={lora_alpha:g}, seed {seed}")
     model = fresh_lora_model(model_dir, dtype=dtype, device=torch_device, r=lora_r, alpha=lora_alpha,

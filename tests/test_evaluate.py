@@ -45,7 +45,7 @@ def pipeline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def result(pipeline) -> ComparisonResult:
-    settings = FinetuneSettings(epochs=1, learning_rate=2e-3, lora_r=8, lora_alpha=16, lora_dropout=0.0, batch_size=8,
+    settings = FinetuneSettings(epochs=2, learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.0, batch_size=8,
                                 max_length=64)
     return compare(pipeline["store"], pipeline["targets"], pipeline["heldout"], fraction=FRACTION, seeds=(0,),
                    include_full=False, settings=settings, max_new_tokens=6, family_field="dataset",
@@ -69,7 +69,7 @@ def test_compare_returns_every_arm_well_formed(result, pipeline):
     base, less, rand = (result.arms[name] for name in ("base", "less", "random"))
     assert (base.examples, base.seeds, len(base.losses)) == (0, [], 1)
     for arm in (less, rand):
-        assert arm.examples == result.selected and arm.seeds == [0] and arm.epochs == 1
+        assert arm.examples == result.selected and arm.seeds == [0] and arm.epochs == 2
         assert len(arm.losses) == len(arm.accuracies) == len(arm.train_seconds) == 1
         assert arm.loss_std == 0.0
     for arm in result.arms.values():
@@ -95,4 +95,23 @@ def test_table_and_json(result):
     document = json.loads(to_json(result))
     assert document["arms"]["less"]["losses"] == result.arms["less"].losses
     assert document["precision"] == result.precision and document["fraction"] == FRACTION
-    assert document["settings"]["epochs"] == 1
+    assert document["settings"]["epochs"] == 2
+
+
+def test_cli_eval_prints_the_table_and_writes_json(pipeline, tmp_path, capsys):
+    from gradstore.cli import main
+
+    targets = write_jsonl(pipeline["targets"], tmp_path / "targets.jsonl")
+    heldout = write_jsonl(pipeline["heldout"][:4], tmp_path / "heldout.jsonl")
+    out = tmp_path / "eval.json"
+    code = main(["eval", "--store", str(pipeline["store"]), "--targets", str(targets), "--heldout", str(heldout),
+                 "--seeds", "1", "--no-full", "--epochs", "1", "--learning-rate", "1e-2", "--lora-r", "4",
+                 "--lora-alpha", "8", "--max-new-tokens", "4", "--family-field", "dataset", "--json", str(out),
+                 "--device", "cpu", "--no-progress"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "LESS 5%" in printed and "selection precision (dataset = unit_conversion)" in printed
+    document = json.loads(out.read_text())
+    assert document["target_family"] == TARGET  # taken from the targets' common family
+    assert document["arms"]["random"]["seeds"] == [1] and "full" not in document["arms"]
+    assert document["settings"]["lora_r"] == 4 and document["heldout"] == 4
