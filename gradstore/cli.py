@@ -164,6 +164,9 @@ def _add_warmup_parser(subparsers) -> None:
     p.add_argument("--template", default="auto", choices=["auto", "default", "tokenizer"])
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--optimizer-format", default="pt", choices=["pt", "bin"],
+                   help="optimizer state file: HF Trainer's integer-keyed optimizer.pt, or a name-keyed "
+                        "optimizer.bin (accelerate / FSDP layout); `gradstore index` reads both")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=_run_warmup)
 
@@ -179,7 +182,7 @@ def _run_warmup(args) -> int:
         lora_r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
         lora_targets=_split_targets(args.lora_targets), batch_size=args.batch_size,
         max_length=args.max_length, template=args.template, dtype=args.dtype, device=args.device,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        progress=not args.no_progress, overwrite=args.overwrite, optimizer_format=args.optimizer_format,
     )
     result = run_warmup(config, log=lambda line: print(line, file=sys.stderr))
     print(f"warmup run written to {result.out}: {len(result.checkpoints)} checkpoints, "

@@ -8,7 +8,9 @@ average learning rate of its epoch. This module writes exactly what the indexer 
     OUT/
     ├── epoch-1/
     │   ├── adapter_config.json, adapter_model.safetensors    (PEFT save_pretrained)
-    │   ├── optimizer.pt                                      (AdamW state_dict, integer-keyed)
+    │   ├── optimizer.pt                                      (AdamW state_dict, integer-keyed;
+    │   │                                                      optimizer.bin, name-keyed, with
+    │   │                                                      optimizer_format="bin")
     │   └── gradstore_checkpoint.json                         {"epoch", "global_step",
     │                                                          "average_learning_rate", "train_loss"}
     ├── epoch-2/ ...
@@ -76,7 +78,9 @@ from .model import DTYPES, _quiet_peft, load_base_model, load_tokenizer, resolve
 RUN_MANIFEST = "warmup_run.json"
 RUN_FORMAT = "gradstore-warmup-run"
 RUN_VERSION = 1
-OPTIMIZER_FILE = "optimizer.pt"
+# Both layouts the indexer reads (gradstore.indexer.optimizer_state): HF Trainer's integer-keyed
+# optimizer.pt and the name-keyed optimizer.bin of accelerate / FSDP full state dicts.
+OPTIMIZER_FILES = {"pt": "optimizer.pt", "bin": "optimizer.bin"}
 CHECKPOINT_PREFIX = "epoch-"
 
 
@@ -107,6 +111,7 @@ class WarmupConfig:
     device: str = "auto"
     progress: bool = True  # a tqdm bar per epoch
     overwrite: bool = False  # replace an existing out
+    optimizer_format: str = "pt"  # "pt": HF Trainer's integer-keyed optimizer.pt; "bin": name-keyed optimizer.bin
 
     def __post_init__(self) -> None:
         self.model = Path(self.model)
@@ -121,6 +126,8 @@ class WarmupConfig:
         if not self.corpus:
             raise JobError("no corpus sources given: name at least one corpus file or folder")
         _check_number("fraction", self.fraction, low=0.0, high=1.0, low_open=True)
+        if self.optimizer_format not in OPTIMIZER_FILES:
+            raise JobError(f"optimizer_format={self.optimizer_format!r}: expected one of {', '.join(OPTIMIZER_FILES)}")
         _check_integer("epochs", self.epochs, minimum=1)
         _check_integer("seed", self.seed, minimum=None)
         _check_number("learning_rate", self.learning_rate, low=0.0, low_open=True)
@@ -265,7 +272,7 @@ def run_warmup(config: WarmupConfig, log: Callable[[str], None] = print) -> Warm
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
         def save(epoch: int, optimizer: torch.optim.Optimizer, info: dict) -> None:
-            _save_checkpoint(work / f"{CHECKPOINT_PREFIX}{epoch}", model, optimizer, info)
+            _save_checkpoint(work / f"{CHECKPOINT_PREFIX}{epoch}", model, optimizer, info, config.optimizer_format)
             log(f"epoch {epoch}/{config.epochs}: train loss {info['train_loss']:.4f}, "
                 f"average learning rate {info['average_learning_rate']:.4g}, step {info['global_step']}")
 
@@ -434,12 +441,31 @@ def _batch_loss(model, batch: Batch) -> torch.Tensor:
     return per_example_losses(logits, batch.labels).mean()
 
 
-def _save_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer, info: dict) -> None:
+def _save_checkpoint(path: Path, model, optimizer: torch.optim.Optimizer, info: dict,
+                     optimizer_format: str = "pt") -> None:
     path.mkdir(parents=True)
     model.save_pretrained(str(path))
-    # Integer-keyed, one param group in named_parameters() order: HF Trainer's optimizer.pt layout.
-    torch.save(optimizer.state_dict(), path / OPTIMIZER_FILE)
+    state = optimizer.state_dict()
+    if optimizer_format == "bin":
+        state = _name_keyed(state, model)
+    torch.save(state, path / OPTIMIZER_FILES[optimizer_format])
     (path / GRADSTORE_CHECKPOINT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _name_keyed(state: dict, model) -> dict:
+    """An integer-keyed state dict (one group over the trainable parameters in
+    ``named_parameters()`` order, as :func:`train_lora` builds it) keyed by parameter names, with
+    every group listing its names: the layout of accelerate / FSDP full optimizer state dicts."""
+    names = [name for name, param in model.named_parameters() if param.requires_grad]
+    by_id = {}
+    for group in state["param_groups"]:
+        for param_id in group["params"]:
+            by_id[param_id] = names[param_id]
+    return {"state": {by_id[param_id]: value for param_id, value in state["state"].items()},
+            "param_groups": [{**{k: v for k, v in group.items() if k != "param_names"},
+                              "params": [by_id[param_id] for param_id in group["params"]]}
+                             for group in state["param_groups"]]}
+
 
 
 def _publish(work: Path, out: Path, overwrite: bool) -> None:

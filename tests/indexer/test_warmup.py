@@ -15,7 +15,7 @@ from gradstore.indexer.checkpoints import CheckpointSpec, recorded_learning_rate
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.errors import CheckpointError, JobError
 from gradstore.indexer.model import LoraSpec, attach_lora, load_base_model
-from gradstore.indexer.optimizer_state import canonical_param_name, load_optimizer_state
+from gradstore.indexer.optimizer_state import canonical_param_name, find_optimizer_file, load_optimizer_state
 from gradstore.indexer.tiny import build_model, build_tokenizer
 from gradstore.indexer.warmup import RUN_MANIFEST, WarmupConfig, read_run_manifest, run_warmup
 
@@ -148,6 +148,29 @@ def test_optimizer_state_reads_back_with_the_step_count(run, setup):
     assert any(not torch.equal(first[key], second[key]) for key in first)
 
 
+def test_name_keyed_optimizer_bin_holds_the_same_state(run, setup):
+    result, _ = run
+    named = run_warmup(make_config(setup, setup["root"] / "runs" / "bin", optimizer_format="bin"),
+                       log=lambda *_: None)
+    base = load_base_model(setup["model"], "fp32", torch.device("cpu"))
+    model = attach_lora(base, [CheckpointSpec.parse(str(named.checkpoints[0]))], LoraSpec())
+    shapes = OrderedDict((canonical_param_name(n), p.shape) for n, p in model.named_parameters() if p.requires_grad)
+    for pt_checkpoint, bin_checkpoint in zip(result.checkpoints, named.checkpoints, strict=True):
+        found = find_optimizer_file(bin_checkpoint)
+        assert found == bin_checkpoint / "optimizer.bin" and not (bin_checkpoint / "optimizer.pt").exists()
+        saved = torch.load(found, weights_only=True)
+        assert all(isinstance(key, str) and ".lora_" in key for key in saved["state"])
+        assert all(isinstance(name, str) for name in saved["param_groups"][0]["params"])
+        # The same seeded run: the name-keyed file holds exactly the integer-keyed file's moments.
+        from_bin = load_optimizer_state(found, shapes)
+        from_pt = load_optimizer_state(pt_checkpoint / "optimizer.pt", shapes)
+        assert from_bin.keys() == from_pt.keys() == shapes.keys()
+        for name, state in from_bin.items():
+            other = from_pt[name]
+            assert (state.step, state.beta1, state.beta2, state.eps) == (other.step, other.beta1, other.beta2, other.eps)
+            assert torch.equal(state.exp_avg, other.exp_avg) and torch.equal(state.exp_avg_sq, other.exp_avg_sq)
+
+
 def test_run_manifest_lists_checkpoints_in_epoch_order(run):
     result, _ = run
     specs = read_run_manifest(result.out)
@@ -205,6 +228,7 @@ def test_same_seed_gives_identical_adapters_and_overwrite_replaces(setup):
     ({"betas": (0.9, 1.0)}, "beta2"),
     ({"template": "chatml"}, "template"),
     ({"dtype": "int8"}, "dtype"),
+    ({"optimizer_format": "safetensors"}, "optimizer_format"),
     ({"corpus": []}, "corpus"),
 ])
 def test_invalid_settings_raise_job_error(setup, tmp_path, overrides, message):
