@@ -150,13 +150,9 @@ class Projector(ABC):
         return out
 
 
-class RademacherProjector(Projector):
-    """Dense Rademacher projection, generated blockwise and cached up to ``cache_bytes``.
-
-    Matrices are generated on ``device`` (the hash is device-independent) and kept for reuse while
-    the cache has room; past that, blocks are regenerated on every call, so memory stays bounded
-    by one block whatever the model size.
-    """
+class _MatrixProjector(Projector):
+    """A projector whose per-parameter matrices are generated on ``device`` in ``dtype`` and kept
+    for reuse while their total size stays within ``cache_bytes`` (then regenerated per call)."""
 
     def __init__(self, spec: ProjectionSpec, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, cache_bytes: int = 2 << 30):
@@ -164,8 +160,27 @@ class RademacherProjector(Projector):
         self.device = torch.device(device)
         self.dtype = dtype
         self.cache_bytes = cache_bytes
-        self._cache: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
         self._cached_bytes = 0
+
+    def _fits(self, size: int) -> bool:
+        return self._cached_bytes + size <= self.cache_bytes
+
+    def _keep(self, key: tuple, matrix: torch.Tensor, size: int) -> torch.Tensor:
+        """Cache ``matrix`` (``size`` bytes) under ``key`` if it fits; returns it either way."""
+        if self._fits(size):
+            self._cache[key] = matrix
+            self._cached_bytes += size
+        return matrix
+
+
+class RademacherProjector(_MatrixProjector):
+    """Dense Rademacher projection, generated blockwise and cached up to ``cache_bytes``.
+
+    Matrices are generated on ``device`` (the hash is device-independent) and kept for reuse while
+    the cache has room; past that, blocks are regenerated on every call, so memory stays bounded
+    by one block whatever the model size.
+    """
 
     def _blocks(self, name: str, shape: tuple[int, ...]):
         numel = math.prod(shape)
@@ -181,12 +196,9 @@ class RademacherProjector(Projector):
         if cached is not None:
             return cached
         size = math.prod(shape) * self.spec.dim * torch.tensor([], dtype=self.dtype).element_size()
-        if self._cached_bytes + size > self.cache_bytes:
+        if not self._fits(size):  # too large to keep: project block by block instead
             return None
-        matrix = torch.cat([block for _, block in self._blocks(name, shape)])
-        self._cache[(name, shape)] = matrix
-        self._cached_bytes += size
-        return matrix
+        return self._keep((name, shape), torch.cat([block for _, block in self._blocks(name, shape)]), size)
 
     def project(self, name: str, grads: torch.Tensor) -> torch.Tensor:
         shape = tuple(grads.shape[1:])
@@ -213,23 +225,15 @@ def sjlt_coordinates(seed: int, name: str, shape: tuple[int, ...], dim: int, non
     return offsets + h % block, (1 - 2 * (h >> 31)).to(torch.int8)
 
 
-class SparseProjector(Projector):
+class SparseProjector(_MatrixProjector):
     """The ``sjlt`` projection as a sparse ``(k, numel)`` CSR matrix per parameter, or per group
     of parameters (:meth:`project_many`: their matrices side by side, one product for the group).
 
     ``Rᵀ vec(g)`` for a whole batch is one sparse-dense matrix product (MKL on CPU, cuSPARSE on
     GPU). Matrices are cached while they fit ``cache_bytes`` (12 bytes per non-zero), else rebuilt
-    from the hash on each call; building one costs about as much as one projection.
+    from the hash on each call; building one costs about as much as one projection. The cache is
+    keyed by parameter group.
     """
-
-    def __init__(self, spec: ProjectionSpec, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, cache_bytes: int = 2 << 30):
-        super().__init__(spec)
-        self.device = torch.device(device)
-        self.dtype = dtype
-        self.cache_bytes = cache_bytes
-        self._cache: dict[tuple[tuple[str, tuple[int, ...]], ...], torch.Tensor] = {}  # by parameter group
-        self._cached_bytes = 0
 
     def _build(self, params: tuple[tuple[str, tuple[int, ...]], ...]) -> torch.Tensor:
         """``[R_p1ᵀ | R_p2ᵀ | …]``: the parameters' matrices side by side, ``(k, Σ numel)``."""
@@ -256,11 +260,7 @@ class SparseProjector(Projector):
         if cached is not None:
             return cached
         matrix = self._build(params)
-        size = matrix.values().numel() * 12
-        if self._cached_bytes + size <= self.cache_bytes:
-            self._cache[params] = matrix
-            self._cached_bytes += size
-        return matrix
+        return self._keep(params, matrix, matrix.values().numel() * 12)
 
     def _multiply(self, matrix: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         return torch.sparse.mm(matrix, flat.to(self.dtype).T).T

@@ -5,11 +5,13 @@ import numpy as np
 import pytest
 
 from gradstore.indexer.faiss_index import (
+    IVF_NPROBE,
     build_index,
     choose_factory,
     concat_weighted,
     ivf_nlist,
     normalized_weights,
+    read_index,
     train_sample_size,
 )
 
@@ -108,3 +110,28 @@ def test_approximate_kinds_reach_recall_at_10(kind):
     assert recall >= 0.9, f"{kind}: recall@10 = {recall:.3f}"
     # Returned scores are inner products with the returned ids (fp16 storage error only).
     np.testing.assert_allclose(scores, np.einsum("qd,qkd->qk", q, x[ids]), atol=2e-3)
+
+
+@pytest.mark.parametrize("kind", ["flat", "sq16", "ivf", "hnsw"])
+def test_memory_mapped_index_answers_like_the_one_in_memory(kind, tmp_path):
+    rng = np.random.default_rng(3)
+    n, dim = 3000, 32
+    x, q = unit_rows(rng, n, dim), unit_rows(rng, 20, dim)
+    _, factory = choose_factory(kind, n, dim, 1 << 30)
+    index = build_index([x], factory, dim, x[: train_sample_size(factory, n, dim, 1 << 30)])
+    faiss.write_index(index, str(tmp_path / "index.faiss"))
+    in_memory = read_index(tmp_path / "index.faiss", memory_mapped=False)
+    mapped = read_index(tmp_path / "index.faiss")
+    expected, found = in_memory.search(q, 10), mapped.search(q, 10)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[0], expected[0])
+    assert mapped.ntotal == n
+
+
+def test_ivf_stores_a_small_default_nprobe():
+    rng = np.random.default_rng(4)
+    for n in (50, 20000):
+        x = unit_rows(rng, n, 8)
+        _, factory = choose_factory("ivf", n, 8, 1 << 30)
+        ivf = faiss.extract_index_ivf(build_index([x], factory, 8, x))
+        assert ivf.nprobe == min(ivf.nlist, IVF_NPROBE)
