@@ -48,13 +48,20 @@ WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".
 DIM = 256
 
 
-def chat_records(n, seed, prefix):
-    """``n`` chat records with ids ``<prefix>-<i>`` and a ``task`` field (``task-0`` / ``task-1``)."""
+def chat_records(n, seed, prefix, subtasks=None):
+    """``n`` chat records with ids ``<prefix>-<i>`` and a ``task`` field (``task-0`` / ``task-1``);
+    with ``subtasks``, also a ``subtask`` field cycling through them."""
     rng = np.random.default_rng(seed)
-    return [{"id": f"{prefix}-{i}", "dataset": "toy", "task": f"task-{i % 2}",
-             "messages": [{"role": "user", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))},
-                          {"role": "assistant", "content": " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))}]}
-            for i in range(n)]
+    records = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))
+        answer = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))
+        record = {"id": f"{prefix}-{i}", "dataset": "toy", "task": f"task-{i % 2}",
+                  "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+        if subtasks:
+            record["subtask"] = subtasks[i % len(subtasks)]
+        records.append(record)
+    return records
 
 
 def write_jsonl(path, records):

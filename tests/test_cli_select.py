@@ -12,33 +12,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import chat_records, write_jsonl
 from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.job import IndexJob, IndexJobConfig
 from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
-
-WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
-
-
-def chat_records(n, seed, prefix, subtasks=None):
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))
-        answer = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))
-        record = {"id": f"{prefix}-{i}", "messages": [{"role": "user", "content": prompt},
-                                                     {"role": "assistant", "content": answer}]}
-        if subtasks:
-            record["subtask"] = subtasks[i % len(subtasks)]
-        records.append(record)
-    return records
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
 
 def build_store(out, model, corpus, checkpoints, gradient_type) -> Path:
     config = IndexJobConfig(corpus=[CorpusSource.parse(str(p)) for p in corpus], model=model, out=out,
@@ -147,7 +126,7 @@ def test_select_with_target_records_matches_the_target_store(stores):
     (["--k", "3", "--checkpoints", "epoch-7"], 1, "error: unknown checkpoint 'epoch-7': the datastore has "
                                                   "['epoch-1', 'epoch-2']"),
     (["--k", "3", "--sources", "flan"], 1, "error: unknown source 'flan': the datastore has ['alpaca', 'dolly']"),
-    (["--k", "3", "--subtask-field", "task"], 1, "has no field 'task'"),
+    (["--k", "3", "--subtask-field", "category"], 1, "has no field 'category'"),
     (["--k", "3", "--dedup-threshold", "2"], 1, "error: dedup_threshold must be in (-1, 1], got 2.0"),
     (["--k", "0"], 1, "error: k must be a positive integer, got 0"),
     (["--k", "3", "--fraction", "0.1"], 2, "not allowed with argument"),

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import chat_records, write_jsonl
 from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.datastore import Datastore, Manifest
@@ -17,28 +18,6 @@ from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
 from gradstore.service.engine import SelectionEngine, SelectionError, SelectionOptions, TargetSet
 from gradstore.service.targets import TargetFeaturizer
-
-WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
-
-
-def chat_records(n, seed, prefix, subtasks=None):
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))
-        answer = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))
-        record = {"id": f"{prefix}-{i}", "messages": [{"role": "user", "content": prompt},
-                                                     {"role": "assistant", "content": answer}]}
-        if subtasks:
-            record["subtask"] = subtasks[i % len(subtasks)]
-        records.append(record)
-    return records
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
 
 def build_store(out, model, corpus, checkpoints=(), gradient_type="sgd", **overrides) -> Path:
     settings = dict(corpus=[CorpusSource.parse(str(corpus))], model=model, out=out, checkpoints=list(checkpoints),
@@ -129,8 +108,8 @@ def test_bad_record_is_named_by_its_index(featurizer, data):
         featurizer.featurize(records)
     with pytest.raises(SelectionError, match="non-empty list"):
         featurizer.featurize([])
-    with pytest.raises(SelectionError, match=r"target record 0 \(id 't-0'\) has no field 'task'"):
-        featurizer.featurize(data["targets"], subtask_field="task")
+    with pytest.raises(SelectionError, match=r"target record 0 \(id 't-0'\) has no field 'category'"):
+        featurizer.featurize(data["targets"], subtask_field="category")
 
 
 def test_missing_or_changed_inputs_are_clear_errors(data, tmp_path):
