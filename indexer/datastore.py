@@ -14,6 +14,7 @@ Layout of a store directory
       manifest.json                          the manifest (below); present only once complete
       examples/part-00000.parquet ...        one file per shard, rows in corpus order, zstd
       features/<checkpoint>/part-00000.parquet ...   same shards, uncompressed
+      raw_features/<checkpoint>/part-00000.npy ...   the same features as raw matrices (optional)
       index.faiss                            FAISS index (absent with index kind "none")
       skipped.jsonl                          records the job skipped (only when there were some)
 
@@ -37,6 +38,21 @@ Rows and shards
     normalisation), ``loss`` float32. Random fp16 data does not compress, and plain encoding keeps
     reading these files close to a memory copy. ``<checkpoint>`` is the checkpoint's name from the
     manifest (letters, digits, ``._-``; not starting with ``.`` or ``_``).
+
+``raw_features/<checkpoint>/part-XXXXX.npy`` (optional, per checkpoint and shard)
+    The ``feature`` column of ``features/<checkpoint>/part-XXXXX.parquet``, bit for bit, as a
+    raw row-major matrix:
+    a NumPy ``.npy`` file (format version 1.0, dtype ``<f2``, ``fortran_order`` false, shape
+    ``(rows of the shard, k)``), so ``numpy.load(path, mmap_mode="r")`` maps it without decoding.
+    It exists for speed only: scanning every feature reads these at memory speed where the Parquet
+    column decodes at a few hundred MB/s, at the cost of storing the features twice. A reader uses
+    one exactly when ``files`` lists it, and reads the Parquet file otherwise; a store may have
+    them for some shards and checkpoints, or none (stores written before they existed, or with
+    them turned off), and the Parquet files stay the interchange format either way. They live
+    outside ``features/`` so that tools reading a checkpoint's folder as a Parquet dataset see
+    Parquet files only.
+    Readers that predate them only check the size of the listed files they do not know, so adding
+    them left ``SCHEMA_VERSION`` unchanged.
 
 ``index.faiss``
     ``faiss.write_index`` output, metric inner product, one vector per row in row order:
@@ -73,8 +89,9 @@ How a store is written
 
 The indexing job writes into a private work directory, then publishes it in one rename:
 
-1. :func:`write_shard` writes a shard's examples and feature files (each to a temporary file and
-   renamed into place), then the done marker ``_shards/part-XXXXX.done`` (JSON: rows range and
+1. :func:`write_shard` writes a shard's examples and feature files (Parquet and, unless turned off,
+   raw ``.npy``; each to a temporary file and renamed into place), then the done marker
+   ``_shards/part-XXXXX.done`` (JSON: rows range and
    counts) last. A shard is complete exactly when its marker exists (:func:`completed_shards`), so
    a job killed at any point resumes by rewriting the shards without markers. Workers may write
    different shards of one work directory concurrently.
@@ -85,6 +102,10 @@ The indexing job writes into a private work directory, then publishes it in one 
 3. :func:`publish_store` renames the work directory to its final path (atomically replacing an
    older store when asked to).
 
+A write that fails (a full disk, a file size limit, a read-only folder) raises :class:`StoreError`
+naming the file, after removing its temporary file; what was complete before stays complete, so
+the job can be rerun to resume once the cause is fixed.
+
 :class:`Datastore` opens a published store and reads it without loading the features whole.
 """
 
@@ -93,6 +114,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import mmap
 import os
 import re
 import shutil
@@ -100,6 +122,7 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -114,7 +137,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .. import __version__
 from .errors import StoreError
-from .faiss_index import build_index, choose_factory, concat_weighted, normalized_weights, train_sample_size
+from .faiss_index import build_index, choose_factory, concat_weighted, normalized_weights, read_index, train_sample_size
 
 SCHEMA_VERSION = 1
 FORMAT = "gradstore-datastore"
@@ -123,6 +146,7 @@ INDEX_FILE = "index.faiss"
 SKIPPED_FILE = "skipped.jsonl"
 EXAMPLES_DIR = "examples"
 FEATURES_DIR = "features"
+RAW_FEATURES_DIR = "raw_features"
 # Work-directory bookkeeping, never part of a published store.
 SHARDS_DIR = "_shards"
 _TMP_DIR = "tmp"
@@ -328,6 +352,11 @@ def features_path(root: Path, checkpoint: str, shard: int) -> Path:
     return root / FEATURES_DIR / checkpoint / f"{shard_name(shard)}.parquet"
 
 
+def raw_features_path(root: Path, checkpoint: str, shard: int) -> Path:
+    """The optional raw ``.npy`` copy of a features file's ``feature`` column."""
+    return root / RAW_FEATURES_DIR / checkpoint / f"{shard_name(shard)}.npy"
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -358,10 +387,34 @@ def _move_into_place(tmp: Path, final: Path) -> None:
     _fsync_dir(final.parent)
 
 
+@contextmanager
+def _written_atomically(final: Path, tmp_dir: Path | None = None) -> Iterator[Path]:
+    """A temporary path to write ``final``'s content to; moved into place when the block ends.
+
+    A failed write (a full disk, a file size limit, a read-only folder) removes the temporary
+    file and raises a StoreError naming ``final``, so the caller learns which file could not be
+    written and nothing half-written stays behind.
+    """
+    tmp = None
+    try:
+        tmp = _temp_path(final, tmp_dir)
+        yield tmp
+        _move_into_place(tmp, final)
+    except OSError as err:
+        if tmp is not None:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise StoreError(f"{final}: cannot write: {os_reason(err)}") from err
+
+
+def os_reason(err: OSError) -> str:
+    """The system's words for an OSError (``No space left on device``), else its message."""
+    return os.strerror(err.errno) if err.errno else str(err)
+
+
 def _atomic_write_bytes(final: Path, data: bytes, tmp_dir: Path | None = None) -> None:
-    tmp = _temp_path(final, tmp_dir)
-    tmp.write_bytes(data)
-    _move_into_place(tmp, final)
+    with _written_atomically(final, tmp_dir) as tmp:
+        tmp.write_bytes(data)
 
 
 def _sha256(path: Path) -> str:
@@ -429,9 +482,10 @@ class FeatureBatch:
 
 
 def write_shard(work_dir: str | Path, shard: int, examples: pa.Table,
-                features: dict[str, FeatureBatch]) -> None:
-    """Write shard ``shard`` of the work directory: examples, every checkpoint's features, and
-    the done marker last. Rewriting a shard (a resumed job) replaces it."""
+                features: dict[str, FeatureBatch], raw_features: bool = True) -> None:
+    """Write shard ``shard`` of the work directory: examples, every checkpoint's features (with
+    their raw ``.npy`` copy unless ``raw_features`` is false), and the done marker last.
+    Rewriting a shard (a resumed job) replaces it."""
     work_dir = Path(work_dir)
     where = f"{work_dir}: shard {shard}"
     if not isinstance(shard, (int, np.integer)) or shard < 0:
@@ -449,6 +503,11 @@ def write_shard(work_dir: str | Path, shard: int, examples: pa.Table,
         _write_parquet(_features_table(batch), features_path(work_dir, name, shard), tmp_dir,
                        compression="none", use_dictionary=False,
                        row_group_size=max(1024, _FEATURE_ROW_GROUP_BYTES // (2 * batch.feature.shape[1])))
+        raw_path = raw_features_path(work_dir, name, shard)
+        if raw_features:
+            _write_raw_features(batch.feature, raw_path, tmp_dir)
+        else:
+            raw_path.unlink(missing_ok=True)  # an earlier attempt's copy would no longer match
     summary = _shard_summary(shard, examples, batches)
     _atomic_write_bytes(marker, summary.model_dump_json().encode(), tmp_dir)
 
@@ -545,10 +604,16 @@ def _features_table(batch: FeatureBatch) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=features_schema(dim))
 
 
+def _write_raw_features(feature: np.ndarray, final: Path, tmp_dir: Path) -> None:
+    """``feature`` as a little-endian, row-major float16 ``.npy`` file."""
+    with _written_atomically(final, tmp_dir) as tmp, open(tmp, "wb") as file:
+        np.lib.format.write_array(file, np.ascontiguousarray(feature, dtype="<f2"), version=(1, 0),
+                                  allow_pickle=False)
+
+
 def _write_parquet(table: pa.Table, final: Path, tmp_dir: Path, **options) -> None:
-    tmp = _temp_path(final, tmp_dir)
-    pq.write_table(table, tmp, **options)
-    _move_into_place(tmp, final)
+    with _written_atomically(final, tmp_dir) as tmp:
+        pq.write_table(table, tmp, **options)
 
 
 class _ShardDone(_Strict):
@@ -746,7 +811,7 @@ def _count_lines(path: Path) -> int:
 def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _ShardDone]) -> None:
     """Every marker's files exist with its row count, and no other shard file lies around."""
     names = [c.name for c in manifest.checkpoints]
-    expected = {}
+    expected, raw = {}, {}
     for shard, marker in markers.items():
         if sorted(marker.checkpoints) != sorted(names):
             raise StoreError(f"{work_dir}: shard {shard} has checkpoints {marker.checkpoints}, "
@@ -754,6 +819,7 @@ def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _S
         expected[examples_path(work_dir, shard)] = marker.num_rows
         for name in names:
             expected[features_path(work_dir, name, shard)] = marker.num_rows
+            raw[raw_features_path(work_dir, name, shard)] = marker.num_rows
     for path, num_rows in expected.items():
         try:
             found = pq.read_metadata(path).num_rows
@@ -761,8 +827,11 @@ def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _S
             raise StoreError(f"{path}: missing or unreadable shard file ({err})") from None
         if found != num_rows:
             raise StoreError(f"{path}: {found} rows, its done marker says {num_rows}")
-    present = {p for folder in (EXAMPLES_DIR, FEATURES_DIR) for p in (work_dir / folder).rglob("*") if p.is_file()}
-    stray = sorted(present - set(expected))
+    present = {p for folder in (EXAMPLES_DIR, FEATURES_DIR, RAW_FEATURES_DIR)
+               for p in (work_dir / folder).rglob("*") if p.is_file()}
+    for path in present & set(raw):  # raw copies are optional; those present must fit their shard
+        map_raw_features(path, raw[path], manifest.features.dim)
+    stray = sorted(present - set(expected) - set(raw))
     if stray:
         raise StoreError(f"{stray[0]}: not part of any completed shard (a shard without its done marker, "
                          f"or a checkpoint the manifest does not list); remove it or rerun that shard")
@@ -781,10 +850,24 @@ def _ensure_index(work_dir: Path, manifest: Manifest, budget: int) -> None:
     state.unlink(missing_ok=True)
     index = _build_store_index(work_dir, manifest, budget)
     tmp_dir = work_dir / SHARDS_DIR / _TMP_DIR
-    tmp = _temp_path(index_path, tmp_dir)
-    faiss.write_index(index, str(tmp))
-    _move_into_place(tmp, index_path)
+    with _written_atomically(index_path, tmp_dir) as tmp:
+        _write_faiss_index(index, tmp)
     _atomic_write_bytes(state, json.dumps(wanted).encode(), tmp_dir)
+
+
+# faiss reports a failed write as a RuntimeError ending in "(<the system's reason>)".
+_FAISS_WRITE_ERROR = re.compile(r"write error in .*\(([^()]+)\)\s*$", re.DOTALL)
+
+
+def _write_faiss_index(index: faiss.Index, path: Path) -> None:
+    """``faiss.write_index``, with a failed write raised as the OSError it is."""
+    try:
+        faiss.write_index(index, str(path))
+    except RuntimeError as err:
+        match = _FAISS_WRITE_ERROR.search(str(err))
+        if match is None:
+            raise
+        raise OSError(match.group(1)) from err
 
 
 def _build_store_index(work_dir: Path, manifest: Manifest, budget: int) -> faiss.Index:
@@ -903,6 +986,47 @@ def _iter_feature_file(path: Path, batch_rows: int) -> Iterator[tuple[np.ndarray
         yield rows, batch.column(1).flatten().to_numpy().reshape(len(rows), dim)
 
 
+def raw_features_offset(path: Path, num_rows: int, dim: int) -> int:
+    """Where a raw features file's matrix begins, once its ``.npy`` header is checked to say
+    row-major ``<f2`` ``(num_rows, dim)``."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+    try:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            if version not in readers:
+                raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
+            shape, fortran_order, dtype = readers[version](file)
+            offset = file.tell()
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: cannot read raw features file ({err})") from None
+    if dtype != np.dtype("<f2") or shape != (num_rows, dim) or fortran_order:
+        order = "column-major" if fortran_order else "row-major"
+        raise StoreError(f"{path}: raw features file holds {order} {dtype.str} {shape}, expected "
+                         f"row-major <f2 {(num_rows, dim)} (the shard's rows x the store's dimension)")
+    return offset
+
+
+def map_raw_features(path: Path, num_rows: int, dim: int, writable: bool = False,
+                     offset: int | None = None) -> np.ndarray:
+    """A raw features file memory-mapped: float16 ``(num_rows, dim)``, row-major; read-only, or
+    copy-on-write with ``writable`` (writes stay in this process, the file never changes).
+
+    ``offset`` is where the matrix begins, from an earlier :func:`raw_features_offset` of the same
+    file (parsing the header costs more than mapping the file); None checks the header now.
+    """
+    if offset is None:
+        offset = raw_features_offset(path, num_rows, dim)
+    try:
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: cannot read raw features file ({err})") from None
+    if len(mapped) != offset + 2 * num_rows * dim:
+        raise StoreError(f"{path}: raw features file has {len(mapped)} bytes, its header says "
+                         f"{offset + 2 * num_rows * dim} (truncated or extended)")
+    return np.frombuffer(mapped, dtype="<f2", count=num_rows * dim, offset=offset).reshape(num_rows, dim)
+
+
 class Datastore:
     """A published store, opened read-only. Features are streamed, never loaded whole."""
 
@@ -911,6 +1035,9 @@ class Datastore:
         self.manifest = manifest
         self._row_by_id: dict[str, int] | None = None
         self._shard_starts: list[int] | None = None
+        self._shard_sizes: list[int] | None = None
+        # Where each raw features file's matrix begins, once its header was checked.
+        self._raw_offsets: dict[tuple[str, int], int] = {}
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> "Datastore":
@@ -976,11 +1103,42 @@ class Datastore:
         """``(rows int64, features float16 (n, k))`` batches in row order, shard by shard.
 
         Batches hold at most ``batch_rows`` rows and never span two shards; the arrays are
-        read-only.
+        read-only (memory-mapped from the raw files where the store has them, see
+        :meth:`shard_features`).
         """
         self._check_checkpoint(checkpoint)
         for shard in range(self.manifest.shards.count):
+            yield from self.shard_features(checkpoint, shard, batch_rows)
+
+    def shard_features(self, checkpoint: str, shard: int, batch_rows: int = 65536,
+                       writable: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows, features)`` batches of one shard, as :meth:`iter_features`: slices of the raw
+        file's memory map where the store has one (copy-on-write with ``writable``, see
+        :meth:`raw_features`), decoded from the Parquet file otherwise (read-only)."""
+        raw = self.raw_features(checkpoint, shard, writable)
+        if raw is None:
             yield from _iter_feature_file(features_path(self.path, checkpoint, shard), batch_rows)
+            return
+        first = self._starts()[shard]
+        for start in range(0, len(raw), batch_rows):
+            stop = min(len(raw), start + batch_rows)
+            yield np.arange(first + start, first + stop, dtype=np.int64), raw[start:stop]
+
+    def raw_features(self, checkpoint: str, shard: int, writable: bool = False) -> np.ndarray | None:
+        """One shard's features memory-mapped from its raw ``.npy`` file (float16 ``(rows, k)``),
+        or None when the manifest lists no raw file for it. The map is read-only, or with
+        ``writable`` copy-on-write: for libraries that want writable buffers (torch); writes stay
+        in this process."""
+        self._check_checkpoint(checkpoint)
+        path = raw_features_path(self.path, checkpoint, shard)
+        if path.relative_to(self.path).as_posix() not in self.manifest.files:
+            return None
+        self._starts()
+        rows = self._shard_sizes[shard]
+        offset = self._raw_offsets.get((checkpoint, shard))
+        if offset is None:
+            offset = self._raw_offsets[checkpoint, shard] = raw_features_offset(path, rows, self.dim)
+        return map_raw_features(path, rows, self.dim, writable, offset)
 
     def features(self, checkpoint: str) -> np.ndarray:
         """All of one checkpoint's features, float16 ``(num_examples, k)`` (for small stores)."""
@@ -996,11 +1154,12 @@ class Datastore:
         return pa.concat_tables([pq.read_table(features_path(self.path, checkpoint, s), columns=columns)
                                  for s in range(self.manifest.shards.count)])
 
-    def index(self) -> faiss.Index:
-        """The FAISS index (id == row); see ``gradstore.indexer.faiss_index`` for its vectors."""
+    def index(self, memory_mapped: bool = True) -> faiss.Index:
+        """The FAISS index (id == row), read-only with its vectors memory-mapped unless
+        ``memory_mapped`` is false; see ``gradstore.indexer.faiss_index`` for its vectors."""
         if self.manifest.index is None:
             raise StoreError(f"{self.path}: this store has no FAISS index (index kind 'none')")
-        return faiss.read_index(str(self.path / self.manifest.index.file))
+        return read_index(self.path / self.manifest.index.file, memory_mapped)
 
     def _check_checkpoint(self, checkpoint: str) -> None:
         if checkpoint not in self.checkpoint_names:
@@ -1011,6 +1170,7 @@ class Datastore:
         if self._shard_starts is None:
             counts = [pq.read_metadata(examples_path(self.path, s)).num_rows
                       for s in range(self.manifest.shards.count)]
+            self._shard_sizes = counts
             self._shard_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
         return self._shard_starts
 

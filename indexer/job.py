@@ -5,17 +5,20 @@ The job runs in four phases:
 1. **Prepare** (every rank, deterministic): read the corpus, tokenise every record with its loss
    mask, assign rows in corpus order, cut rows into shards of ``shard_size``. Bad records stop the
    job here, before any compute, or are skipped and reported with ``on_bad_record="skip"``.
-2. **Compute**: rank ``r`` of ``W`` takes shards ``r, r+W, …``. Within a shard, examples are sorted
-   by length and packed into batches under a token budget; for each checkpoint the batch's
-   per-example LoRA gradients are transformed (sgd/sign/adam/less), projected, normalised and
-   kept. A shard's output for all checkpoints is written atomically and then marked done.
+2. **Compute**: rank ``r`` of ``W`` takes shards ``r, r+W, …`` (on the GPU of its ``LOCAL_RANK``
+   with ``--device cuda``). Within a shard, examples are sorted by length and packed into
+   batches under a token budget; for each checkpoint the batch's per-example LoRA gradients are
+   transformed (sgd/sign/adam/less), projected, normalised and kept. A shard's output for all
+   checkpoints is written atomically and then marked done.
 3. **Finalise** (rank 0, after every shard is done): FAISS index, checksums, manifest.
 4. **Publish**: the work directory is renamed into place, so a reader never sees half a store.
 
 The work directory ``.<name>.partial`` sits beside the output, with a ``job.json`` fingerprint
 of the settings and inputs. Running the same job again resumes it: finished shards are kept and
 the rest recomputed, so a killed job ends with the same store as an uninterrupted one. A job with
-different settings refuses to reuse the directory unless told to restart.
+different settings refuses to reuse the directory unless told to restart. An output folder the
+job cannot write to is refused before any compute; a write that fails later (a full disk) stops
+the job with an error naming the file, leaving the finished shards for a rerun.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,8 +41,8 @@ import torch
 from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate, resolve_weights
 from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skipped_report
 from .datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, FeatureBatch, completed_shards,
-                        finalize_store, publish_store, write_shard)
-from .errors import BadRecordError, JobError
+                        finalize_store, os_reason, publish_store, write_shard)
+from .errors import BadRecordError, JobError, StoreError
 from .formatting import Encoded, Formatter
 from .grads import Batch, PerExampleGradients
 from .model import (LoraSpec, attach_lora, load_base_model, load_checkpoint_weights, load_tokenizer,
@@ -72,6 +76,7 @@ class IndexJobConfig:
     device: str = "auto"
     index: str = "auto"
     index_memory_budget: int = 4 << 30
+    raw_features: bool = True  # also write raw fp16 feature matrices (fast selection scans, twice the feature bytes)
     on_bad_record: str = "error"
     overwrite: bool = False
     restart: bool = False
@@ -100,6 +105,22 @@ class IndexJobConfig:
     def effective_checkpoints(self) -> list[CheckpointSpec]:
         """The checkpoints to featurise: the given ones, or one fresh LoRA."""
         return self.checkpoints or [CheckpointSpec(name="fresh", path=None)]
+
+    def check_writable(self, with_work_dir: bool = True) -> None:
+        """Fail before any compute when the job could not write its work directory or publish
+        the store: the output's parent folder (and, ``with_work_dir``, a work directory left by an
+        earlier run) must take new files."""
+        earlier_work = [d for d in (self.work_dir, self.work_dir / SHARDS_DIR) if with_work_dir and d.is_dir()]
+        folders = [self.out.parent] + earlier_work
+        for folder in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                handle, probe = tempfile.mkstemp(dir=folder, prefix=".gradstore-write-check-")
+                os.close(handle)
+                os.unlink(probe)
+            except OSError as err:
+                raise JobError(f"{folder}: cannot write here ({os_reason(err)}); the indexing job writes "
+                               f"{self.work_dir.name} and then {self.out.name} into this folder") from None
 
 
 @dataclass
@@ -163,6 +184,23 @@ def _barrier() -> None:
 def _init_distributed(world_size: int) -> None:
     if world_size > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("gloo")
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """This process's device: under torchrun, ``cuda`` without an index means the rank's own GPU
+    of its node (``LOCAL_RANK``), so N ranks on a node use N GPUs rather than all sharing GPU 0.
+    A named device (``cuda:0``) is used as given; plain ``cuda`` outside torchrun is the current GPU,
+    named by its index (``torch.cuda.set_device`` needs one)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type != "cuda" or device.index is not None:
+        return device
+    if local_rank is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    visible = torch.cuda.device_count()
+    if int(local_rank) >= visible:
+        raise JobError(f"LOCAL_RANK {local_rank} has no GPU of its own: {visible} visible on this node; start at "
+                       f"most {visible} processes per node, or name one device (--device cuda:0) for all to share")
+    return torch.device("cuda", int(local_rank))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -322,7 +360,9 @@ class IndexJob:
     def load(self) -> None:
         """Load the tokenizer, formatter, model with its LoRA, featurizer and checkpoints."""
         cfg = self.config
-        self.device = resolve_device(cfg.device)
+        self.device = rank_device(resolve_device(cfg.device))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # libraries that allocate on "the" GPU use this one
         self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
         self.formatter = Formatter(self.tokenizer, cfg.max_length, cfg.template)
         base = load_base_model(cfg.model, cfg.dtype, self.device)
@@ -373,6 +413,7 @@ class IndexJob:
             "dtype": cfg.dtype,
             "device_type": self.device.type,
             "on_bad_record": cfg.on_bad_record,
+            "raw_features": cfg.raw_features,
             "rows": prepared.num_rows,
         }
 
@@ -395,10 +436,13 @@ class IndexJob:
                     shutil.rmtree(work)
             elif work.exists():
                 shutil.rmtree(work)  # no fingerprint: nothing finished in it can be trusted
-            job_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = job_file.with_suffix(".tmp")
-            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
-            os.replace(tmp, job_file)
+            try:
+                job_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = job_file.with_suffix(".tmp")
+                tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True))
+                os.replace(tmp, job_file)
+            except OSError as err:
+                raise StoreError(f"{job_file}: cannot write: {os_reason(err)}") from err
         _barrier()
         return finalised
 
@@ -434,13 +478,15 @@ class IndexJob:
         rows = range(shard * cfg.shard_size, min(prepared.num_rows, (shard + 1) * cfg.shard_size))
         computed = self.compute_features([prepared.encoded[r] for r in rows], progress)
         features = {name: FeatureBatch(rows=np.arange(rows.start, rows.stop), **out) for name, out in computed.items()}
-        write_shard(cfg.work_dir, shard, examples_table(prepared, rows), features)
+        write_shard(cfg.work_dir, shard, examples_table(prepared, rows), features, raw_features=cfg.raw_features)
 
     # -- the whole job ---------------------------------------------------------------------------
 
     def run(self) -> JobSummary | None:
         cfg = self.config
         cfg.validate()
+        # Only rank 0 looks into the work directory: it may delete it, and others' probes would race that.
+        cfg.check_writable(with_work_dir=self.rank == 0)
         start = time.perf_counter()
         report = cfg.progress_file if self.rank == 0 else None
         write_progress_file(report, "prepare")
@@ -469,8 +515,12 @@ class IndexJob:
             return None
         progress.report_phase("finalize")
         compute_seconds = time.perf_counter() - start
-        if prepared.skipped:
-            write_skipped_report(prepared.skipped, cfg.work_dir / "skipped.jsonl")
+        if prepared.skipped and not finalised:  # a finalised store has checksummed the report already
+            report_path = cfg.work_dir / "skipped.jsonl"
+            try:
+                write_skipped_report(prepared.skipped, report_path)
+            except OSError as err:
+                raise StoreError(f"{report_path}: cannot write: {os_reason(err)}") from err
         summary = self._summary(prepared, progress, compute_seconds, len(todo), len(mine) - len(todo))
         manifest = finalize_store(cfg.work_dir, self._manifest_fields(prepared, summary), index_kind=cfg.index,
                                   index_memory_budget=cfg.index_memory_budget, expected_shards=num_shards)
@@ -570,11 +620,14 @@ def write_progress_file(path: Path | None, phase: str, done: int = 0, total: int
     if path is None:
         return
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"done": done, "total": total, "examples_per_second": examples_per_second,
-                               "eta_seconds": eta_seconds, "phase": phase}))
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps({"done": done, "total": total, "examples_per_second": examples_per_second,
+                                   "eta_seconds": eta_seconds, "phase": phase}))
+        os.replace(tmp, path)
+    except OSError as err:
+        raise JobError(f"{path}: cannot write the progress report: {os_reason(err)}") from err
 
 
 class _Progress:

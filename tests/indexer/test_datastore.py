@@ -112,9 +112,11 @@ def test_store_layout_and_manifest(store):
     assert manifest.index.kind == "flat" and manifest.index.dim == DIM * 2 and manifest.index.ntotal == NUM_EXAMPLES
     expected = {f"examples/{shard_name(s)}.parquet" for s in range(shards)}
     expected |= {f"features/{c}/{shard_name(s)}.parquet" for c in CHECKPOINTS for s in range(shards)}
+    expected |= {f"raw_features/{c}/{shard_name(s)}.npy" for c in CHECKPOINTS for s in range(shards)}
     assert set(manifest.files) == expected | {"index.faiss"}
     assert not (path / "_shards").exists()
-    assert sorted(p.name for p in path.iterdir()) == ["examples", "features", "index.faiss", "manifest.json"]
+    assert sorted(p.name for p in path.iterdir()) == ["examples", "features", "index.faiss", "manifest.json",
+                                                      "raw_features"]
 
 
 def test_plain_tools_read_the_store(store):
@@ -385,3 +387,102 @@ def test_empty_shard_is_allowed(work):
 def test_shard_names():
     assert shard_name(12) == "part-00012"
     assert Path(ds.features_path(Path("s"), "c0", 3)).as_posix() == "s/features/c0/part-00003.parquet"
+    assert Path(ds.raw_features_path(Path("s"), "c0", 3)).as_posix() == "s/raw_features/c0/part-00003.npy"
+
+
+# ------------------------------------------------------------------------------- raw features
+
+
+def parquet_features(path, checkpoint, shard):
+    """float16 (n, k) feature column of one Parquet shard file, read with pyarrow alone."""
+    table = pq.read_table(path / "features" / checkpoint / f"{shard_name(shard)}.parquet")
+    return table.column("feature").combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+
+
+def without_raw_features(path):
+    """Turn a store into one written before raw files existed: no raw_features/, not listed."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("raw_features/")}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    for file in (path / "raw_features").rglob("*.npy"):
+        file.unlink()
+
+
+def test_raw_features_are_the_parquet_column_and_map_without_decoding(store):
+    path, features = store
+    store_ = Datastore.open(path, verify=True)  # raw files are listed and checksummed
+    for checkpoint in CHECKPOINTS:
+        for shard in range(store_.manifest.shards.count):
+            mapped = np.load(path / "raw_features" / checkpoint / f"{shard_name(shard)}.npy", mmap_mode="r")
+            assert isinstance(mapped, np.memmap) and mapped.dtype.str == "<f2" and mapped.flags.c_contiguous
+            np.testing.assert_array_equal(mapped, parquet_features(path, checkpoint, shard))
+            raw = store_.raw_features(checkpoint, shard)
+            assert raw.dtype == np.float16 and not raw.flags.writeable
+            np.testing.assert_array_equal(raw, mapped)
+    assert store_.raw_features("c0", 1, writable=True).flags.writeable
+    batches = list(store_.iter_features("c1", batch_rows=20))
+    assert [len(r) for r, _ in batches[:4]] == [20, 20, 20, 4]
+    np.testing.assert_array_equal(np.concatenate([r for r, _ in batches]), np.arange(NUM_EXAMPLES))
+    np.testing.assert_array_equal(store_.features("c1"), features["c1"])
+
+
+def test_store_without_raw_features_reads_the_same_from_parquet(store, tmp_path):
+    path, features = store
+    opened = Datastore.open(path)
+    reference = {c: [(rows, np.array(f)) for rows, f in opened.iter_features(c, 30)] for c in CHECKPOINTS}
+    without_raw_features(path)
+    old = Datastore.open(path, verify=True)
+    assert old.raw_features("c0", 0) is None
+    for checkpoint in CHECKPOINTS:
+        np.testing.assert_array_equal(old.features(checkpoint), features[checkpoint])
+        for (rows, parquet), (raw_rows, raw) in zip(old.iter_features(checkpoint, 30), reference[checkpoint],
+                                                    strict=True):
+            np.testing.assert_array_equal(rows, raw_rows)
+            np.testing.assert_array_equal(parquet, raw)
+    # A store opened before its raw files went away says which one it cannot read.
+    with pytest.raises(StoreError, match=r"raw_features/c0/part-00000\.npy: cannot read raw features file"):
+        opened.features("c0")
+
+
+def test_write_shard_without_raw_features_removes_an_earlier_copy(work):
+    write_all_shards(work)
+    assert (work / "raw_features" / "c0" / "part-00001.npy").exists()
+    rng = np.random.default_rng(5)
+    rows = list(range(SHARD_SIZE, 2 * SHARD_SIZE))
+    write_shard(work, 1, make_examples(rows), {c: make_batch(rows, unit_fp16(rng, len(rows)), rng)
+                                               for c in CHECKPOINTS}, raw_features=False)
+    assert not list((work / "raw_features").rglob("part-00001.npy"))
+    manifest = finalize_store(work, manifest_fields(), index_kind="none")
+    assert "raw_features/c0/part-00000.npy" in manifest.files
+    assert "raw_features/c0/part-00001.npy" not in manifest.files
+    store_ = Datastore.open(work)
+    assert store_.raw_features("c0", 1) is None and store_.raw_features("c0", 0) is not None
+    assert len(store_.features("c0")) == NUM_EXAMPLES
+
+
+def test_finalize_refuses_a_raw_file_that_does_not_fit_its_shard(work):
+    write_all_shards(work)
+    target = work / "raw_features" / "c1" / "part-00002.npy"
+    np.save(target, unit_fp16(np.random.default_rng(0), SHARD_SIZE - 1))
+    with pytest.raises(StoreError, match=r"c1/part-00002\.npy: raw features file holds row-major <f2 \(63, 16\), "
+                                         r"expected row-major <f2 \(64, 16\)"):
+        finalize_store(work, manifest_fields(), index_kind="none")
+    target.write_bytes(b"not an npy file")
+    with pytest.raises(StoreError, match=r"c1/part-00002\.npy: cannot read raw features file"):
+        finalize_store(work, manifest_fields(), index_kind="none")
+    (work / "raw_features" / "c1" / "part-00099.npy").write_bytes(b"")
+    target.unlink()
+    with pytest.raises(StoreError, match=r"part-00099\.npy: not part of any completed shard"):
+        finalize_store(work, manifest_fields(), index_kind="none")
+
+
+def test_open_detects_a_truncated_or_missing_raw_file(store):
+    path, _ = store
+    target = path / "raw_features" / "c0" / "part-00001.npy"
+    data = target.read_bytes()
+    target.write_bytes(data[:-2])
+    with pytest.raises(StoreError, match=r"raw_features/c0/part-00001\.npy: \d+ bytes, the manifest says"):
+        Datastore.open(path)
+    target.unlink()
+    with pytest.raises(StoreError, match=r"raw_features/c0/part-00001\.npy: listed in the manifest but missing"):
+        Datastore.open(path)

@@ -11,6 +11,7 @@ from gradstore.indexer.faiss_index import (
     concat_weighted,
     ivf_nlist,
     normalized_weights,
+    prefer_blas_search,
     read_index,
     train_sample_size,
 )
@@ -59,7 +60,7 @@ def test_concat_weighted_gives_weighted_sum_of_dot_products():
     np.testing.assert_allclose(normalized_weights([2, 6]), [0.25, 0.75])
 
 
-@pytest.mark.parametrize("weights", [[], [1.0, -1.0], [0.0, 0.0], [np.nan, 1.0]])
+@pytest.mark.parametrize("weights", [[], [1.0, -1.0], [0.0, 0.0], [np.nan, 1.0], [1e308, 1e308]])
 def test_bad_weights_are_refused(weights):
     with pytest.raises(ValueError, match="weights"):
         normalized_weights(weights)
@@ -135,3 +136,20 @@ def test_ivf_stores_a_small_default_nprobe():
         _, factory = choose_factory("ivf", n, 8, 1 << 30)
         ivf = faiss.extract_index_ivf(build_index([x], factory, 8, x))
         assert ivf.nprobe == min(ivf.nlist, IVF_NPROBE)
+
+
+def test_blas_search_of_a_small_batch_gives_the_same_answers():
+    rng = np.random.default_rng(5)
+    x, q = unit_rows(rng, 4000, 48), unit_rows(rng, 6, 48)
+    index = build_index([x], "Flat", 48)
+    saved = faiss.cvar.distance_compute_blas_threshold
+    try:
+        faiss.cvar.distance_compute_blas_threshold = 1 << 30
+        scanned = index.search(q, 20)
+        prefer_blas_search()
+        assert faiss.cvar.distance_compute_blas_threshold == 1
+        blas = index.search(q, 20)
+    finally:
+        faiss.cvar.distance_compute_blas_threshold = saved
+    np.testing.assert_array_equal(blas[1], scanned[1])
+    np.testing.assert_allclose(blas[0], scanned[0], atol=1e-5)
