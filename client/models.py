@@ -216,10 +216,11 @@ class IndexJobRequest(_Model):
     checkpoints: list[str] = Field(default_factory=list, description="[NAME=]DIR[:WEIGHT]")
     run: str | None = Field(None, description="a warmup run folder, instead of checkpoints")
     gradient_type: GradientType = "adam"
-    proj_dim: int = Field(8192, ge=1)
-    seed: int = 0
-    max_length: int = Field(2048, ge=1)
-    lora_r: int = Field(8, ge=1)
+    # Upper bounds far above any real job, so that absurd values are refused here, not in the worker.
+    proj_dim: int = Field(8192, ge=1, le=1 << 20)
+    seed: int = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
+    max_length: int = Field(2048, ge=1, le=1 << 20)
+    lora_r: int = Field(8, ge=1, le=1 << 16)
     lora_alpha: float = 16.0
     on_bad_record: Literal["error", "skip"] = "error"
     device: str = "auto"

@@ -18,7 +18,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gradstore import __version__
 
 from .deps import api_key_auth
-from .errors import PayloadTooLarge, install_error_handlers, payload_too_large
+from .errors import PayloadTooLarge, error_responses, install_error_handlers, payload_too_large
 from .jobs import JobManager
 from .metrics import Metrics, MetricsMiddleware
 from .registry import DatastoreRegistry, SelectionCache
@@ -58,14 +58,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _include_routers(app: FastAPI, settings: Settings) -> None:
     app.include_router(health.router)
     auth = [Depends(api_key_auth(settings.api_key_header))]
+    # Every /v1 route may answer these; the routers document their own (datastore names, limits, bodies).
+    errors = error_responses(401, 422, 500)
     for router in (datastores.router, select.router, influence.router, similar.router, jobs_router):
-        app.include_router(router, dependencies=auth)
+        app.include_router(router, dependencies=auth, responses=errors)
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
-    app.state.registry = DatastoreRegistry(settings.root)
+    app.state.registry = DatastoreRegistry(settings.root, settings.verify_checksums)
     app.state.selections = SelectionCache(settings.selection_cache_size)
     app.state.jobs = JobManager(settings)
     await run_in_threadpool(app.state.jobs.start)

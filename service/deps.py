@@ -1,5 +1,6 @@
 """FastAPI dependencies shared by the routers: settings, registry, selection cache, a store by
-name, API-key authentication, and the target resolution and limit checks of the query routes.
+name, API-key authentication, the checks of JSON request bodies, and the target resolution and
+limit checks of the query routes.
 
 The app keeps its state on ``app.state`` (set up by ``create_app`` and its lifespan); these
 functions hand it to the routes, so tests can build several apps side by side.
@@ -7,17 +8,23 @@ functions hand it to the routes, so tests can build several apps side by side.
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import secrets
 from collections.abc import Callable
-from typing import Annotated
+from email.message import Message
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import APIKeyHeader
 
 from gradstore.client.models import TargetDatastore, TargetRecords, Targets
+from gradstore.indexer.corpus import validate_record
+from gradstore.indexer.errors import BadRecordError
 
-from .engine import TargetSet
+from .engine import SelectionError, TargetSet
 from .errors import ServiceError, invalid_query, limit_exceeded
 from .registry import DatastoreRegistry, SelectionCache, StoreHandle
 from .settings import Settings
@@ -65,7 +72,7 @@ def api_key_auth(header_name: str) -> Callable:
         if key is None:
             raise _unauthorized(f"missing API key: send it in the {header_name} header")
         if not _matches(key, keys):
-            raise _unauthorized("invalid API key")
+            raise _unauthorized(f"invalid API key in the {header_name} header")
 
     return require_api_key
 
@@ -83,6 +90,80 @@ def _unauthorized(message: str) -> ServiceError:
     return ServiceError(401, "unauthorized", message, headers={"WWW-Authenticate": "ApiKey"})
 
 
+# -- JSON request bodies ----------------------------------------------------------------------------
+
+# A \uD800-\uDFFF escape: only such a body can decode to a lone surrogate (JSON allows one, but it
+# is no Unicode character, so it can be neither a name, a path nor a response).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+async def require_json_body(request: Request) -> None:
+    """Refuse a body that is not JSON (415 ``unsupported_media_type``) or whose strings are not
+    valid Unicode (422 ``validation_error`` at the first lone surrogate).
+
+    FastAPI would otherwise hand a ``text/plain`` body to the model as bytes ("Input should be a
+    valid dictionary") and echo lone surrogates into names, paths and responses.
+    """
+    body = await request.body()
+    if not body:
+        return  # nothing sent: the body model says what is missing
+    content_type = request.headers.get("content-type")
+    if not _is_json(content_type):
+        raise ServiceError(415, "unsupported_media_type",
+                           f"the request body must be JSON: send the header Content-Type: application/json "
+                           f"(got {content_type!r})", {"header": "Content-Type", "value": content_type})
+    if _SURROGATE_ESCAPE.search(body):
+        _check_unicode(body)
+
+
+def _is_json(content_type: str | None) -> bool:
+    if not content_type:
+        return False
+    message = Message()
+    message["content-type"] = content_type
+    subtype = message.get_content_subtype()
+    return message.get_content_maintype() == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+def _check_unicode(body: bytes) -> None:
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return  # FastAPI already refused a body that does not parse
+    location = _lone_surrogate_at(data)
+    if location is not None:
+        where = ".".join(str(part) for part in location)
+        raise ServiceError(422, "validation_error",
+                           f"invalid request: {where}: the string contains a lone UTF-16 surrogate (\\ud800-\\udfff), "
+                           f"which is not a Unicode character",
+                           [{"loc": location, "msg": "lone UTF-16 surrogate in a string", "type": "unicode_surrogate"}])
+
+
+def _lone_surrogate_at(data: Any) -> list | None:
+    """The location (``["body", key or index, ...]``) of a string, key or value, in the parsed
+    body that holds a lone surrogate; walked without recursion, however deep the nesting."""
+    pending = [(data, ["body"])]
+    while pending:
+        value, location = pending.pop()
+        if isinstance(value, str) and _has_surrogate(value):
+            return location
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if _has_surrogate(key):
+                    return location + [key]
+                pending.append((item, location + [key]))
+        elif isinstance(value, list):
+            pending.extend((item, location + [index]) for index, item in enumerate(value))
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    return any("\ud800" <= char <= "\udfff" for char in text)
+
+
+JsonBody = Depends(require_json_body)
+
+
 # -- request helpers shared by the query routers --------------------------------------------------
 
 
@@ -95,6 +176,7 @@ async def resolve_targets(spec: Targets, store: StoreHandle, registry: Datastore
     """
     if isinstance(spec, TargetRecords):
         check_limit("targets", len(spec.records), settings.max_targets)
+        check_records(spec.records)
         featurizer = await run_in_threadpool(store.featurizer)
         return await run_in_threadpool(featurizer.featurize, spec.records, spec.subtask_field)
     if isinstance(spec, TargetDatastore):
@@ -103,12 +185,42 @@ async def resolve_targets(spec: Targets, store: StoreHandle, registry: Datastore
         return await run_in_threadpool(TargetSet.from_datastore, source.store, spec.subtask_field)
     check_limit("targets", max(len(rows) for rows in spec.vectors.values()), settings.max_targets)
     check_checkpoints(spec.vectors, store)
-    return await run_in_threadpool(TargetSet.from_vectors, spec.vectors, spec.subtasks, store.store.dim)
+    return await run_in_threadpool(vectors_target_set, "targets.vectors", spec.vectors, spec.subtasks, store.store.dim)
+
+
+def vectors_target_set(field: str, vectors: dict, subtasks: list[str] | None, dim: int) -> TargetSet:
+    """``TargetSet.from_vectors`` with its errors (NaN, infinity, wrong dimension, ragged rows)
+    answered as 422 ``invalid_query`` naming the request field."""
+    try:
+        return TargetSet.from_vectors(vectors, subtasks, dim)
+    except SelectionError as err:
+        raise invalid_query(f"{field}: {err}", {"field": field}) from None
 
 
 def check_limit(name: str, value: int, limit: int) -> None:
     if value > limit:
         raise limit_exceeded(name, value, limit)
+
+
+def check_weight_sum(weights: dict[str, float] | None, checkpoints: list[str] | None, store: StoreHandle) -> None:
+    """The weights used are divided by their sum: refuse finite weights whose sum overflows to
+    infinity (``1e308 + 1e308``), which would scale every weight to 0."""
+    if not weights:
+        return
+    used = [weights[name] for name in checkpoints or store.store.checkpoint_names if name in weights]
+    if all(math.isfinite(weight) for weight in used) and not math.isfinite(sum(used)):
+        raise invalid_query("weights: their sum overflows a float; scale them down (only their ratios matter)",
+                            {"field": "weights"})
+
+
+def check_records(records: list[dict]) -> None:
+    """Target records must be corpus records: checked before the store's model (possibly many
+    GB) is loaded to featurise them."""
+    for index, record in enumerate(records):
+        try:
+            validate_record(record, f"targets.records[{index}]")
+        except BadRecordError as err:
+            raise invalid_query(str(err), {"field": f"targets.records[{index}]"}) from None
 
 
 def check_checkpoints(names, store: StoreHandle) -> None:

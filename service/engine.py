@@ -1,7 +1,8 @@
 """The selection engine: LESS scores of a datastore's examples for target examples, and selections.
 
-Used in-process by ``gradstore select`` and by the REST service; it needs numpy and pyarrow, not
-torch (target *records* are turned into vectors by :mod:`gradstore.service.targets`).
+Used in-process by ``gradstore select`` and by the REST service; it needs numpy and pyarrow, and
+uses torch's kernels for the scan when torch is installed (see :mod:`gradstore.service.scan`);
+target *records* are turned into vectors by :mod:`gradstore.service.targets`.
 
 Scoring
 =======
@@ -26,10 +27,15 @@ Every target has a subtask (a field of its record, or one subtask ``"all"``):
 Streaming
 =========
 Features are read in row batches, shard by shard, and for each batch one checkpoint at a time:
-never more than one checkpoint's batch is held, whatever the store's size. A batch's per-target
-scores ``(batch, targets)`` are reduced at once to the per-subtask means and the running maximum
-over targets, so what persists is ``O(N × subtasks)`` (plus ``O(N)`` for the maximum), never
-``O(N × targets)``.
+a shard's raw ``.npy`` features memory-mapped where the store has them (no decoding: the scan
+runs at about half the speed of copying those files, bench/RESULTS.md), its Parquet file decoded
+otherwise (stores without raw files give the same scores, more slowly). Shards are shared out
+between a few worker threads, each with its own :class:`~gradstore.service.scan.ScanKernel`
+converting and multiplying cache-sized blocks.
+A worker never holds more than one checkpoint's batch, whatever the store's size. A batch's
+per-target scores ``(targets, batch)`` are reduced at once to the per-subtask means and the
+maximum over targets, so what persists is ``O(N × subtasks)`` (plus ``O(N)`` for the maximum),
+never ``O(N × targets)``.
 
 Selection
 =========
@@ -53,6 +59,7 @@ import math
 import os
 import threading
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -66,10 +73,14 @@ from gradstore.indexer.datastore import Datastore, Manifest, examples_path, feat
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.faiss_index import normalized_weights
 
+from .scan import ScanKernel, default_backend, restore_torch_threads, single_threaded_worker
+from .scan import scan_threads as default_scan_threads
+
 AGGREGATIONS = ("less", "max", "mean")
 EXPORT_FORMATS = ("jsonl", "parquet")
 DEFAULT_SUBTASK = "all"
-# Rows per scoring batch are chosen so one batch of float32 features stays near this size.
+# Rows per scoring batch are chosen so the batches of all scan workers together stay near this
+# size in float32 (decoded Parquet batches are half that; memory-mapped ones cost nothing).
 _BATCH_BYTES = 64 << 20
 # Candidates read per deduplication block, and per chunk of selected vectors compared at once.
 _DEDUP_BLOCK_MIN, _DEDUP_BLOCK_MAX = 256, 4096
@@ -314,10 +325,17 @@ class Selection:
 
 
 class SelectionEngine:
-    """Scores and selections over one opened datastore; safe to share between threads."""
+    """Scores and selections over one opened datastore; safe to share between threads.
 
-    def __init__(self, store: Datastore):
+    ``scan_threads`` worker threads share a scan's shards (default: :func:`~.scan.scan_threads`);
+    ``scan_backend`` picks the kernel (``"torch"`` or ``"numpy"``; default: torch if installed).
+    """
+
+    def __init__(self, store: Datastore, scan_threads: int | None = None, scan_backend: str | None = None):
         self.store = store
+        self.scan_threads = scan_threads or default_scan_threads()
+        self.scan_backend = scan_backend or default_backend()
+        ScanKernel(1, self.scan_backend)  # refuses an unknown backend now rather than mid-scan
         self._lock = threading.Lock()
         self._ids: np.ndarray | None = None
         self._source_codes: np.ndarray | None = None
@@ -392,37 +410,67 @@ class SelectionEngine:
         code_of = {name: i for i, name in enumerate(subtasks)}
         codes = np.array([code_of[s] for s in targets.subtasks], dtype=np.int64)
         counts = np.bincount(codes, minlength=len(subtasks)).astype(np.int64)
-        means = np.zeros((targets.num_targets, len(subtasks)), dtype=np.float32)
-        means[np.arange(targets.num_targets), codes] = 1.0 / counts[codes]
+        # Targets ordered by subtask, so a subtask's scores are adjacent columns (np.add.reduceat).
+        order = np.argsort(codes, kind="stable")
+        first_of_subtask = np.searchsorted(codes[order], np.arange(len(subtasks)))
         used = [(name, weight) for name, weight in zip(names, w) if weight > 0]
-        # (k, T) per checkpoint, the weight folded in: features @ query = w_c · cos(f_c, g_c).
-        queries = [np.ascontiguousarray((np.float32(weight) * targets.vectors[name]).T) for name, weight in used]
+        # (T, k) per checkpoint, the weight folded in: query @ feature = w_c · cos(f_c, g_c).
+        queries = [np.ascontiguousarray(np.float32(weight) * targets.vectors[name][order]) for name, weight in used]
         n = self.store.num_examples
         per_subtask = np.zeros((n, len(subtasks)), dtype=np.float32)
         best = np.zeros(n, dtype=np.float32)
-        batch_rows = max(1, min(65536, _BATCH_BYTES // (4 * max(self.store.dim, targets.num_targets))))
-        for rows, total in self._stream_scores([name for name, _ in used], queries, batch_rows):
-            per_subtask[rows] = total @ means
-            best[rows] = total.max(axis=1)
+        share = max(self.store.dim, targets.num_targets) * 4 * self.scan_threads
+        batch_rows = max(1, min(65536, _BATCH_BYTES // share))
+
+        def reduce(rows: np.ndarray, total: np.ndarray) -> None:  # total: (T, rows)
+            sums = np.add.reduceat(total, first_of_subtask, axis=0)
+            per_subtask[rows] = (sums / counts.astype(np.float32)[:, None]).T
+            best[rows] = total.max(axis=0)
+
+        self._scan([name for name, _ in used], queries, batch_rows, reduce)
         return Scores(per_subtask, best, subtasks, counts, names, w)
 
-    def _stream_scores(self, names: list[str], queries: list[np.ndarray], batch_rows: int):
-        """``(rows, Σ_c features_c @ queries_c)`` per row batch, one checkpoint's batch at a time."""
-        streams = [self.store.iter_features(name, batch_rows) for name in names]
+    def _scan(self, names: list[str], queries: list[np.ndarray], batch_rows: int, reduce) -> None:
+        """``reduce(rows, Σ_c queries_c @ features_c.T)`` (targets × rows) for every row batch of
+        the store, the shards shared out between worker threads (rows of calls never overlap)."""
+        kernels = threading.local()
+
+        def scan_shard(shard: int) -> None:
+            if not hasattr(kernels, "kernel"):
+                kernels.kernel = ScanKernel(self.store.dim, self.scan_backend)
+            for rows, total in self._shard_scores(shard, names, queries, batch_rows, kernels.kernel):
+                reduce(rows, total)
+
+        pool = ThreadPoolExecutor(self.scan_threads, thread_name_prefix="gradstore-scan",
+                                  initializer=single_threaded_worker)
+        try:
+            for _ in pool.map(scan_shard, range(self.store.manifest.shards.count)):
+                pass
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the shards not begun
+            restore_torch_threads()
+
+    def _shard_scores(self, shard: int, names: list[str], queries: list[np.ndarray], batch_rows: int,
+                      kernel: ScanKernel):
+        """``(rows, Σ_c queries_c @ features_c.T)`` per row batch of a shard, one checkpoint's batch
+        at a time."""
+        streams = [self.store.shard_features(name, shard, batch_rows, writable=True) for name in names]
         for rows, feature in streams[0]:
-            total = feature.astype(np.float32) @ queries[0]
+            total = np.zeros((queries[0].shape[0], len(rows)), dtype=np.float32)
+            kernel.add_products(feature, queries[0], total)
             del feature
             for name, stream, query in zip(names[1:], streams[1:], queries[1:]):
                 item = next(stream, None)
                 if item is None or not np.array_equal(item[0], rows):
-                    raise StoreError(f"{self.store.path}: the features of checkpoint {name!r} do not have the "
-                                     f"rows of checkpoint {names[0]!r}")
-                total += item[1].astype(np.float32) @ query
+                    raise StoreError(f"{self.store.path}: shard {shard}: the features of checkpoint {name!r} do "
+                                     f"not have the rows of checkpoint {names[0]!r}")
+                kernel.add_products(item[1], query, total)
                 del item
             yield rows, total
         for name, stream in zip(names[1:], streams[1:]):
             if next(stream, None) is not None:
-                raise StoreError(f"{self.store.path}: checkpoint {name!r} has more feature rows than {names[0]!r}")
+                raise StoreError(f"{self.store.path}: shard {shard}: checkpoint {name!r} has more feature rows "
+                                 f"than {names[0]!r}")
 
     # -- selection ----------------------------------------------------------------------------
 
@@ -523,13 +571,18 @@ class SelectionEngine:
     def features_at(self, checkpoint: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """float16 ``(len(rows), k)``: one checkpoint's features of ``rows``, in the given order.
 
-        Only the Parquet row groups holding the rows are read (memory-mapped).
+        Gathered from the raw files' memory maps where the store has them; otherwise only the
+        Parquet row groups holding the rows are read (memory-mapped).
         """
         if checkpoint not in self.store.checkpoint_names:
             raise SelectionError(f"unknown checkpoint {checkpoint!r}: the datastore has {self.store.checkpoint_names}")
         rows = self._checked_rows(rows)
         out = np.empty((len(rows), self.store.dim), dtype=np.float16)
         for shard, where, local in self._by_shard(rows):
+            raw = self.store.raw_features(checkpoint, shard)
+            if raw is not None:
+                out[where] = raw[local]
+                continue
             path = features_path(self.store.path, checkpoint, shard)
             parquet = pq.ParquetFile(path, memory_map=True)
             sizes = np.array([parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])

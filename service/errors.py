@@ -2,14 +2,18 @@
 
 Routes raise :class:`ServiceError` with an HTTP status and a stable machine-readable code.
 :func:`install_error_handlers` maps everything else onto the same shape: request validation
-(422 ``validation_error``), unknown routes and methods (404 ``not_found``, 405
-``method_not_allowed``), datastore errors (503 ``datastore_unavailable``, 404
-``example_not_found``), engine errors (422 ``invalid_query``) and unexpected exceptions (500
-``internal_error``, logged, never echoed to the client).
+(422 ``validation_error``), a body that cannot be parsed at all (400 ``bad_request``), unknown
+routes and methods (404 ``not_found``, 405 ``method_not_allowed``), datastore errors (503
+``datastore_unavailable``, 404 ``example_not_found``), engine errors (422 ``invalid_query``) and
+unexpected exceptions (500 ``internal_error``, logged, never echoed to the client).
+:data:`ERROR_STATUSES` lists every status with its codes; :func:`error_responses` documents them
+in the OpenAPI schema. Error bodies are rendered as ASCII JSON, so an echoed input that is not
+valid Unicode (a lone surrogate such as ``"\\ud800"``) cannot break the error response itself.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -40,6 +44,29 @@ _HTTP_CODES = {
     429: "too_many_requests",
     503: "service_unavailable",
 }
+
+
+# Every error status the API answers, with the codes it uses (the OpenAPI descriptions).
+ERROR_STATUSES = {
+    400: "bad input the schema cannot express: `invalid_name`, `limit_exceeded`, `invalid_cursor`, "
+         "`invalid_selection_id`, `path_not_allowed`, `invalid_job`, `bad_request` (a body that cannot be parsed)",
+    401: "`unauthorized`: the API key is missing or unknown",
+    404: "`datastore_not_found`, `example_not_found`, `job_not_found`, `not_found` (no such route)",
+    409: "`conflict`: the datastore exists or has an active job, or the job has finished",
+    410: "`selection_expired`: the selection is no longer cached; repeat the select request",
+    413: "`payload_too_large`: the body is larger than the service's limit",
+    415: "`unsupported_media_type`: the body is not JSON (`Content-Type: application/json`)",
+    422: "`validation_error` (the request does not match the schema; `detail` lists where) or "
+         "`invalid_query` (targets, checkpoints or options that do not fit the datastore)",
+    500: "`internal_error`: a bug; the details are in the service log",
+    503: "`datastore_unavailable` (the datastore cannot be opened; the message says why) or "
+         "`service_unavailable`",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` documenting ``statuses`` with the error body and their codes."""
+    return {status: {"model": ErrorBody, "description": ERROR_STATUSES[status]} for status in statuses}
 
 
 class ServiceError(Exception):
@@ -79,10 +106,17 @@ def payload_too_large(limit: int) -> JSONResponse:
                           {"max_body_bytes": limit}, headers={"Connection": "close"})
 
 
+class ErrorJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: renders any string, even lone surrogates."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def error_response(status: int, code: str, message: str, detail: Any = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorBody(code=code, message=message, detail=jsonable_encoder(detail))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+    return ErrorJSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -119,7 +153,10 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
         return payload_too_large(exc.limit)
     code = _HTTP_CODES.get(exc.status_code, "http_error")
     message = exc.detail if isinstance(exc.detail, str) else code.replace("_", " ")
-    if exc.status_code == 404 and exc.detail == "Not Found":
+    if exc.status_code == 400 and exc.__cause__ is not None:
+        # FastAPI's "error parsing the body": say why (a number too long to convert, nesting too deep).
+        message = f"the request body cannot be parsed as JSON: {_short(str(exc.__cause__))}"
+    elif exc.status_code == 404 and exc.detail == "Not Found":
         message = f"no route {request.method} {request.url.path}"
     elif exc.status_code == 405:
         message = f"method {request.method} is not allowed on {request.url.path}"
@@ -136,12 +173,16 @@ async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
 
 
 async def _selection_error(request: Request, exc: SelectionError) -> JSONResponse:
-    return error_response(422, "invalid_query", str(exc))
+    return error_response(422, "invalid_query", _strip_root(request, str(exc)))
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error; see the service log")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _strip_root(request: Request, message: str) -> str:

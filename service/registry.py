@@ -8,6 +8,11 @@ model), which also answers nearest-neighbour queries. A store that fails to open
 its reason while the others keep working. A store replaced on disk (a job republished it) is
 reopened on its next use, and a new one is found without restart.
 
+Opening a store checks what is cheap whatever its size: the manifest, every listed file's size,
+every Parquet footer (readable, row counts and feature dimension as the manifest says) and the
+FAISS index (readable, one vector per example). Hashing every file against the manifest's sha256
+reads the whole store (minutes for 100 GB), so it runs only with ``verify_checksums``.
+
 :class:`SelectionCache` is the bounded LRU of finished selections that cursors page through.
 """
 
@@ -22,11 +27,13 @@ from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from gradstore.client.models import StoreState
-from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest
+from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest, examples_path, features_path
 from gradstore.indexer.errors import StoreError
-from gradstore.indexer.faiss_index import concat_weighted
+from gradstore.indexer.faiss_index import concat_weighted, prefer_blas_search
 
 from .engine import Selection, SelectionEngine, TargetSet, rank
 from .errors import ServiceError
@@ -109,23 +116,57 @@ class StoreHandle:
         return results
 
 
-def open_handle(name: str, path: Path) -> StoreHandle:
-    """Open a store, its index and its engine; raises :class:`StoreError`."""
+def open_handle(name: str, path: Path, verify_checksums: bool = False) -> StoreHandle:
+    """Open a store, its index and its engine, checked as the module docstring says; raises
+    :class:`StoreError`."""
     signature = _signature(path)
-    store = Datastore.open(path)
+    store = Datastore.open(path, verify=verify_checksums)
+    check_parquet_footers(store)
     try:
         index = store.index() if store.manifest.index is not None else None
     except RuntimeError as err:  # FAISS cannot parse the file
         raise StoreError(f"{path / store.manifest.index.file}: unreadable FAISS index ({err})") from None
+    if index is not None and index.ntotal != store.num_examples:
+        raise StoreError(f"{path / store.manifest.index.file}: {index.ntotal} vectors, the manifest says "
+                         f"{store.num_examples} examples")
     return StoreHandle(name=name, store=store, index=index, engine=SelectionEngine(store),
                        signature=signature)
+
+
+def check_parquet_footers(store: Datastore) -> None:
+    """Every shard's Parquet footers parse, with the manifest's row counts and feature dimension
+    (one small read per file: a damaged file is found on open, not in the middle of a query)."""
+    total = 0
+    for shard in range(store.manifest.shards.count):
+        rows = _footer(examples_path(store.path, shard)).num_rows
+        for checkpoint in store.checkpoint_names:
+            path = features_path(store.path, checkpoint, shard)
+            footer = _footer(path)
+            if footer.num_rows != rows:
+                raise StoreError(f"{path}: {footer.num_rows} rows, its examples file has {rows}")
+            schema = footer.schema.to_arrow_schema()
+            feature = schema.field("feature").type if "feature" in schema.names else None
+            if getattr(feature, "list_size", None) != store.dim:
+                raise StoreError(f"{path}: feature column {feature}, the manifest says {store.dim} dimensions")
+        total += rows
+    if total != store.num_examples:
+        raise StoreError(f"{store.path}: the shards hold {total} examples, the manifest says {store.num_examples}")
+
+
+def _footer(path: Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"{path}: unreadable Parquet file ({err})") from None
 
 
 class DatastoreRegistry:
     """The stores under ``root``, opened lazily and cached; thread-safe."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, verify_checksums: bool = False):
+        prefer_blas_search()  # queries come in small batches of targets
         self.root = Path(root).resolve()
+        self.verify_checksums = verify_checksums
         self._lock = threading.Lock()
         self._names: set[str] = set()
         self._handles: dict[str, StoreHandle] = {}
@@ -179,11 +220,16 @@ class DatastoreRegistry:
             return handle if handle is not None else self._load(name, path)
 
     def manifest(self, name: str) -> Manifest:
-        """The manifest of store ``name`` (files checked, index not loaded); errors as :meth:`get`."""
+        """The manifest of store ``name`` (file sizes checked, index not loaded; a store that failed
+        to open is opened in full); errors as :meth:`get`."""
         path = self._existing(name)
         handle = self._cached(name, path)
         if handle is not None:
             return handle.manifest
+        with self._lock:
+            failed = name in self._errors
+        if failed:  # its sizes may be right and its footers or index not: open it in full again
+            return self.get(name).manifest
         try:
             return Datastore.open(path).manifest
         except StoreError as err:
@@ -211,7 +257,7 @@ class DatastoreRegistry:
 
     def _load(self, name: str, path: Path) -> StoreHandle:
         try:
-            handle = open_handle(name, path)
+            handle = open_handle(name, path, self.verify_checksums)
         except StoreError as err:
             raise self._unavailable(name, str(err)) from None
         with self._lock:

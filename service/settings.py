@@ -50,6 +50,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * MiB, ge=1)
     max_page_size: int = Field(10_000, ge=1)
     selection_cache_size: int = Field(32, ge=1)
+    verify_checksums: bool = Field(
+        False, description="hash every file of a datastore against its manifest's sha256 when the store is opened "
+                           "(reads the whole store; sizes, Parquet footers and the index are always checked)")
 
     job_input_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list, description="folders that job input paths must lie in (default: root)")

@@ -11,10 +11,13 @@ from gradstore.client.models import CheckpointSummary, DatastoreDetail, Datastor
 from gradstore.indexer.datastore import Manifest
 
 from ..deps import RegistryDep, StoreDep
-from ..errors import ServiceError
+from ..errors import ServiceError, error_responses
 from ..registry import DatastoreRegistry
 
 router = APIRouter(prefix="/v1/datastores", tags=["datastores"])
+
+# A route on one datastore: a bad name, no such store, a store that cannot be opened.
+STORE_ERRORS = error_responses(400, 404, 503)
 
 
 @router.get("", response_model=DatastoreList, summary="List the datastores (those that open)")
@@ -43,7 +46,7 @@ def _summary_fields(name: str, manifest: Manifest) -> dict:
     )
 
 
-@router.get("/{name}", response_model=DatastoreDetail, summary="Describe a datastore")
+@router.get("/{name}", response_model=DatastoreDetail, summary="Describe a datastore", responses=STORE_ERRORS)
 def get_datastore(store: StoreDep) -> DatastoreDetail:
     m = store.manifest
     return DatastoreDetail(
@@ -53,7 +56,8 @@ def get_datastore(store: StoreDep) -> DatastoreDetail:
     )
 
 
-@router.get("/{name}/examples/{id:path}", response_model=Example, summary="One stored example by id")
+@router.get("/{name}/examples/{id:path}", response_model=Example, summary="One stored example by id",
+            responses=STORE_ERRORS)
 async def get_example(store: StoreDep, id: str) -> Example:
     row = await run_in_threadpool(store.store.row_of, id)
     columns = await run_in_threadpool(store.store.example, row)

@@ -13,17 +13,20 @@ from fastapi.concurrency import run_in_threadpool
 
 from gradstore.client.models import InfluenceRequest, InfluenceResponse, Neighbor, TargetInfluence
 
-from ..deps import RegistryDep, SettingsDep, StoreDep, check_limit, resolve_targets
+from ..deps import JsonBody, RegistryDep, SettingsDep, StoreDep, check_limit, check_weight_sum, resolve_targets
 from ..engine import TargetSet
+from ..errors import error_responses
 from ..registry import StoreHandle
 
-router = APIRouter(prefix="/v1/datastores/{name}", tags=["influence"])
+router = APIRouter(prefix="/v1/datastores/{name}", tags=["influence"], responses=error_responses(400, 404, 503))
 
 
-@router.post("/influence", response_model=InfluenceResponse, summary="Top-k influential examples per target")
+@router.post("/influence", response_model=InfluenceResponse, summary="Top-k influential examples per target",
+             dependencies=[JsonBody], responses=error_responses(413, 415))
 async def influence(body: InfluenceRequest, store: StoreDep, registry: RegistryDep,
                     settings: SettingsDep) -> InfluenceResponse:
     check_limit("k", body.k, settings.max_k)
+    check_weight_sum(body.weights, body.checkpoints, store)
     targets = await resolve_targets(body.targets, store, registry, settings)
     exact, found = await run_in_threadpool(top_k, store, targets, body)
     results = [TargetInfluence(target=i, neighbors=neighbors(store, hits)) for i, hits in enumerate(found)]

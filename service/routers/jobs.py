@@ -6,16 +6,23 @@ router; the header it reads is a setting, so the dependency is built per app.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
 
 from gradstore.client.models import ErrorBody, IndexJobRequest, Job, JobList
 
-from ..errors import ServiceError
+from ..deps import JsonBody
+from ..errors import ServiceError, error_responses
 from ..jobs import JobManager
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(503))
+
+# Linux limits on file names: a longer path names no file (the OS refuses it with ENAMETOOLONG).
+PATH_MAX, NAME_MAX = 4096, 255
+PATH_FIELDS = {"corpus", "model", "tokenizer", "checkpoints", "run"}
 
 _ERRORS = {404: {"model": ErrorBody, "description": "no such job (`job_not_found`)"}}
 
@@ -34,10 +41,13 @@ JobsDep = Annotated[JobManager, Depends(get_jobs)]
              responses={400: {"model": ErrorBody, "description": "invalid name or inputs (`invalid_name`, "
                                                                     "`path_not_allowed`, `invalid_job`)"},
                         409: {"model": ErrorBody, "description": "the datastore exists (without `overwrite`) "
-                                                                 "or already has a queued or running job"}})
+                                                                 "or already has a queued or running job"},
+                        **error_responses(413, 415)},
+             dependencies=[JsonBody])
 def submit_job(body: IndexJobRequest, response: Response, jobs: JobsDep) -> Job:
     """Validate the job and queue it; jobs run one at a time, in submission order. The
     ``Location`` header is the job's URL."""
+    check_job_values(body)
     job = jobs.submit(body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job
@@ -59,3 +69,32 @@ def cancel_job(job_id: str, jobs: JobsDep) -> Job:
     """A queued job is cancelled at once; a running one is terminated (its partial work
     discarded), waiting for it to stop."""
     return jobs.cancel(job_id)
+
+
+def check_job_values(request: IndexJobRequest) -> None:
+    """400 ``invalid_job`` naming the field of a value the indexer cannot take: a NaN or infinite
+    number, a string with a NUL character (no path or command-line argument holds one), or a path
+    longer than the file system allows."""
+    fields = request.model_dump()
+    for field, value in fields.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ServiceError(400, "invalid_job", f"{field} must be a finite number, got {value}", {"field": field})
+    for field, text in _strings(fields):
+        if "\x00" in text:
+            raise ServiceError(400, "invalid_job", f"{field} contains a NUL character", {"field": field})
+        if field.partition("[")[0] in PATH_FIELDS and _too_long(text):
+            raise ServiceError(400, "invalid_job", f"{field} is longer than a path can be ({PATH_MAX} bytes, "
+                               f"{NAME_MAX} per name)", {"field": field})
+
+
+def _strings(fields: dict) -> Iterator[tuple[str, str]]:
+    """``(field, text)`` for every string of the request's fields, list items as ``field[i]``."""
+    for field, value in fields.items():
+        if isinstance(value, str):
+            yield field, value
+        elif isinstance(value, list):
+            yield from ((f"{field}[{i}]", item) for i, item in enumerate(value) if isinstance(item, str))
+
+
+def _too_long(path: str) -> bool:
+    return len(path.encode()) > PATH_MAX or any(len(part.encode()) > NAME_MAX for part in path.split("/"))

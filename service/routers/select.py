@@ -22,13 +22,14 @@ from fastapi.responses import FileResponse
 
 from gradstore.client.models import ErrorBody, SelectedExample, SelectPage, SelectRequest, TargetDatastore
 
-from ..deps import RegistryDep, SelectionsDep, SettingsDep, StoreDep, check_limit, resolve_targets
+from ..deps import (JsonBody, RegistryDep, SelectionsDep, SettingsDep, StoreDep, check_limit, check_weight_sum,
+                    resolve_targets)
 from ..engine import SelectionOptions
-from ..errors import ServiceError
+from ..errors import ServiceError, error_responses
 from ..registry import CachedSelection, DatastoreRegistry, SelectionCache, StoreHandle
 from ..settings import Settings
 
-router = APIRouter(prefix="/v1/datastores/{name}", tags=["select"])
+router = APIRouter(prefix="/v1/datastores/{name}", tags=["select"], responses=error_responses(400, 404, 503))
 
 ExportFormat = Literal["jsonl", "parquet"]
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
@@ -37,7 +38,8 @@ DEFAULT_PAGE_SIZE = 1000
 _ERRORS = {410: {"model": ErrorBody, "description": "the selection is no longer cached (`selection_expired`)"}}
 
 
-@router.post("/select", response_model=SelectPage, summary="Select the most influential training examples")
+@router.post("/select", response_model=SelectPage, summary="Select the most influential training examples",
+             dependencies=[JsonBody], responses=error_responses(413, 415))
 async def select(body: SelectRequest, store: StoreDep, registry: RegistryDep, settings: SettingsDep,
                  selections: SelectionsDep) -> SelectPage:
     """Score the store's examples against the targets, rank them and select the top ``k`` (or
@@ -45,6 +47,7 @@ async def select(body: SelectRequest, store: StoreDep, registry: RegistryDep, se
     if body.k is not None:
         check_limit("k", body.k, settings.max_k)
     check_limit("page_size", body.page_size, settings.max_page_size)
+    check_weight_sum(body.weights, body.checkpoints, store)
     selection_id = await run_in_threadpool(selection_key, body, store, registry)
     entry = selections.get(selection_id)
     if entry is None or entry.datastore != store.name:

@@ -12,15 +12,16 @@ from fastapi.concurrency import run_in_threadpool
 
 from gradstore.client.models import SimilarRequest, SimilarResponse
 
-from ..deps import SettingsDep, StoreDep, check_checkpoints, check_limit
-from ..engine import TargetSet
+from ..deps import JsonBody, SettingsDep, StoreDep, check_checkpoints, check_limit, vectors_target_set
+from ..errors import error_responses
 from ..registry import StoreHandle
 from .influence import neighbors
 
-router = APIRouter(prefix="/v1/datastores/{name}", tags=["similar"])
+router = APIRouter(prefix="/v1/datastores/{name}", tags=["similar"], responses=error_responses(400, 404, 503))
 
 
-@router.post("/similar", response_model=SimilarResponse, summary="Nearest training examples")
+@router.post("/similar", response_model=SimilarResponse, summary="Nearest training examples",
+             dependencies=[JsonBody], responses=error_responses(413, 415))
 async def similar(body: SimilarRequest, store: StoreDep, settings: SettingsDep) -> SimilarResponse:
     check_limit("k", body.k, settings.max_k)
     if body.vectors is not None:
@@ -35,8 +36,8 @@ def nearest(store: StoreHandle, body: SimilarRequest) -> list[tuple[int, float]]
         query = store.row_vector(row)
     else:
         row = None
-        query = TargetSet.from_vectors({name: [vector] for name, vector in body.vectors.items()},
-                                       dim=store.store.dim)
+        query = vectors_target_set("vectors", {name: [vector] for name, vector in body.vectors.items()}, None,
+                                   store.store.dim)
     wanted = body.k if body.include_self or row is None else body.k + 1
     if store.index is None:
         hits = store.exact_search(query, wanted)[0]

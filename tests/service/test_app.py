@@ -458,3 +458,6 @@ def test_cli_serve_builds_settings_from_flags(root, monkeypatch, capsys):
     assert app.state.api_keys == {"a", "b"}
     assert main(["serve", "--root", str(root), "--no-auth", "--port", "1234"]) == 0
     assert calls[1][0].state.api_keys is None and calls[1][1]["port"] == 1234
+    assert calls[1][0].state.settings.verify_checksums is False
+    assert main(["serve", "--root", str(root), "--no-auth", "--verify-checksums"]) == 0
+    assert calls[2][0].state.settings.verify_checksums is True

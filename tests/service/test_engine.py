@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import threading
 import weakref
 from pathlib import Path
 
@@ -16,10 +18,12 @@ from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.datastore import (Datastore, FeatureBatch, examples_table, finalize_store, publish_store,
                                          write_shard)
+from gradstore.indexer.errors import StoreError
 from gradstore.indexer.job import IndexJob, IndexJobConfig
 from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
 from gradstore.service import engine as engine_module
+from gradstore.service import scan as scan_module
 from gradstore.service.engine import SelectionEngine, SelectionError, SelectionOptions, TargetSet
 
 WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
@@ -164,29 +168,91 @@ def test_aggregations_differ_and_one_subtask_makes_less_equal_mean(stores, engin
 def test_streaming_in_small_batches_reads_one_checkpoint_batch_at_a_time(stores, targets, monkeypatch):
     store = Datastore.open(stores["pool"])
     reference = SelectionEngine(store).scores(targets)
-    monkeypatch.setattr(engine_module, "_BATCH_BYTES", 4 * DIM * 5)  # 5 rows per batch
+    monkeypatch.setattr(engine_module, "_BATCH_BYTES", 4 * DIM * 5)  # 5 rows per batch (one worker)
     monkeypatch.setattr(Datastore, "features", lambda *a, **k: pytest.fail("features() loads a whole checkpoint"))
-    live, peak = [0], [0]
-    original = Datastore.iter_features
+    live, peak, sizes = [0], [0], []
+    original = Datastore.shard_features
 
     def release():
         live[0] -= 1
 
-    def counting(self, checkpoint, batch_rows=65536):
+    def counting(self, checkpoint, shard, batch_rows=65536, writable=False):
         # Each batch handed out is a copy whose lifetime is the engine's: count the ones alive.
         assert batch_rows == 5
-        for rows, feature in original(self, checkpoint, batch_rows):
+        for rows, feature in original(self, checkpoint, shard, batch_rows, writable):
             box = [np.array(feature)]
             weakref.finalize(box[0], release)
             live[0] += 1
             peak[0] = max(peak[0], live[0])
+            sizes.append(len(rows))
             yield rows, box.pop()
 
-    monkeypatch.setattr(Datastore, "iter_features", counting)
-    streamed = SelectionEngine(store).scores(targets)
-    assert peak[0] == 1
+    monkeypatch.setattr(Datastore, "shard_features", counting)
+    streamed = SelectionEngine(store, scan_threads=1).scores(targets)
+    assert peak[0] == 1 and max(sizes) == 5 and sum(sizes) == 2 * store.num_examples
     np.testing.assert_allclose(streamed.per_subtask, reference.per_subtask, atol=1e-6)
     np.testing.assert_allclose(streamed.best, reference.best, atol=1e-6)
+
+
+# ------------------------------------------------------- raw feature files, the Parquet fallback, kernels
+
+
+def copy_without_raw_features(store: Path, dest: Path) -> Path:
+    """A copy of ``store`` as written before raw feature files existed (none, none listed)."""
+    shutil.copytree(store, dest, ignore=shutil.ignore_patterns("raw_features"))
+    manifest = json.loads((dest / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("raw_features/")}
+    (dest / "manifest.json").write_text(json.dumps(manifest))
+    return dest
+
+
+@pytest.mark.parametrize("backend", scan_module.BACKENDS)
+def test_raw_files_and_parquet_fallback_give_the_numpy_scores(stores, targets, tmp_path, backend):
+    raw_store = Datastore.open(stores["pool"])
+    assert all(raw_store.raw_features(c, s) is not None for c in raw_store.checkpoint_names
+               for s in range(raw_store.manifest.shards.count))
+    old_store = Datastore.open(copy_without_raw_features(stores["pool"], tmp_path / "old"))
+    assert old_store.raw_features("epoch-1", 0) is None
+    expected, means, _ = reference_scores(stores["pool"], stores["target"], "max")
+    results = [SelectionEngine(store, scan_threads=threads, scan_backend=backend).scores(targets)
+               for store in (raw_store, old_store) for threads in (1, 3)]
+    for table in results:
+        np.testing.assert_allclose(table.best, expected, atol=1e-5)
+        np.testing.assert_allclose(table.per_subtask, means, atol=1e-5)
+        np.testing.assert_allclose(table.best, results[0].best, atol=1e-6)
+    dedup = SelectionOptions(k=8, dedup_threshold=0.2)  # reads features of chosen rows (features_at)
+    assert (SelectionEngine(old_store).select(targets, dedup).rows.tolist()
+            == SelectionEngine(raw_store).select(targets, dedup).rows.tolist())
+
+
+def test_a_scan_leaves_torch_threads_as_it_found_them(engine, targets):
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    engine.scores(targets)  # its workers run torch single-threaded
+    in_new_thread = []
+    thread = threading.Thread(target=lambda: in_new_thread.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == before and in_new_thread == [before]
+
+
+def test_a_damaged_raw_file_is_an_error_naming_it(stores, targets, tmp_path):
+    path = tmp_path / "pool"
+    shutil.copytree(stores["pool"], path)
+    engine = SelectionEngine(Datastore.open(path), scan_threads=2)
+    raw = path / "raw_features" / "epoch-2" / "part-00001.npy"
+    good = np.load(raw)
+    # Same size, so opening does not notice (only verify=True would): a header with another shape.
+    np.save(raw, good.reshape(good.shape[0] * 2, -1))
+    assert raw.stat().st_size == Datastore.open(path).manifest.files["raw_features/epoch-2/part-00001.npy"].bytes
+    with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: raw features file holds row-major <f2 "
+                                         r"\(32, 128\), expected row-major <f2 \(16, 256\)"):
+        engine.scores(targets)
+    raw.unlink()
+    with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: cannot read raw features file"):
+        engine.scores(targets)
+    with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: listed in the manifest but missing"):
+        Datastore.open(path)
 
 
 # --------------------------------------------------------------------------- weights and checkpoints

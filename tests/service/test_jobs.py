@@ -334,6 +334,7 @@ def test_http_api(settings, inputs, tiny_model_dirs):
         reply = client.post("/v1/jobs", json=outside)
         assert reply.status_code == 400 and reply.json()["code"] == "path_not_allowed"
         assert "/etc/passwd" in reply.json()["message"]
-        reply = client.post("/v1/jobs", json=dict(body, datastore="other", proj_dim=0))
-        assert reply.status_code == 422
+        for bad in ({"proj_dim": 0}, {"proj_dim": 2**70}, {"max_length": 2**40}, {"seed": 2**64}):
+            reply = client.post("/v1/jobs", json=dict(body, datastore="other", **bad))
+            assert reply.status_code == 422 and next(iter(bad)) in reply.json()["message"], bad
         assert client.post("/v1/jobs", json=body).json()["code"] == "conflict"
