@@ -39,13 +39,30 @@ byte-level BPE trained here on the same kind of text (:func:`gradstore.indexer.t
 
 Models (random weights, built locally with :mod:`gradstore.indexer.tiny`): ``tiny`` is a GPT-2
 (hidden 128, 4 layers, 4 heads, vocab 4096); ``100m`` a Llama (hidden 768, 12 layers, 12 heads,
-intermediate 2048, vocab 8192: 97.6 M parameters). LoRA r = 8, alpha = 16 on the attention's
-q/k/v/o projections (GPT-2: the fused ``c_attn`` and ``attn.c_proj``).
+intermediate 2048, vocab 8192: 97.6 M parameters). For a GPU: ``350m``, a Llama of hidden 1024,
+24 layers, 16 heads, intermediate 2816, vocab 32000 (374 M parameters), and ``1b``, hidden 2048,
+22 layers, 32 heads, intermediate 5632, vocab 32000 (TinyLlama's sizes with full multi-head
+attention: 1.26 B). LoRA r = 8,
+alpha = 16 on the attention's q/k/v/o projections (GPT-2: the fused ``c_attn`` and ``attn.c_proj``).
+
+Device and precision: ``--device`` (``cpu``, the default, or ``cuda``) and ``--dtype`` (``fp32``,
+the default, or ``bf16``) go to the indexing job (``IndexJobConfig.device`` / ``.dtype``: the base
+model's weights are loaded in that dtype, the LoRA weights stay fp32 as PEFT keeps them); the
+warmup that makes the checkpoint runs on the same device in fp32 (its LoRA weights and Adam state
+do not depend on the base dtype, and fp32 keeps its short training stable). The floor steps run
+on the job's own loaded model, so they use the same device and the same weights in the same
+dtype: the ratio compares like with like. On CUDA every clock is read after
+``torch.cuda.synchronize()``, and each method's peak GPU memory is recorded.
+On CUDA the reference method and bergson are skipped unless asked for (``--reference``,
+``--bergson``): the reference runs at batch size 1 and takes far longer than the rest, and bergson
+needs its own environment with a CUDA build; on CPU both run as before (``--no-reference`` and
+``--bergson-python ''`` skip them).
 
 Usage::
 
     python bench/indexing_throughput.py --config both --json /tmp/throughput.json
     python bench/indexing_throughput.py --config tiny --examples 64 --reference-examples 8   # quick
+    python bench/indexing_throughput.py --config 350m --device cuda --dtype bf16 --json /tmp/gpu.json
 
 Nothing is downloaded; bergson runs with ``HF_HUB_OFFLINE=1`` on a model folder written here.
 """
@@ -74,6 +91,7 @@ from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.grads import Batch, batch_losses, output_head, per_example_losses
 from gradstore.indexer.job import IndexJob, IndexJobConfig, length_batches, prepare
+from gradstore.indexer.model import resolve_device
 from gradstore.indexer.optimizer_state import canonical_param_name
 from gradstore.indexer.projection import ProjectionSpec
 
@@ -108,6 +126,13 @@ CONFIGS = {
     "100m": BenchConfig("100m", "llama", hidden=768, layers=12, heads=12, intermediate=2048, vocab=8192,
                         lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), examples=32,
                         reference_examples=8, repeats=2, max_tokens_per_batch=8192),
+    # GPU sizes. 8192 tokens per batch keeps the eager attention's saved scores well inside 80 GB.
+    "350m": BenchConfig("350m", "llama", hidden=1024, layers=24, heads=16, intermediate=2816, vocab=32000,
+                        lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), examples=2048,
+                        reference_examples=16, repeats=3, max_tokens_per_batch=8192),
+    "1b": BenchConfig("1b", "llama", hidden=2048, layers=22, heads=32, intermediate=5632, vocab=32000,
+                      lora_targets=("q_proj", "k_proj", "v_proj", "o_proj"), examples=1024,
+                      reference_examples=16, repeats=3, max_tokens_per_batch=8192),
 }
 
 
@@ -205,10 +230,12 @@ class Setup:
     model_dir: Path
     corpus: Path
     checkpoint: Path
+    device: str = "cpu"
+    dtype: str = "fp32"
     seconds: dict = field(default_factory=dict)
 
 
-def build_setup(cfg: BenchConfig, root: Path, seed: int, log) -> Setup:
+def build_setup(cfg: BenchConfig, root: Path, seed: int, log, device: str = "cpu", dtype: str = "fp32") -> Setup:
     from gradstore.indexer.tiny import build_model, build_tokenizer
     from gradstore.indexer.warmup import WarmupConfig, run_warmup
 
@@ -227,12 +254,12 @@ def build_setup(cfg: BenchConfig, root: Path, seed: int, log) -> Setup:
     warmup = WarmupConfig(corpus=[CorpusSource.parse(str(corpus))], model=model_dir, out=root / "warmup",
                           fraction=min(1.0, cfg.warmup_examples / cfg.examples), epochs=1, learning_rate=1e-3,
                           warmup_ratio=0.0, lora_r=8, lora_alpha=16, lora_targets=cfg.lora_targets,
-                          batch_size=4, max_length=LENGTH_MAX, device="cpu", progress=False, overwrite=True)
+                          batch_size=4, max_length=LENGTH_MAX, device=device, progress=False, overwrite=True)
     result = run_warmup(warmup, log=lambda *_: None)
     seconds["warmup"] = time.perf_counter() - start
     log(f"[{cfg.name}] set-up: model {seconds['model']:.1f} s, corpus {seconds['corpus']:.1f} s, "
         f"warmup {seconds['warmup']:.1f} s ({result.num_examples} examples)")
-    return Setup(cfg, root, model_dir, corpus, result.checkpoints[0], seconds)
+    return Setup(cfg, root, model_dir, corpus, result.checkpoints[0], device, dtype, seconds)
 
 
 def job_config(setup: Setup, out: Path, **overrides) -> IndexJobConfig:
@@ -241,7 +268,7 @@ def job_config(setup: Setup, out: Path, **overrides) -> IndexJobConfig:
         checkpoints=[CheckpointSpec(name="warmup", path=setup.checkpoint)], gradient_type="adam",
         projection=ProjectionSpec(kind="sjlt", dim=PROJ_DIM, seed=0), max_length=LENGTH_MAX,
         max_tokens_per_batch=setup.cfg.max_tokens_per_batch, max_batch_size=setup.cfg.max_batch_size,
-        shard_size=4096, device="cpu", progress=False, overwrite=True,
+        shard_size=4096, device=setup.device, dtype=setup.dtype, progress=False, overwrite=True,
     )
     settings.update(overrides)
     return IndexJobConfig(**settings)
@@ -250,6 +277,14 @@ def job_config(setup: Setup, out: Path, **overrides) -> IndexJobConfig:
 # ------------------------------------------------------------------------------------------------
 # The methods
 # ------------------------------------------------------------------------------------------------
+
+
+def clock(device: torch.device) -> float:
+    """``time.perf_counter()`` once the work queued on ``device`` has finished: CUDA kernels run
+    asynchronously, so reading the clock without waiting would time their launch only."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def run_floor(job: IndexJob, encoded, batches, same_forward: bool = False) -> None:
@@ -281,18 +316,19 @@ def run_floor(job: IndexJob, encoded, batches, same_forward: bool = False) -> No
 class TrakStyleProjector:
     """A dense Rademacher projection regenerated in column blocks on every call, as TRAK's CPU
     ``BasicProjector`` does: block ``b`` is ``bernoulli_(0.5) * 2 - 1`` from a generator seeded
-    with ``seed + 1000 * b``, and the gradients are cast to the projector's dtype per block."""
+    with ``seed + 1000 * b``, and the gradients are cast to the projector's dtype per block.
+    On a GPU the same algorithm runs there (TRAK's own CUDA projector is a different kernel)."""
 
     def __init__(self, grad_dim: int, proj_dim: int, seed: int = 0, block_size: int = TRAK_BLOCK_SIZE,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
         self.proj_dim, self.seed, self.dtype = proj_dim, seed, dtype
         self.block_size = min(proj_dim, block_size)
         self.num_blocks = math.ceil(proj_dim / self.block_size)
-        self.matrix = torch.empty(grad_dim, self.block_size, dtype=dtype)
-        self.generator = torch.Generator()
+        self.matrix = torch.empty(grad_dim, self.block_size, dtype=dtype, device=device)
+        self.generator = torch.Generator(device=device)
 
     def project(self, grads: torch.Tensor) -> torch.Tensor:
-        sketch = torch.zeros(grads.shape[0], self.proj_dim, dtype=self.dtype)
+        sketch = torch.zeros(grads.shape[0], self.proj_dim, dtype=self.dtype, device=grads.device)
         for block in range(self.num_blocks):
             self.generator.manual_seed(self.seed + 1000 * block)
             self.matrix.bernoulli_(0.5, generator=self.generator)
@@ -309,11 +345,11 @@ def run_reference(job: IndexJob, encoded, checkpoint_state) -> dict:
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     states = checkpoint_state.transform.states
     order = [canonical_param_name(n) for n, _ in named]
-    exp_avg = torch.cat([states[n].exp_avg.flatten() for n in order])
-    exp_avg_sq = torch.cat([states[n].exp_avg_sq.flatten() for n in order])
+    exp_avg = torch.cat([states[n].exp_avg.flatten() for n in order]).to(job.device)
+    exp_avg_sq = torch.cat([states[n].exp_avg_sq.flatten() for n in order]).to(job.device)
     state = states[order[0]]
     step = state.step + 1
-    projector = TrakStyleProjector(exp_avg.numel(), PROJ_DIM)
+    projector = TrakStyleProjector(exp_avg.numel(), PROJ_DIM, device=job.device)
 
     def adam(g: torch.Tensor) -> torch.Tensor:  # gradstore's `adam` transform on the flat vector
         m = state.beta1 * exp_avg + (1 - state.beta1) * g
@@ -321,8 +357,8 @@ def run_reference(job: IndexJob, encoded, checkpoint_state) -> dict:
         return (m / (1 - state.beta1 ** step)) / ((v / (1 - state.beta2 ** step)).sqrt() + state.eps)
 
     def gradient(example) -> torch.Tensor:
-        ids = torch.as_tensor(example.input_ids, dtype=torch.int64)[None]
-        labels = torch.as_tensor(example.labels, dtype=torch.int64)[None]
+        ids = torch.as_tensor(example.input_ids, dtype=torch.int64, device=job.device)[None]
+        labels = torch.as_tensor(example.labels, dtype=torch.int64, device=job.device)[None]
         with torch.enable_grad():
             model(input_ids=ids, labels=labels).loss.backward()
         flat = torch.cat([p.grad.view(-1) for _, p in named if p.grad is not None])
@@ -333,9 +369,9 @@ def run_reference(job: IndexJob, encoded, checkpoint_state) -> dict:
     grad_seconds = project_seconds = 0.0
     pending, features, full = [], [], []
     for i, example in enumerate(encoded):
-        start = time.perf_counter()
+        start = clock(job.device)
         pending.append(gradient(example))
-        grad_seconds += time.perf_counter() - start
+        grad_seconds += clock(job.device) - start
         if len(pending) == LESS_PROJECT_INTERVAL or i == len(encoded) - 1:
             full.extend(g.clone() for g in pending)
             stack = torch.stack(pending).to(torch.float16)
@@ -343,15 +379,16 @@ def run_reference(job: IndexJob, encoded, checkpoint_state) -> dict:
             # stack (a small subset) is filled up with its own rows so the cost per example is not
             # overstated.
             stack = stack[torch.arange(LESS_PROJECT_INTERVAL) % len(pending)]
-            start = time.perf_counter()
+            start = clock(job.device)
             features.append(projector.project(stack)[: len(pending)])
-            project_seconds += time.perf_counter() - start
+            project_seconds += clock(job.device) - start
             pending = []
     calls = math.ceil(len(encoded) / LESS_PROJECT_INTERVAL)
     per_example = grad_seconds / len(encoded) + project_seconds / (calls * LESS_PROJECT_INTERVAL)
     return {"gradient_seconds": grad_seconds, "projection_seconds": project_seconds, "projection_calls": calls,
             "projection_seconds_per_call": project_seconds / calls, "seconds_per_example": per_example,
-            "seconds": per_example * len(encoded), "features": torch.cat(features), "full": torch.stack(full)}
+            "seconds": per_example * len(encoded), "features": torch.cat(features).cpu(),
+            "full": torch.stack(full).cpu()}
 
 
 BERGSON_DRIVER = r"""
@@ -389,7 +426,8 @@ def run_bergson(python: str, setup: Setup, encoded, log) -> dict:
     driver.write_text(BERGSON_DRIVER)
     timing_file = work / "timing.json"
     cmd = [python, str(driver), str(timing_file), "build", str(work / "index"),
-           "--model", str(setup.checkpoint), "--tokenizer", str(setup.model_dir), "--dataset", str(data), "--precision", "fp32",
+           "--model", str(setup.checkpoint), "--tokenizer", str(setup.model_dir), "--dataset", str(data),
+           "--precision", setup.dtype,
            "--projection_dim", str(PROJ_DIM), "--projection_target", "global", "--projection_type", "rademacher",
            "--optimizer_state", str(setup.checkpoint), "--loss_reduction", "mean",
            "--token_batch_size", str(setup.cfg.max_tokens_per_batch),
@@ -442,57 +480,49 @@ def rate(examples: int, tokens: int, seconds: float) -> dict:
     return {"seconds": seconds, "examples_per_second": examples / seconds, "tokens_per_second": tokens / seconds}
 
 
-def bench_config(cfg: BenchConfig, args, log) -> dict:
-    root = Path(args.workdir) / cfg.name
-    setup = build_setup(cfg, root, args.seed, log)
-    job = IndexJob(job_config(setup, root / "store"), log=lambda *_: None)
-    start = time.perf_counter()
-    job.load()
-    load_seconds = time.perf_counter() - start
-    prepared = prepare(job.config, job.formatter)
-    encoded = prepared.encoded
-    lengths = [e.num_tokens for e in encoded]
-    tokens = sum(lengths)
-    batches = length_batches(list(range(len(encoded))), lengths, job.config.max_tokens_per_batch,
-                             job.config.max_batch_size)
-    checkpoint = job.checkpoints[0]
-    job.activate(checkpoint)
-    params = sum(p.numel() for p in job.peft_model.get_base_model().parameters())
-    lora_params = sum(p.numel() for p in job.peft_model.parameters() if p.requires_grad)
-    log(f"[{cfg.name}] {params / 1e6:.1f} M parameters, {lora_params:,} LoRA parameters; {len(encoded)} examples, "
-        f"{tokens:,} tokens (median {int(np.median(lengths))}, max {max(lengths)}), {len(batches)} batches")
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
-    # Untimed warm-up: the sjlt matrices are built and cached on a job's first batch.
-    start = time.perf_counter()
-    shortest = [min(encoded, key=lambda e: e.num_tokens)]
-    job.compute_features(shortest)
-    cache_seconds = time.perf_counter() - start
-    run_floor(job, shortest, [[0]])
-    run_floor(job, shortest, [[0]], same_forward=True)
 
+def peak_memory(device: torch.device) -> int | None:
+    """Peak bytes allocated on ``device`` since the last reset (None off CUDA: not tracked there)."""
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+
+
+def time_methods(job: IndexJob, encoded, batches, repeats: int, log, name: str) -> tuple[dict, dict]:
+    """Interleaved repeats of the two floors and gradstore: seconds per repeat and peak GPU bytes."""
     times = {"floor": [], "floor_same_forward": [], "gradstore": []}
-    for repeat in range(cfg.repeats):
+    peaks = {method: None for method in times}
+    for repeat in range(repeats):
         order = list(times) if repeat % 2 == 0 else list(times)[::-1]
         for method in order:
-            start = time.perf_counter()
+            reset_peak_memory(job.device)
+            start = clock(job.device)
             if method == "gradstore":
                 job.compute_features(encoded)
             else:
                 run_floor(job, encoded, batches, same_forward=method == "floor_same_forward")
-            times[method].append(time.perf_counter() - start)
-        log(f"[{cfg.name}] repeat {repeat + 1}: " + ", ".join(f"{m} {t[-1]:.2f} s" for m, t in times.items()))
+            times[method].append(clock(job.device) - start)
+            peak = peak_memory(job.device)
+            if peak is not None:
+                peaks[method] = max(peaks[method] or 0, peak)
+        log(f"[{name}] repeat {repeat + 1}: " + ", ".join(f"{m} {t[-1]:.2f} s" for m, t in times.items()))
+    return times, peaks
 
-    gradstore_s = statistics.median(times["gradstore"])
-    floor_s = statistics.median(times["floor"])
-    floor_same_s = statistics.median(times["floor_same_forward"])
 
-    # The reference method on a length-stratified subset, and gradstore on the same subset.
+def compare_with_reference(job: IndexJob, encoded, checkpoint, cfg: BenchConfig, gradstore_s: float,
+                           log) -> tuple[dict, list[int], np.ndarray]:
+    """The reference method on a length-stratified subset, gradstore on the same subset, and how
+    well both projections keep the exact pairwise cosines of the full Adam vectors.
+
+    Returns the result fields, the subset's rows and the exact cosines (for bergson's check)."""
     subset = stratified(encoded, cfg.reference_examples)
     sub_encoded = [encoded[i] for i in subset]
     sub_tokens = sum(e.num_tokens for e in sub_encoded)
-    start = time.perf_counter()
+    start = clock(job.device)
     sub_features = job.compute_features(sub_encoded)["warmup"]
-    gradstore_subset = time.perf_counter() - start
+    gradstore_subset = clock(job.device) - start
     reference = run_reference(job, sub_encoded, checkpoint)
     log(f"[{cfg.name}] reference on {len(subset)} examples: gradients {reference['gradient_seconds']:.1f} s, "
         f"{reference['projection_calls']} projection call(s) of {LESS_PROJECT_INTERVAL} vectors "
@@ -507,35 +537,7 @@ def bench_config(cfg: BenchConfig, args, log) -> dict:
                  "reference_max_abs_error": float(np.abs(theirs - exact).max()),
                  "gradstore_rms_error": float(np.sqrt(np.mean((ours - exact) ** 2))),
                  "reference_rms_error": float(np.sqrt(np.mean((theirs - exact) ** 2)))}
-
-    bergson = {"ok": False, "skipped": True}
-    if args.bergson_python:
-        bergson = run_bergson(args.bergson_python, setup, encoded, log)
-        if bergson["ok"]:
-            vectors = bergson.pop("vectors")
-            bergson["gradstore_cosine_correlation"] = float(np.corrcoef(
-                pairwise_cosines(vectors[subset].astype(np.float64)), exact)[0, 1])
-            log(f"[{cfg.name}] bergson: {bergson['seconds']:.2f} s collecting, {bergson['command_seconds']:.1f} s command")
-
-    # The whole job once, end to end (load, compute, Parquet, FAISS, manifest, publish).
-    start = time.perf_counter()
-    summary = IndexJob(job_config(setup, root / "store"), log=lambda *_: None).run()
-    end_to_end = time.perf_counter() - start
-
-    result = {
-        "config": {**cfg.__dict__, "lora_targets": list(cfg.lora_targets), "parameters": params,
-                   "lora_parameters": lora_params, "proj_dim": PROJ_DIM},
-        "data": {"examples": len(encoded), "tokens": tokens, "median_tokens": float(np.median(lengths)),
-                 "mean_tokens": float(np.mean(lengths)), "p90_tokens": float(np.percentile(lengths, 90)),
-                 "max_tokens": max(lengths), "truncated": sum(e.truncated for e in encoded), "batches": len(batches),
-                 "padded_tokens": sum(len(b) * max(lengths[i] for i in b) for b in batches)},
-        "setup_seconds": {**setup.seconds, "job_load": load_seconds, "projection_cache": cache_seconds},
-        "times": times,
-        "gradstore": rate(len(encoded), tokens, gradstore_s),
-        "floor": rate(len(encoded), tokens, floor_s),
-        "floor_same_forward": rate(len(encoded), tokens, floor_same_s),
-        "gradstore_over_floor": gradstore_s / floor_s,
-        "gradstore_over_floor_same_forward": gradstore_s / floor_same_s,
+    fields = {
         "reference": {**rate(len(sub_encoded), sub_tokens, reference["seconds"]),
                       **{k: reference[k] for k in ("gradient_seconds", "projection_seconds", "projection_calls",
                                                    "projection_seconds_per_call", "seconds_per_example")},
@@ -545,6 +547,83 @@ def bench_config(cfg: BenchConfig, args, log) -> dict:
         "reference_over_gradstore": reference["seconds_per_example"] / (gradstore_s / len(encoded)),
         "reference_over_gradstore_same_examples": reference["seconds"] / gradstore_subset,
         "cosine_agreement": agreement,
+    }
+    return fields, subset, exact
+
+
+def bench_config(cfg: BenchConfig, args, log) -> dict:
+    root = Path(args.workdir) / cfg.name
+    setup = build_setup(cfg, root, args.seed, log, args.device, args.dtype)
+    job = IndexJob(job_config(setup, root / "store"), log=lambda *_: None)
+    start = time.perf_counter()
+    job.load()
+    load_seconds = clock(job.device) - start
+    prepared = prepare(job.config, job.formatter)
+    encoded = prepared.encoded
+    lengths = [e.num_tokens for e in encoded]
+    tokens = sum(lengths)
+    batches = length_batches(list(range(len(encoded))), lengths, job.config.max_tokens_per_batch,
+                             job.config.max_batch_size)
+    checkpoint = job.checkpoints[0]
+    job.activate(checkpoint)
+    params = sum(p.numel() for p in job.peft_model.get_base_model().parameters())
+    lora_params = sum(p.numel() for p in job.peft_model.parameters() if p.requires_grad)
+    log(f"[{cfg.name}] {params / 1e6:.1f} M parameters, {lora_params:,} LoRA parameters on {job.device} "
+        f"({setup.dtype}); {len(encoded)} examples, {tokens:,} tokens (median {int(np.median(lengths))}, "
+        f"max {max(lengths)}), {len(batches)} batches")
+
+    # Untimed warm-up: the sjlt matrices are built and cached on a job's first batch.
+    start = clock(job.device)
+    shortest = [min(encoded, key=lambda e: e.num_tokens)]
+    job.compute_features(shortest)
+    cache_seconds = clock(job.device) - start
+    run_floor(job, shortest, [[0]])
+    run_floor(job, shortest, [[0]], same_forward=True)
+
+    times, peaks = time_methods(job, encoded, batches, cfg.repeats, log, cfg.name)
+    gradstore_s = statistics.median(times["gradstore"])
+    floor_s = statistics.median(times["floor"])
+    floor_same_s = statistics.median(times["floor_same_forward"])
+
+    subset, exact = None, None
+    reference_fields = {"reference": {"skipped": True, "reason": "not asked for (--reference)"}}
+    if args.reference:
+        reference_fields, subset, exact = compare_with_reference(job, encoded, checkpoint, cfg, gradstore_s, log)
+
+    bergson = {"ok": False, "skipped": True}
+    if args.bergson:
+        bergson = run_bergson(args.bergson_python, setup, encoded, log)
+        if bergson["ok"]:
+            vectors = bergson.pop("vectors")
+            if exact is not None:
+                bergson["gradstore_cosine_correlation"] = float(np.corrcoef(
+                    pairwise_cosines(vectors[subset].astype(np.float64)), exact)[0, 1])
+            log(f"[{cfg.name}] bergson: {bergson['seconds']:.2f} s collecting, {bergson['command_seconds']:.1f} s command")
+
+    # The whole job once, end to end (load, compute, Parquet, FAISS, manifest, publish).
+    start = clock(job.device)
+    summary = IndexJob(job_config(setup, root / "store"), log=lambda *_: None).run()
+    end_to_end = clock(job.device) - start
+
+    result = {
+        "config": {**cfg.__dict__, "lora_targets": list(cfg.lora_targets), "parameters": params,
+                   "lora_parameters": lora_params, "proj_dim": PROJ_DIM, "device": str(job.device),
+                   "dtype": setup.dtype},
+        "data": {"examples": len(encoded), "tokens": tokens, "median_tokens": float(np.median(lengths)),
+                 "mean_tokens": float(np.mean(lengths)), "p90_tokens": float(np.percentile(lengths, 90)),
+                 "max_tokens": max(lengths), "truncated": sum(e.truncated for e in encoded), "batches": len(batches),
+                 "padded_tokens": sum(len(b) * max(lengths[i] for i in b) for b in batches)},
+        "setup_seconds": {**setup.seconds, "job_load": load_seconds, "projection_cache": cache_seconds},
+        "times": times,
+        "peak_gpu_memory_bytes": peaks,
+        "gradstore": rate(len(encoded), tokens, gradstore_s),
+        "floor": rate(len(encoded), tokens, floor_s),
+        "floor_same_forward": rate(len(encoded), tokens, floor_same_s),
+        "gradstore_over_floor": gradstore_s / floor_s,
+        "gradstore_over_floor_same_forward": gradstore_s / floor_same_s,
+        # Issue 5's target is on this one: gradstore's tokens/s as a share of the training step's.
+        "gradstore_tokens_per_second_over_floor": floor_s / gradstore_s,
+        **reference_fields,
         "bergson": bergson,
         "end_to_end": {"job_run_seconds": end_to_end, "summary_examples_per_second": summary.examples_per_second,
                        "summary_tokens_per_second": summary.tokens_per_second},
@@ -553,6 +632,15 @@ def bench_config(cfg: BenchConfig, args, log) -> dict:
         result["bergson"].update(rate(len(encoded), tokens, bergson["seconds"]))
         result["bergson_over_gradstore"] = bergson["seconds"] / gradstore_s
     return result
+
+
+def indexed_device(device: str) -> str:
+    """``cuda`` as ``cuda:N``, N the current GPU; other devices as given. The job treats an
+    unindexed ``cuda`` as "this rank's GPU" and hands it to ``torch.cuda.set_device``, which wants
+    an index; this benchmark is one process on one GPU, so it names that GPU."""
+    if device == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.current_device()}"
+    return device
 
 
 def environment() -> dict:
@@ -565,14 +653,19 @@ def environment() -> dict:
         except OSError:
             return None
 
+    gpu = None
+    if torch.cuda.is_available():
+        properties = torch.cuda.get_device_properties(0)
+        gpu = {"name": properties.name, "memory_bytes": properties.total_memory, "cuda": torch.version.cuda,
+               "count": torch.cuda.device_count()}
     return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "load_average_at_start": load()}
+            "platform": platform.platform(), "gpu": gpu, "load_average_at_start": load()}
 
 
 def report(name: str, r: dict) -> list[str]:
     lines = [f"== {name}: {r['config']['parameters'] / 1e6:.1f} M params, {r['data']['examples']} examples, "
-             f"{r['data']['tokens']:,} tokens =="]
+             f"{r['data']['tokens']:,} tokens, {r['config']['device']}, {r['config']['dtype']} =="]
 
     def row(label, x, extra=""):
         lines.append(f"{label:<34} {x['seconds']:8.2f} s {x['examples_per_second']:9.2f} ex/s "
@@ -581,16 +674,25 @@ def report(name: str, r: dict) -> list[str]:
     row("floor (plain training step)", r["floor"])
     row("floor, gradstore's forward", r["floor_same_forward"])
     row("gradstore", r["gradstore"], f"{r['gradstore_over_floor']:.2f}x floor, "
-        f"{r['gradstore_over_floor_same_forward']:.2f}x same-forward floor")
-    row(f"gradstore, {r['reference']['examples']}-example subset", r["gradstore_on_reference_subset"])
-    row(f"reference (LESS), same subset", r["reference"],
-        f"{r['reference_over_gradstore']:.1f}x gradstore per example "
-        f"({r['reference_over_gradstore_same_examples']:.1f}x on the same examples)")
+        f"{r['gradstore_over_floor_same_forward']:.2f}x same-forward floor "
+        f"(tokens/s {r['gradstore_tokens_per_second_over_floor']:.2f}x floor's)")
+    peaks = r["peak_gpu_memory_bytes"]
+    if any(peak is not None for peak in peaks.values()):
+        lines.append("peak GPU memory: " + ", ".join(f"{m} {peak / 2**30:.1f} GiB" for m, peak in peaks.items()))
+    if r["reference"].get("skipped"):
+        lines.append(f"reference (LESS): not run ({r['reference']['reason']})")
+    else:
+        row(f"gradstore, {r['reference']['examples']}-example subset", r["gradstore_on_reference_subset"])
+        row(f"reference (LESS), same subset", r["reference"],
+            f"{r['reference_over_gradstore']:.1f}x gradstore per example "
+            f"({r['reference_over_gradstore_same_examples']:.1f}x on the same examples)")
     if r["bergson"].get("ok"):
         row("bergson build", r["bergson"], f"{r['bergson_over_gradstore']:.2f}x gradstore")
     else:
         lines.append(f"bergson: not run ({r['bergson'].get('error_tail', ['skipped'])[-1]})")
-    a = r["cosine_agreement"]
+    a = r.get("cosine_agreement")
+    if a is None:
+        return lines
     lines.append(f"pairwise cosine vs exact (rms/max abs error): gradstore {a['gradstore_rms_error']:.4f}/"
                  f"{a['gradstore_max_abs_error']:.4f}, reference {a['reference_rms_error']:.4f}/"
                  f"{a['reference_max_abs_error']:.4f} over {a['pairs']} pairs")
@@ -599,7 +701,11 @@ def report(name: str, r: dict) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=["tiny", "100m", "both"], default="both")
+    parser.add_argument("--config", choices=[*CONFIGS, "both"], default="both",
+                        help="model size; both = tiny and 100m (350m and 1b are sized for a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda (cuda:N for one GPU)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="base model weights of the indexing job and of the floor steps alike")
     parser.add_argument("--json", type=Path, help="write every figure here")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--examples", type=int, help="override the number of corpus examples")
@@ -607,6 +713,10 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, help="override the number of interleaved floor/gradstore repeats")
     parser.add_argument("--bergson-python", default="/tmp/bergson-venv/bin/python",
                         help="python of a virtual environment with bergson installed ('' to skip bergson)")
+    parser.add_argument("--bergson", action=argparse.BooleanOptionalAction, default=None,
+                        help="run bergson (default: on CPU when --bergson-python exists, never on CUDA)")
+    parser.add_argument("--reference", action=argparse.BooleanOptionalAction, default=None,
+                        help="run the LESS reference method (default: on CPU yes, on CUDA no)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch / OpenMP threads for every method, bergson included (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
@@ -614,9 +724,16 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
-    if args.bergson_python and not Path(args.bergson_python).exists():
-        print(f"note: {args.bergson_python} not found; bergson is skipped", file=sys.stderr)
-        args.bergson_python = ""
+    resolve_device(args.device)  # no CUDA here: fail now rather than after building the model
+    args.device = indexed_device(args.device)
+    on_cpu = torch.device(args.device).type == "cpu"
+    if args.reference is None:
+        args.reference = on_cpu
+    if args.bergson is None:
+        args.bergson = on_cpu and bool(args.bergson_python)
+    if args.bergson and not (args.bergson_python and Path(args.bergson_python).exists()):
+        print(f"note: {args.bergson_python or 'no --bergson-python'} not found; bergson is skipped", file=sys.stderr)
+        args.bergson = False
 
     def log(message):
         print(message, file=sys.stderr, flush=True)

@@ -3,30 +3,33 @@
 For each store size N, a synthetic store is written through the real writer
 (``datastore.write_shard`` + ``finalize_store`` with index kind ``none`` + ``publish_store``):
 random L2-normalised fp16 features, ``--checkpoints`` checkpoints, the indexer's default shard
-size. A fresh child process then opens it and times ``SelectionEngine(store).scores(targets)``
-for ``--targets`` random targets in two subtasks (warm page cache: the store was just written and
-one untimed scan runs first), and, in the same process, the machine's copy bandwidth:
+size, Parquet feature files and their raw ``.npy`` copies. A fresh child process then opens it and
+times ``SelectionEngine(store).scores(targets)`` for ``--targets`` random targets in two subtasks
+(warm page cache: the store was just written and one untimed scan runs first), for each engine
+set-up (the default: torch kernel if installed, one scan thread per CPU up to 4; then one scan
+thread; then the numpy kernel), checks that they all give the same scores, and measures, in the
+same process, the machine's copy bandwidth:
 
-* ``mmap copy``: every feature file the scan reads, memory-mapped with ``np.memmap`` and copied
-  with ``np.copyto`` into a reused buffer: the same bytes, files and page cache as the scan;
-* ``RAM copy``: ``np.copyto`` between two in-memory 1 GiB arrays (far larger than the CPU caches),
-  repeated to the same total bytes, on one thread (and once on two threads, halves in parallel).
+* ``mmap copy``: every raw feature file the scan reads, memory-mapped with ``np.memmap`` and
+  copied with ``np.copyto`` into a reused buffer: the same bytes, files and page cache as the scan;
+* ``RAM copy``: ``np.copyto`` between two in-memory arrays of the scanned size (at most 1 GiB,
+  repeated to the same total bytes), on one thread (and once on two threads, halves in parallel).
 
 The machine may be shared, so both copies are timed before and after the scans, and the best
-copy is compared with the best timed scan.
+copy is compared with the best timed scan of the default set-up.
 
 The throughput of a scan is the feature bytes it reads (N × k × 2 bytes × checkpoints) over its
-wall time. Memory: ``VmHWM`` (peak resident set, reset just before the scans) of the child after the scans,
-its resident set before them, and the peak of ``RssAnon`` (anonymous memory, i.e. not page cache mapped from the
-store's files) sampled every 10 ms during them. A fresh process per N makes the peaks comparable.
+wall time. Memory, for the default set-up: ``VmHWM`` (peak resident set, reset just before the
+scans) of the child after the scans, its resident set before them, and the peaks of ``RssAnon``
+(anonymous memory) and ``RssFile`` (store pages mapped at the moment) sampled every 10 ms during
+them. A fresh process per N makes the peaks comparable.
 
-With ``--profile`` (on by default) the largest store is also scanned stage by stage (Parquet
-decode only; + fp16→fp32 conversion; + the matrix product), and candidate kernels for the
-conversion and product are timed on one in-memory block, to show where the time goes and what
-would close a gap to the bandwidth.
+The smallest store is also scanned through the Parquet fallback (a copy without raw files, as a
+store written before they existed), and with ``--profile`` (on by default, largest store) the
+conversion and product kernels are timed on one in-memory block.
 
     python bench/selection_scan.py                      # N = 125k, 250k, 500k at k = 1024, 2 checkpoints
-    python bench/selection_scan.py --n 100000 --dim 8192 --json scan.json
+    python bench/selection_scan.py --n 50000 --dim 8192 --json scan.json
 """
 
 from __future__ import annotations
@@ -52,10 +55,10 @@ GIB = 1 << 30
 # ------------------------------------------------------------------------------------ helpers
 
 
-def proc_status() -> dict[str, int]:
-    """``/proc/self/status`` memory lines in bytes."""
+def proc_status(pid: int | str = "self") -> dict[str, int]:
+    """``/proc/<pid>/status`` memory lines (``Vm*``, ``Rss*``) in bytes."""
     values = {}
-    with open("/proc/self/status") as status:
+    with open(f"/proc/{pid}/status") as status:
         for line in status:
             key, _, rest = line.partition(":")
             if key.startswith(("Vm", "Rss")):
@@ -70,10 +73,13 @@ def reset_peak_rss() -> None:
 
 
 class RssSampler:
-    """Peak ``RssAnon`` and ``RssFile`` sampled every ``interval`` seconds in a thread."""
+    """Peak ``VmRSS``, ``RssAnon`` and ``RssFile`` of process ``pid``, sampled every ``interval``
+    seconds in a thread."""
 
-    def __init__(self, interval: float = 0.01):
+    def __init__(self, interval: float = 0.01, pid: int | str = "self"):
         self.interval = interval
+        self.pid = pid
+        self.peak = 0
         self.peak_anon = 0
         self.peak_file = 0
         self._stop = threading.Event()
@@ -81,7 +87,8 @@ class RssSampler:
 
     def _run(self):
         while not self._stop.is_set():
-            status = proc_status()
+            status = proc_status(self.pid)
+            self.peak = max(self.peak, status.get("VmRSS", 0))
             self.peak_anon = max(self.peak_anon, status.get("RssAnon", 0))
             self.peak_file = max(self.peak_file, status.get("RssFile", 0))
             time.sleep(self.interval)
@@ -130,8 +137,10 @@ def manifest_fields(checkpoints: list[str], dim: int) -> dict:
     }
 
 
-def build_store(out: Path, n: int, dim: int, checkpoints: list[str], shard_size: int, seed: int) -> dict:
-    """Write a synthetic store of ``n`` examples at ``out`` through the real writer."""
+def build_store(out: Path, n: int, dim: int, checkpoints: list[str], shard_size: int, seed: int,
+                index_kind: str = "none") -> dict:
+    """Write a synthetic store of ``n`` examples at ``out`` through the real writer (with an index
+    of ``index_kind``, none by default)."""
     from gradstore.indexer.datastore import FeatureBatch, examples_table, finalize_store, publish_store, write_shard
 
     work = out.parent / f".{out.name}.partial"
@@ -153,14 +162,24 @@ def build_store(out: Path, n: int, dim: int, checkpoints: list[str], shard_size:
                                           feature_norm=ones, loss=ones)
         write_shard(work, shard, examples, features)
     written = time.perf_counter()
-    finalize_store(work, manifest_fields(checkpoints, dim), index_kind="none",
+    finalize_store(work, manifest_fields(checkpoints, dim), index_kind=index_kind,
                    expected_shards=-(-n // shard_size))
     publish_store(work, out, overwrite=False)
     done = time.perf_counter()
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     feature_bytes = sum(p.stat().st_size for p in (out / "features").rglob("*.parquet"))
+    raw_bytes = sum(p.stat().st_size for p in (out / "raw_features").rglob("*.npy"))
     return {"write_s": written - start, "finalize_s": done - written, "store_bytes": size,
-            "feature_file_bytes": feature_bytes}
+            "feature_file_bytes": feature_bytes, "raw_feature_file_bytes": raw_bytes}
+
+
+def copy_without_raw_features(store: Path, out: Path) -> Path:
+    """A copy of ``store`` as written before raw feature files existed (the Parquet fallback)."""
+    shutil.copytree(store, out, ignore=shutil.ignore_patterns("raw_features"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("raw_features/")}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
 
 
 # ------------------------------------------------------------------------------- bandwidths
@@ -218,258 +237,49 @@ def ram_copy(total: int, threads: int, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------- profile
 
 
-def profile_functions(engine, targets, top: int = 10) -> dict:
-    """cProfile of one ``scores()`` call: the functions with the most own time."""
-    import cProfile
-    import pstats
-
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.enable()
-    engine.scores(targets)
-    profiler.disable()
-    total = time.perf_counter() - start
-    stats = pstats.Stats(profiler).stats
-    rows = []
-    for (filename, line, function), (_, calls, own, cumulative, _) in stats.items():
-        where = function if filename == "~" else f"{Path(filename).name}:{line}({function})"
-        rows.append({"function": where, "calls": calls, "own_s": own, "cumulative_s": cumulative})
-    rows.sort(key=lambda r: r["own_s"], reverse=True)
-    return {"wall_s": total, "top": rows[:top]}
-
-
-def profile_stages(store, targets, names: list[str]) -> dict:
-    """The scan's stages on the whole store: decode; + conversion; + product (engine batches)."""
-    from gradstore.service import engine as engine_module
-
-    dim = store.dim
-    batch_rows = max(1, min(65536, engine_module._BATCH_BYTES // (4 * max(dim, targets.num_targets))))
-    queries = {name: np.ascontiguousarray(targets.vectors[name].T) for name in names}
-    feature_bytes = store.num_examples * dim * 2 * len(names)
-
-    def run(stage: str) -> float:
-        start = time.perf_counter()
-        for name in names:
-            for _, feature in store.iter_features(name, batch_rows):
-                if stage == "decode":
-                    continue
-                converted = feature.astype(np.float32)
-                if stage == "decode+convert+matmul":
-                    converted @ queries[name]
-        return time.perf_counter() - start
-
-    out = {}
-    for stage in ("decode", "decode+convert", "decode+convert+matmul"):
-        seconds = run(stage)
-        out[stage] = {"seconds": seconds, "gbps": gbps(feature_bytes, seconds)}
-    return out
-
-
-def profile_kernels(dim: int, num_targets: int, tmp: Path, seed: int = 0) -> dict:
-    """Decode, conversion and product kernels on one fp16 block (GB/s of fp16 input).
-
-    Output buffers are allocated and touched beforehand, except where a kernel allocates as the
-    engine does (``astype``): on this VM a page fault per fresh 4 KiB page is part of that cost.
-    """
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def profile_kernels(dim: int, num_targets: int, seed: int = 0) -> dict:
+    """Conversion and product kernels on one in-memory 128 MiB fp16 block (out of the L2 cache
+    like a scan's input), on one thread with single-threaded torch; GB/s of fp16 input."""
     import torch
 
-    from gradstore.indexer.datastore import _FEATURE_ROW_GROUP_BYTES
-
-    rows = max(1, (128 << 20) // (2 * dim))  # a 128 MiB fp16 block, out of cache like a scan
-    block = 1024
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    half = x.astype(np.float16)
-    del x
-    nbytes = half.nbytes
-    query = rng.standard_normal((dim, num_targets), dtype=np.float32)
-    out = np.ones((rows, num_targets), dtype=np.float32)
-    converted = np.ones((rows, dim), dtype=np.float32)
-    np.copyto(converted, half, casting="unsafe")
-    buffer = np.ones((block, dim), dtype=np.float32)
-
-    # The same block as Parquet files: the store's layout, and one fixed_size_binary value per row.
-    layouts = {
-        "store layout: fixed_size_list<float16>[k]":
-            pa.FixedSizeListArray.from_arrays(pa.array(half.reshape(-1), type=pa.float16()), dim),
-        "alternative: fixed_size_binary(2k), one value per row":
-            pa.FixedSizeBinaryArray.from_buffers(pa.binary(2 * dim), rows, [None, pa.py_buffer(half.tobytes())]),
-    }
-    files = {}
-    for i, (name, column) in enumerate(layouts.items()):
-        path = tmp / f"layout-{i}.parquet"
-        pq.write_table(pa.table({"row": pa.array(np.arange(rows, dtype=np.int64)), "feature": column}), path,
-                       compression="none", use_dictionary=False,
-                       row_group_size=max(1024, _FEATURE_ROW_GROUP_BYTES // (2 * dim)))
-        files[name] = path
-
-    def decode(path: Path):
-        def run():
-            parquet = pq.ParquetFile(path, memory_map=True)
-            for batch in parquet.iter_batches(batch_size=16384, columns=["row", "feature"]):
-                column = batch.column(1)
-                if isinstance(column, pa.FixedSizeBinaryArray):
-                    np.frombuffer(column.buffers()[1], dtype=np.float16)
-                else:
-                    column.flatten().to_numpy()
-        return run
-
-    def numpy_blocks(product: bool):
-        result = np.ones((block, num_targets), dtype=np.float32)
-
-        def run():
-            for s in range(0, rows, block):
-                e = min(rows, s + block)
-                np.copyto(buffer[:e - s], half[s:e], casting="unsafe")
-                if product:
-                    np.matmul(buffer[:e - s], query, out=result[:e - s])
-        return run
-
-    torch_half, torch_query = torch.from_numpy(half), torch.from_numpy(query)
-    torch_buffer, torch_result = torch.from_numpy(buffer), torch.ones((block, num_targets))
-
-    def torch_blocks(product: bool):
-        def run():
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                for s in range(0, rows, block):
-                    e = min(rows, s + block)
-                    torch_buffer[:e - s].copy_(torch_half[s:e])
-                    if product:
-                        torch.mm(torch_buffer[:e - s], torch_query, out=torch_result[:e - s])
-            finally:
-                torch.set_num_threads(threads)
-        return run
-
-    source = np.ones(nbytes, dtype=np.uint8)
-    target = np.ones(nbytes, dtype=np.uint8)
-    kernels = {
-        "memcpy of the same bytes (reference)": lambda: np.copyto(target, source),
-        **{f"Parquet decode, {name}": decode(path) for name, path in files.items()},
-        "numpy astype fp16->fp32, fresh array (engine)": lambda: half.astype(np.float32),
-        "numpy fp32 matmul, whole block (engine)": lambda: np.matmul(converted, query, out=out),
-        "numpy astype + matmul (engine kernel)": lambda: half.astype(np.float32) @ query,
-        f"numpy cast into a reused {block}-row buffer": numpy_blocks(False),
-        f"numpy cast + matmul, {block}-row blocks": numpy_blocks(True),
-        f"vectorised (F16C) cast, {block}-row blocks, 1 thread (torch)": torch_blocks(False),
-        f"vectorised cast + matmul, {block}-row blocks, 1 thread (torch)": torch_blocks(True),
-    }
-    results = {}
-    for name, kernel in kernels.items():
-        kernel()
-        seconds = min(_timed(kernel) for _ in range(3))
-        results[name] = {"seconds": seconds, "gbps": gbps(nbytes, seconds)}
-    for path in files.values():
-        path.unlink()
-    return {"block_bytes": nbytes, "rows": rows, "kernels": results}
-
-
-def prototype_pipelines(dim: int, num_targets: int, tmp: Path, seed: int = 0) -> dict:
-    """Whole scans (Parquet file in page cache -> scores for the targets) of one 128 MiB block, as
-    the engine does it and as a fix could: the engine's kernel on the store layout; then the
-    features as one fixed_size_binary(2k) value per row (decoded without a per-value loop) with a
-    cache-blocked cast into a reused buffer and a product, with numpy's scalar cast or a
-    vectorised (F16C) one, on one thread or two (row groups split between two threads).
-    Meant to run with single-threaded BLAS (``OPENBLAS_NUM_THREADS=1``)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import torch
+    from gradstore.service.scan import BACKENDS, ScanKernel, half_to_float
 
     rows = max(1, (128 << 20) // (2 * dim))
-    group_rows = max(1024, rows // 4)  # four row groups, so two threads share them evenly
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((rows, dim), dtype=np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    half = x.astype(np.float16)
-    del x
-    query = rng.standard_normal((dim, num_targets), dtype=np.float32)
-    store_path, binary_path = tmp / "proto-store.parquet", tmp / "proto-binary.parquet"
-    row_ids = pa.array(np.arange(rows, dtype=np.int64))
-    pq.write_table(pa.table({"row": row_ids, "feature": pa.FixedSizeListArray.from_arrays(
-        pa.array(half.reshape(-1), type=pa.float16()), dim)}), store_path, compression="none",
-        use_dictionary=False, row_group_size=group_rows)
-    pq.write_table(pa.table({"row": row_ids, "feature": pa.FixedSizeBinaryArray.from_buffers(
-        pa.binary(2 * dim), rows, [None, pa.py_buffer(half.tobytes())])}), binary_path, compression="none",
-        use_dictionary=False, row_group_size=group_rows)
-    expected = half.astype(np.float32) @ query
-    del half
-    block = 1024
-    torch_query = torch.from_numpy(query)
+    half = rng.standard_normal((rows, dim), dtype=np.float32).astype(np.float16)
+    query = rng.standard_normal((num_targets, dim), dtype=np.float32)
+    out = np.zeros((num_targets, rows), dtype=np.float32)
+    source, target = np.ones(half.nbytes, dtype=np.uint8), np.ones(half.nbytes, dtype=np.uint8)
+    kernel = {backend: ScanKernel(dim, backend) for backend in BACKENDS}
+    block_rows = kernel["numpy"].block_rows
+    buffer = np.ones((block_rows, dim), dtype=np.float32)
+    torch_half, torch_buffer = torch.from_numpy(half), torch.from_numpy(buffer)
 
-    def engine_kernel():
-        out = np.empty((rows, num_targets), dtype=np.float32)
-        parquet = pq.ParquetFile(store_path, memory_map=True)
-        start = 0
-        for batch in parquet.iter_batches(batch_size=16384, columns=["feature"]):
-            feature = batch.column(0).flatten().to_numpy().reshape(-1, dim)
-            out[start:start + len(feature)] = feature.astype(np.float32) @ query
-            start += len(feature)
-        return out
-
-    def groups(vectorised: bool, out: np.ndarray):
-        def run(group: int):
-            table = pq.ParquetFile(binary_path, memory_map=True).read_row_group(group, columns=["row", "feature"])
-            first = int(table.column("row")[0].as_py())
-            buffer = np.empty((block, dim), dtype=np.float32)
-            result = np.empty((block, num_targets), dtype=np.float32)
-            for chunk in table.column("feature").chunks:
-                feature = np.frombuffer(chunk.buffers()[1], dtype=np.float16,
-                                        count=len(chunk) * dim, offset=chunk.offset * 2 * dim).reshape(-1, dim)
-                for s in range(0, len(feature), block):
-                    e = min(len(feature), s + block)
-                    if vectorised:
-                        torch_buffer = torch.from_numpy(buffer[:e - s])
-                        torch_buffer.copy_(torch.from_numpy(feature[s:e]))
-                        torch.mm(torch_buffer, torch_query, out=torch.from_numpy(result[:e - s]))
-                    else:
-                        np.copyto(buffer[:e - s], feature[s:e], casting="unsafe")
-                        np.matmul(buffer[:e - s], query, out=result[:e - s])
-                    out[first + s:first + e] = result[:e - s]
-                first += len(feature)
-        return run
-
-    def pipeline(vectorised: bool, threads: int):
+    def blocks(convert):
         def run():
-            out = np.empty((rows, num_targets), dtype=np.float32)
-            task = groups(vectorised, out)
-            count = pq.ParquetFile(binary_path).num_row_groups
-            if threads == 1:
-                for group in range(count):
-                    task(group)
-            else:
-                with ThreadPoolExecutor(threads) as pool:
-                    list(pool.map(task, range(count)))
-            return out
+            for start in range(0, rows, block_rows):
+                stop = min(rows, start + block_rows)
+                convert(start, stop)
         return run
 
-    pipelines = {
-        "engine kernel on the store layout (astype + matmul), 1 file": engine_kernel,
-        "fixed_size_binary + numpy cast/matmul in 1024-row blocks, 1 thread": pipeline(False, 1),
-        "fixed_size_binary + numpy cast/matmul in 1024-row blocks, 2 threads": pipeline(False, 2),
-        "fixed_size_binary + vectorised cast/matmul in 1024-row blocks, 1 thread": pipeline(True, 1),
-        "fixed_size_binary + vectorised cast/matmul in 1024-row blocks, 2 threads": pipeline(True, 2),
+    kernels = {
+        "memcpy of the same bytes (reference)": lambda: np.copyto(target, source),
+        "numpy astype fp16->fp32, whole block (the old engine)": lambda: half.astype(np.float32),
+        f"numpy cast into a reused {block_rows}-row buffer": blocks(
+            lambda a, b: np.copyto(buffer[:b - a], half[a:b], casting="unsafe")),
+        f"integer-op conversion (scan.half_to_float), {block_rows}-row buffer": blocks(
+            lambda a, b: half_to_float(half[a:b], buffer[:b - a])),
+        f"torch conversion (F16C), {block_rows}-row buffer": blocks(
+            lambda a, b: torch_buffer[:b - a].copy_(torch_half[a:b])),
+        **{f"ScanKernel({backend!r}): conversion + product, {block_rows}-row blocks":
+           (lambda k=k: k.add_products(half, query, out)) for backend, k in kernel.items()},
     }
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     results = {}
-    try:
-        for name, run in pipelines.items():
-            out = run()
-            if not np.allclose(out, expected, atol=1e-4):
-                raise AssertionError(f"{name}: wrong scores")
-            seconds = min(_timed(run) for _ in range(3))
-            results[name] = {"seconds": seconds, "gbps": gbps(rows * dim * 2, seconds)}
-    finally:
-        torch.set_num_threads(threads)
-        store_path.unlink()
-        binary_path.unlink()
-    return {"block_bytes": rows * dim * 2, "rows": rows, "pipelines": results}
+    for name, run in kernels.items():
+        run()
+        seconds = min(_timed(run) for _ in range(3))
+        results[name] = {"seconds": seconds, "gbps": gbps(half.nbytes, seconds)}
+    return {"block_bytes": half.nbytes, "rows": rows, "kernels": results}
 
 
 def _timed(fn) -> float:
@@ -481,77 +291,93 @@ def _timed(fn) -> float:
 # ----------------------------------------------------------------------------------- worker
 
 
-def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed: int,
-           blas1: bool = False) -> dict:
-    """Runs in a fresh process: scans, memory peaks, bandwidths (and the profile).
+def scan_configs(threads: int) -> list[dict]:
+    """The engine set-ups timed on every store: the default first (its memory is measured)."""
+    from gradstore.service.scan import BACKENDS
 
-    ``blas1``: the process runs with single-threaded BLAS; only the scans, the stage profile and
-    the prototype pipelines are measured."""
-    from gradstore.indexer.datastore import Datastore, features_path
+    configs = [{"label": f"default: {BACKENDS[0]} kernel, {threads} scan threads", "backend": BACKENDS[0],
+                "threads": threads}]
+    if threads > 1:
+        configs.append({"label": f"{BACKENDS[0]} kernel, 1 scan thread", "backend": BACKENDS[0], "threads": 1})
+    if BACKENDS[0] != "numpy":
+        configs.append({"label": f"numpy kernel, {threads} scan threads", "backend": "numpy", "threads": threads})
+    return configs
+
+
+def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed: int,
+           fallback: Path | None = None) -> dict:
+    """Runs in a fresh process: scans, memory peaks, bandwidths (and the kernel profile).
+
+    ``fallback``: the same store without raw feature files, scanned once (the Parquet path)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradstore.indexer.datastore import Datastore, raw_features_path
     from gradstore.service.engine import SelectionEngine, SelectionOptions, TargetSet
+    from gradstore.service.scan import scan_threads, single_threaded_worker
 
     store = Datastore.open(store_path)
-    engine = SelectionEngine(store)
     names = store.checkpoint_names
     rng = np.random.default_rng(seed)
     subtasks = [f"s{i * 2 // num_targets}" for i in range(num_targets)]
     targets = TargetSet.from_vectors({name: rng.standard_normal((num_targets, store.dim)) for name in names},
                                      subtasks)
     feature_bytes = store.num_examples * store.dim * 2 * len(names)
-    rss_before = proc_status()["VmRSS"]
-    paths = [features_path(store.path, name, s) for name in names for s in range(store.manifest.shards.count)]
-    if blas1:
-        engine.scores(targets)
-        times = [_timed(lambda: engine.scores(targets)) for _ in range(repeats)]
-        return {"n": store.num_examples, "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-                "scores_s": times, "scores_median_s": float(np.median(times)), "scores_best_s": min(times),
-                "scores_gbps": gbps(feature_bytes, min(times)),
-                "profile_stages": profile_stages(store, targets, names),
-                "prototype_pipelines": prototype_pipelines(store.dim, num_targets, store_path.parent, seed)}
+    paths = [raw_features_path(store.path, name, s) for name in names for s in range(store.manifest.shards.count)]
+    configs = scan_configs(scan_threads())
 
     # Copy bandwidth is measured before and after the scans (the machine is shared: the best of
     # each is compared with the best scan).
     copies_before = {"mmap": mmap_copy(paths, repeats=1), "ram": ram_copy(feature_bytes, 1, repeats=1)}
-    reset_peak_rss()  # the copy buffers are not the engine's memory
-    rss_before = proc_status()["VmRSS"]
-    with RssSampler() as sampler:
+    results, reference = [], None
+    for number, config in enumerate(configs):
+        engine = SelectionEngine(store, scan_threads=config["threads"], scan_backend=config["backend"])
+        if number == 0:
+            reset_peak_rss()  # the copy buffers are not the engine's memory
+            rss_before = proc_status()["VmRSS"]
+            sampler = RssSampler().__enter__()
         start = time.perf_counter()
-        engine.scores(targets)
+        scores = engine.scores(targets)
         first = time.perf_counter() - start
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            scores = engine.scores(targets)
-            times.append(time.perf_counter() - start)
-    after_scores = proc_status()
-    del scores
+        times = [_timed(lambda: engine.scores(targets)) for _ in range(repeats)]
+        if number == 0:
+            sampler.__exit__()
+            memory = {"rss_before_bytes": rss_before, "vmhwm_after_scores_bytes": proc_status()["VmHWM"],
+                      "peak_rss_anon_during_scores_bytes": sampler.peak_anon,
+                      "peak_rss_file_during_scores_bytes": sampler.peak_file}
+            reference = scores
+        elif not (np.allclose(scores.best, reference.best, atol=1e-5)
+                  and np.allclose(scores.per_subtask, reference.per_subtask, atol=1e-5)):
+            raise AssertionError(f"{config['label']}: scores differ from the default set-up's")
+        results.append({**config, "scores_first_s": first, "scores_s": times, "scores_best_s": min(times),
+                        "scores_gbps": gbps(feature_bytes, min(times))})
+        del scores
 
+    engine = SelectionEngine(store)
     start = time.perf_counter()
     selection = engine.select(targets, SelectionOptions(fraction=0.05))
     select_s = time.perf_counter() - start
     after_select = proc_status()
     del selection
 
+    copies_after = {"mmap": mmap_copy(paths, repeats=1), "ram": ram_copy(feature_bytes, 1, repeats=1)}
     result = {
         "n": store.num_examples, "dim": store.dim, "checkpoints": len(names), "targets": num_targets,
-        "shards": store.manifest.shards.count, "feature_bytes": feature_bytes,
-        "scores_first_s": first, "scores_s": times, "scores_median_s": float(np.median(times)),
-        "scores_best_s": min(times), "scores_gbps": gbps(feature_bytes, min(times)),
-        "select_fraction_0.05_s": select_s,
-        "rss_before_bytes": rss_before, "vmhwm_after_scores_bytes": after_scores["VmHWM"],
-        "peak_rss_anon_during_scores_bytes": sampler.peak_anon,
-        "peak_rss_file_during_scores_bytes": sampler.peak_file,
-        "vmhwm_after_select_bytes": after_select["VmHWM"],
+        "shards": store.manifest.shards.count, "feature_bytes": feature_bytes, "scans": results,
+        "scores_best_s": results[0]["scores_best_s"], "scores_gbps": results[0]["scores_gbps"],
+        **memory, "select_fraction_0.05_s": select_s, "vmhwm_after_select_bytes": after_select["VmHWM"],
+        "mmap_copy": max(copies_before["mmap"], copies_after["mmap"], key=lambda c: c["gbps"]),
+        "ram_copy_1thread": max(copies_before["ram"], copies_after["ram"], key=lambda c: c["gbps"]),
+        "copies_before_after": [copies_before, copies_after],
+        "ram_copy_2threads": ram_copy(feature_bytes, 2, repeats=1),
     }
-    copies_after = {"mmap": mmap_copy(paths, repeats=1), "ram": ram_copy(feature_bytes, 1, repeats=1)}
-    result["mmap_copy"] = max(copies_before["mmap"], copies_after["mmap"], key=lambda c: c["gbps"])
-    result["ram_copy_1thread"] = max(copies_before["ram"], copies_after["ram"], key=lambda c: c["gbps"])
-    result["copies_before_after"] = [copies_before, copies_after]
-    result["ram_copy_2threads"] = ram_copy(feature_bytes, 2, repeats=1)
+    if fallback is not None:
+        old = SelectionEngine(Datastore.open(fallback))
+        old.scores(targets)
+        seconds = _timed(lambda: old.scores(targets))
+        result["parquet_fallback"] = {"scores_s": seconds, "scores_gbps": gbps(feature_bytes, seconds)}
     if profile:
-        result["profile_functions"] = profile_functions(engine, targets)
-        result["profile_stages"] = profile_stages(store, targets, names)
-        result["profile_kernels"] = profile_kernels(store.dim, num_targets, store_path.parent, seed)
+        with ThreadPoolExecutor(1, initializer=single_threaded_worker) as pool:
+            result["profile_kernels"] = pool.submit(profile_kernels, store.dim, num_targets, seed).result()
     return result
 
 
@@ -563,55 +389,51 @@ def fmt_bytes(value: float) -> str:
 
 
 def print_report(results: list[dict], target_share: float) -> None:
-    header = (f"{'N':>9} {'shards':>6} {'scanned':>10} {'scores() s':>10} {'GB/s':>6} {'mmap copy':>9} "
+    header = (f"{'N':>9} {'k':>5} {'shards':>6} {'scanned':>10} {'scores() s':>10} {'GB/s':>6} {'mmap copy':>9} "
               f"{'RAM copy':>8} {'of mmap':>7} {'of RAM':>6} {'RSS before':>10} {'VmHWM':>9} "
-              f"{'peak anon':>9} {'select s':>8} {'VmHWM sel':>9}")
-    print("\nExact scan: SelectionEngine.scores() vs copy bandwidth (GB/s = 1e9 bytes of fp16 features / s; "
-          "best scan vs best copy of the run)")
+              f"{'peak anon':>9} {'peak file':>9} {'select s':>8} {'VmHWM sel':>9}")
+    print("\nExact scan: SelectionEngine.scores() (default set-up) vs copy bandwidth (GB/s = 1e9 bytes of fp16 "
+          "features / s; best scan vs best copy of the run)")
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r['n']:>9,} {r['shards']:>6} {fmt_bytes(r['feature_bytes']):>10} {r['scores_best_s']:>10.2f} "
-              f"{r['scores_gbps']:>6.2f} {r['mmap_copy']['gbps']:>9.2f} {r['ram_copy_1thread']['gbps']:>8.2f} "
-              f"{r['scores_gbps'] / r['mmap_copy']['gbps']:>7.0%} {r['scores_gbps'] / r['ram_copy_1thread']['gbps']:>6.0%} "
-              f"{fmt_bytes(r['rss_before_bytes']):>10} {fmt_bytes(r['vmhwm_after_scores_bytes']):>9} "
-              f"{fmt_bytes(r['peak_rss_anon_during_scores_bytes']):>9} {r['select_fraction_0.05_s']:>8.2f} "
+        print(f"{r['n']:>9,} {r['dim']:>5} {r['shards']:>6} {fmt_bytes(r['feature_bytes']):>10} "
+              f"{r['scores_best_s']:>10.2f} {r['scores_gbps']:>6.2f} {r['mmap_copy']['gbps']:>9.2f} "
+              f"{r['ram_copy_1thread']['gbps']:>8.2f} {r['scores_gbps'] / r['mmap_copy']['gbps']:>7.0%} "
+              f"{r['scores_gbps'] / r['ram_copy_1thread']['gbps']:>6.0%} {fmt_bytes(r['rss_before_bytes']):>10} "
+              f"{fmt_bytes(r['vmhwm_after_scores_bytes']):>9} {fmt_bytes(r['peak_rss_anon_during_scores_bytes']):>9} "
+              f"{fmt_bytes(r['peak_rss_file_during_scores_bytes']):>9} {r['select_fraction_0.05_s']:>8.2f} "
               f"{fmt_bytes(r['vmhwm_after_select_bytes']):>9}")
+    print("\nEvery set-up (best timed scan, GB/s, share of the run's mmap / RAM copy):")
     for r in results:
-        print(f"  N={r['n']:,}: RAM copy on 2 threads {r['ram_copy_2threads']['gbps']:.2f} GB/s; "
-              f"first (untimed) scan {r['scores_first_s']:.2f} s; scans {', '.join(f'{t:.2f}' for t in r['scores_s'])} s")
-    worst = min(r["scores_gbps"] / max(r["mmap_copy"]["gbps"], r["ram_copy_1thread"]["gbps"]) for r in results)
-    print(f"\nTarget: scan >= {target_share:.0%} of copy bandwidth: "
-          f"{'MET' if worst >= target_share else 'NOT MET'} (worst {worst:.0%} of the higher copy figure)")
-    profiled = next((r for r in results if "profile_stages" in r), None)
-    if profiled:
-        print(f"\nProfile of the scan, N={profiled['n']:,} (whole store, engine batch sizes):")
-        for stage, value in profiled["profile_stages"].items():
-            print(f"  {stage:<40} {value['seconds']:>7.2f} s {value['gbps']:>7.2f} GB/s")
-        functions = profiled["profile_functions"]
-        print(f"\ncProfile of one scores() call ({functions['wall_s']:.2f} s), by own time:")
-        for row in functions["top"][:8]:
-            print(f"  {row['function'][:70]:<70} {row['calls']:>7} calls {row['own_s']:>7.2f} s "
-                  f"{row['own_s'] / functions['wall_s']:>5.0%}")
-        kernels = profiled["profile_kernels"]
-        print(f"\nKernels on one in-memory block ({fmt_bytes(kernels['block_bytes'])} fp16, "
-              f"{kernels['rows']:,} x {profiled['dim']}, {profiled['targets']} targets), GB/s of fp16 input:")
-        for name, value in kernels["kernels"].items():
-            print(f"  {name:<62} {value['gbps']:>7.2f} GB/s")
-        blas1 = profiled.get("blas1")
-        if blas1:
-            mmap_gbps, ram_gbps = profiled["mmap_copy"]["gbps"], profiled["ram_copy_1thread"]["gbps"]
-            print(f"\nWith single-threaded BLAS (OPENBLAS_NUM_THREADS=1), N={profiled['n']:,}: scores() "
-                  f"{blas1['scores_best_s']:.2f} s = {blas1['scores_gbps']:.2f} GB/s "
-                  f"({blas1['scores_gbps'] / mmap_gbps:.0%} of mmap copy, {blas1['scores_gbps'] / ram_gbps:.0%} of RAM copy)")
-            for stage, value in blas1["profile_stages"].items():
-                print(f"  {stage:<40} {value['seconds']:>7.2f} s {value['gbps']:>7.2f} GB/s")
-            proto = blas1["prototype_pipelines"]
-            print(f"Whole-file scans of one {fmt_bytes(proto['block_bytes'])} block, Parquet in page cache -> "
-                  f"scores (single-threaded BLAS), GB/s of fp16 and share of mmap / RAM copy:")
-            for name, value in proto["pipelines"].items():
-                print(f"  {name:<72} {value['gbps']:>6.2f} GB/s {value['gbps'] / mmap_gbps:>5.0%} "
-                      f"{value['gbps'] / ram_gbps:>5.0%}")
+        mmap_gbps, ram_gbps = r["mmap_copy"]["gbps"], r["ram_copy_1thread"]["gbps"]
+        for scan in r["scans"]:
+            print(f"  N={r['n']:,} k={r['dim']}: {scan['label']:<36} {scan['scores_best_s']:>7.2f} s "
+                  f"{scan['scores_gbps']:>6.2f} GB/s {scan['scores_gbps'] / mmap_gbps:>5.0%} "
+                  f"{scan['scores_gbps'] / ram_gbps:>5.0%}  "
+                  f"(scans {', '.join(f'{t:.2f}' for t in scan['scores_s'])} s)")
+        if "parquet_fallback" in r:
+            old = r["parquet_fallback"]
+            print(f"  N={r['n']:,} k={r['dim']}: {'Parquet fallback (no raw files)':<36} {old['scores_s']:>7.2f} s "
+                  f"{old['scores_gbps']:>6.2f} GB/s {old['scores_gbps'] / mmap_gbps:>5.0%} "
+                  f"{old['scores_gbps'] / ram_gbps:>5.0%}")
+        print(f"  N={r['n']:,} k={r['dim']}: RAM copy on 2 threads {r['ram_copy_2threads']['gbps']:.2f} GB/s; "
+              f"store {fmt_bytes(r['build']['store_bytes'])}, Parquet features "
+              f"{fmt_bytes(r['build']['feature_file_bytes'])}, raw features "
+              f"{fmt_bytes(r['build']['raw_feature_file_bytes'])}")
+    print()
+    for reference, name in (("mmap_copy", "the memory-mapped copy of the same files"),
+                            ("ram_copy_1thread", "the in-memory copy")):
+        worst = min(r["scores_gbps"] / r[reference]["gbps"] for r in results)
+        print(f"Target: scan >= {target_share:.0%} of {name}: {'MET' if worst >= target_share else 'NOT MET'} "
+              f"(worst {worst:.0%})")
+    for r in results:
+        if "profile_kernels" in r:
+            kernels = r["profile_kernels"]
+            print(f"\nKernels on one in-memory block ({fmt_bytes(kernels['block_bytes'])} fp16, "
+                  f"{kernels['rows']:,} x {r['dim']}, {r['targets']} targets), one thread, GB/s of fp16 input:")
+            for name, value in kernels["kernels"].items():
+                print(f"  {name:<72} {value['gbps']:>7.2f} GB/s")
 
 
 def run_child(command: list[str], env: dict | None = None) -> dict:
@@ -629,25 +451,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=int, default=2)
     parser.add_argument("--targets", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=1024, help="rows per shard (the indexer's default)")
-    parser.add_argument("--repeats", type=int, default=2, help="timed scans per store (after one untimed)")
-    parser.add_argument("--no-profile", action="store_true", help="skip the stage and kernel profile")
+    parser.add_argument("--repeats", type=int, default=2, help="timed scans per set-up (after one untimed)")
+    parser.add_argument("--no-profile", action="store_true", help="skip the kernel profile")
+    parser.add_argument("--no-fallback", action="store_true", help="skip the Parquet-fallback scan")
     parser.add_argument("--tmp", default=None, help="folder for the temporary stores (default: system temp)")
     parser.add_argument("--max-disk-gb", type=float, default=10.0, help="refuse stores larger than this")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--fallback", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--blas1", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker is not None:
-        result = worker(args.worker, args.targets, args.repeats, args.profile, args.seed, args.blas1)
+        result = worker(args.worker, args.targets, args.repeats, args.profile, args.seed, args.fallback)
         print("RESULT " + json.dumps(result))
         return 0
 
     sizes = sorted(int(v) for v in args.n.split(","))
     checkpoints = [f"epoch-{i + 1}" for i in range(args.checkpoints)]
-    largest = sizes[-1] * args.dim * 2 * args.checkpoints * 1.02 + sizes[-1] * 200
+    # Parquet and raw copies of the features, plus the fallback copy of the smallest store.
+    largest = 2 * sizes[-1] * args.dim * 2 * args.checkpoints * 1.02 + sizes[-1] * 200
+    largest += 0 if args.no_fallback else sizes[0] * args.dim * 2 * args.checkpoints * 1.02
     tmp_root = Path(args.tmp or tempfile.gettempdir())
     free = shutil.disk_usage(tmp_root).free
     print(f"largest store about {fmt_bytes(largest)}; {fmt_bytes(free)} free in {tmp_root}")
@@ -657,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine_info()
     print(f"{info['cpu']}, {info['cores']} cores, {fmt_bytes(info['memory_bytes'])}; python {info['python']}, "
-          f"numpy {info['numpy']}, pyarrow {info['pyarrow']}; load average {info['loadavg_start']}")
+          f"numpy {info['numpy']}, torch {info['torch']}, pyarrow {info['pyarrow']}; "
+          f"load average {info['loadavg_start']}")
     results = []
     root = Path(tempfile.mkdtemp(prefix="gradstore-scan-", dir=tmp_root))
     try:
@@ -671,19 +497,21 @@ def main(argv: list[str] | None = None) -> int:
                        "--repeats", str(args.repeats), "--seed", str(args.seed)]
             if n == sizes[-1] and not args.no_profile:
                 command.append("--profile")
-            result = {**run_child(command), "build": built}
+            if n == sizes[0] and not args.no_fallback:
+                command += ["--fallback", str(copy_without_raw_features(store, root / f"fallback-{n}"))]
+            result = {**run_child(command), "build": built, "loadavg_after": os.getloadavg()}
             results.append(result)
             print(f"  scores(): {result['scores_best_s']:.2f} s = {result['scores_gbps']:.2f} GB/s; "
-                  f"mmap copy {result['mmap_copy']['gbps']:.2f} GB/s", flush=True)
-            if n == sizes[-1] and not args.no_profile:
-                print("  again with single-threaded BLAS, and prototype pipelines ...", flush=True)
-                env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
-                result["blas1"] = run_child(command[:-1] + ["--blas1"], env)
+                  f"mmap copy {result['mmap_copy']['gbps']:.2f} GB/s; RAM copy "
+                  f"{result['ram_copy_1thread']['gbps']:.2f} GB/s; load average {result['loadavg_after']}",
+                  flush=True)
             shutil.rmtree(store)
+            shutil.rmtree(root / f"fallback-{n}", ignore_errors=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     info["loadavg_end"] = os.getloadavg()
     print_report(results, 0.5)
+    print(f"\nload average at start {info['loadavg_start']}, at end {info['loadavg_end']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"benchmark": "selection_scan", "args": vars(args) | {"json": str(args.json)},
