@@ -83,9 +83,12 @@ def _add_index_parser(subparsers) -> None:
     run.add_argument("--shard-size", type=int, default=1024,
                      help="examples per shard (the unit of resumption and of multi-process work)")
     run.add_argument("--index", default="auto",
-                     help="FAISS index: auto, flat, sq16, ivf, hnsw or none")
+                     help="FAISS index: auto, flat, sq16, ivf, ivf-ondisk (IVF built in parts, its lists "
+                          "merged on disk into index.ivfdata: for stores whose index does not fit in memory), "
+                          "hnsw or none; auto takes flat, else sq16, else ivf-ondisk, whichever fits "
+                          "--index-memory")
     run.add_argument("--index-memory", type=_size, default="4GiB",
-                     help="memory budget steering --index auto (e.g. 4GiB)")
+                     help="memory budget steering --index auto and bounding an ivf-ondisk build (e.g. 4GiB)")
     run.add_argument("--no-raw-features", action="store_true",
                      help="write the features as Parquet only: half the feature bytes on disk, but selection "
                           "scans decode Parquet (about 6x slower) instead of memory-mapping raw fp16 matrices")

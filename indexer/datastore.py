@@ -16,6 +16,7 @@ Layout of a store directory
       features/<checkpoint>/part-00000.parquet ...   same shards, uncompressed
       raw_features/<checkpoint>/part-00000.npy ...   the same features as raw matrices (optional)
       index.faiss                            FAISS index (absent with index kind "none")
+      index.ivfdata                          its inverted lists (index kind "ivf-ondisk" only)
       skipped.jsonl                          records the job skipped (only when there were some)
 
 Rows and shards
@@ -60,6 +61,13 @@ Rows and shards
     checkpoint weights ``w`` normalised to sum to 1 (see ``gradstore.indexer.faiss_index``). A
     query built the same way scores ``Σ_c w_c · cos(train_c, target_c)``.
 
+``index.ivfdata`` (index kind ``ivf-ondisk`` only)
+    The inverted lists of ``index.faiss`` (``faiss.OnDiskInvertedLists``: each list's int64 ids,
+    then its codes), which ``index.faiss`` names by this file name alone; a reader looks for it in
+    the folder of the index file (``faiss.IO_FLAG_ONDISK_SAME_DIR``), so the store stays
+    relocatable. The index file is named in the manifest's ``index.file``; this one is that name
+    with the suffix ``.ivfdata``, and ``files`` lists and checksums both.
+
 ``manifest.json``
     JSON object validated by :class:`Manifest` (unknown keys are errors):
 
@@ -75,7 +83,8 @@ Rows and shards
     - ``projection`` (``ProjectionSpec.to_dict()``: kind, dim, seed, version);
     - ``features`` {dim (= k), dtype = "float16", normalized};
     - ``index`` {file, kind, factory, metric = "inner_product", dim (= k · checkpoints),
-      ntotal (= N)} or null;
+      ntotal (= N)} or null; ``kind`` is one of ``flat``, ``sq16``, ``ivf``, ``ivf-ondisk``,
+      ``hnsw`` (see ``gradstore.indexer.faiss_index``);
     - ``counts`` {examples (= N), by_source: source -> examples, skipped, truncated};
     - ``tokens`` (token statistics, free-form); ``job`` (wall time, throughput, world size, ...);
     - ``shards`` {size (nominal rows per shard), count};
@@ -96,7 +105,8 @@ The indexing job writes into a private work directory, then publishes it in one 
    a job killed at any point resumes by rewriting the shards without markers. Workers may write
    different shards of one work directory concurrently.
 2. :func:`finalize_store` checks that the markers cover shards ``0..count-1`` and rows
-   ``0..N-1``, builds ``index.faiss`` by streaming the shards, checksums every file, removes
+   ``0..N-1``, builds ``index.faiss`` by streaming the shards (for ``ivf-ondisk``, writing
+   ``index.ivfdata`` first, from per-part lists files merged on disk), checksums every file, removes
    ``_shards`` and writes ``manifest.json`` last. It is idempotent: rerun after a crash it gives
    the same files, checksums and manifest.
 3. :func:`publish_store` renames the work directory to its final path (atomically replacing an
@@ -137,7 +147,18 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .. import __version__
 from .errors import StoreError
-from .faiss_index import build_index, choose_factory, concat_weighted, normalized_weights, read_index, train_sample_size
+from .faiss_index import (
+    ONDISK_KIND,
+    build_index,
+    build_ondisk_ivf,
+    choose_factory,
+    concat_weighted,
+    lists_path,
+    normalized_weights,
+    read_index,
+    train_sample_size,
+    trained_index,
+)
 
 SCHEMA_VERSION = 1
 FORMAT = "gradstore-datastore"
@@ -838,18 +859,26 @@ def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _S
 
 
 def _ensure_index(work_dir: Path, manifest: Manifest, budget: int) -> None:
-    """Build ``index.faiss`` unless an earlier attempt already built this very index."""
-    index_path = work_dir / INDEX_FILE
+    """Build ``index.faiss`` (and ``index.ivfdata`` for ivf-ondisk) unless an earlier attempt
+    already built this very index."""
+    index_path, lists_file = work_dir / INDEX_FILE, lists_path(work_dir / INDEX_FILE)
+    on_disk = manifest.index is not None and manifest.index.kind == ONDISK_KIND
+    if not on_disk:  # left by an earlier attempt with another index kind
+        lists_file.unlink(missing_ok=True)
     if manifest.index is None:
         index_path.unlink(missing_ok=True)
         return
     state = work_dir / SHARDS_DIR / _INDEX_STATE
     wanted = manifest.index.model_dump()
-    if index_path.exists() and state.exists() and json.loads(state.read_text()) == wanted:
+    built = index_path.exists() and (lists_file.exists() or not on_disk)
+    if built and state.exists() and json.loads(state.read_text()) == wanted:
         return
     state.unlink(missing_ok=True)
-    index = _build_store_index(work_dir, manifest, budget)
     tmp_dir = work_dir / SHARDS_DIR / _TMP_DIR
+    if on_disk:
+        index = _build_ondisk_store_index(work_dir, manifest, budget, lists_file, tmp_dir)
+    else:
+        index = _build_store_index(work_dir, manifest, budget)
     with _written_atomically(index_path, tmp_dir) as tmp:
         _write_faiss_index(index, tmp)
     _atomic_write_bytes(state, json.dumps(wanted).encode(), tmp_dir)
@@ -880,6 +909,35 @@ def _build_store_index(work_dir: Path, manifest: Manifest, budget: int) -> faiss
     if index.ntotal != info.ntotal:
         raise StoreError(f"{work_dir}: index holds {index.ntotal} vectors, the shards {info.ntotal}")
     return index
+
+
+def _build_ondisk_store_index(work_dir: Path, manifest: Manifest, budget: int, lists_file: Path,
+                              tmp_dir: Path) -> faiss.Index:
+    """Write ``lists_file`` into place and return the index (quantizer and list offsets) that
+    refers to it; memory stays within about ``budget`` plus one batch and the quantizer."""
+    info = manifest.index
+    batch_rows = max(1, _INDEX_BATCH_BYTES // (4 * info.dim))
+    sample_size = train_sample_size(info.factory, info.ntotal, info.dim, budget)
+    # The sample is dropped once trained on, so it never sits in memory beside a part.
+    index = trained_index(info.factory, info.dim, _training_sample(work_dir, manifest, sample_size, batch_rows))
+    _check_free_space(work_dir, info.ntotal * (faiss.extract_index_ivf(index).code_size + 8))
+    parts_dir = tmp_dir / "ivf-parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    rows_and_vectors = _weighted_vectors(work_dir, manifest, batch_rows)
+    with _written_atomically(lists_file, tmp_dir) as tmp:
+        build_ondisk_ivf(rows_and_vectors, index, tmp, lists_file.name, parts_dir, max(1, budget // 2))
+    if index.ntotal != info.ntotal:
+        raise StoreError(f"{work_dir}: index holds {index.ntotal} vectors, the shards {info.ntotal}")
+    return index
+
+
+def _check_free_space(work_dir: Path, lists_bytes: int) -> None:
+    """The on-disk build needs room for its parts and their merge at once; FAISS writes both
+    through memory maps, where a full disk kills the process (SIGBUS) instead of raising."""
+    needed, free = 2 * lists_bytes, shutil.disk_usage(work_dir).free
+    if free < needed:
+        raise StoreError(f"{work_dir}: the ivf-ondisk index needs about {needed:,} bytes free "
+                         f"to build, only {free:,} are")
 
 
 def _weighted_vectors(work_dir: Path, manifest: Manifest, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -1156,10 +1214,17 @@ class Datastore:
 
     def index(self, memory_mapped: bool = True) -> faiss.Index:
         """The FAISS index (id == row), read-only with its vectors memory-mapped unless
-        ``memory_mapped`` is false; see ``gradstore.indexer.faiss_index`` for its vectors."""
-        if self.manifest.index is None:
+        ``memory_mapped`` is false (an ivf-ondisk index's lists are mapped from ``index.ivfdata``
+        either way); see ``gradstore.indexer.faiss_index`` for its vectors."""
+        info = self.manifest.index
+        if info is None:
             raise StoreError(f"{self.path}: this store has no FAISS index (index kind 'none')")
-        return read_index(self.path / self.manifest.index.file, memory_mapped)
+        path = self.path / info.file
+        on_disk = info.kind == ONDISK_KIND
+        if on_disk and not lists_path(path).is_file():
+            raise StoreError(f"{lists_path(path)}: missing; the {ONDISK_KIND} index {info.file} keeps its "
+                             f"inverted lists there (copy both files)")
+        return read_index(path, memory_mapped, lists_on_disk=on_disk)
 
     def _check_checkpoint(self, checkpoint: str) -> None:
         if checkpoint not in self.checkpoint_names:
@@ -1180,6 +1245,8 @@ def _check_listed_files(root: Path, manifest: Manifest, verify: bool) -> None:
     required += [features_path(root, c.name, s) for c in manifest.checkpoints for s in range(manifest.shards.count)]
     if manifest.index is not None:
         required.append(root / manifest.index.file)
+        if manifest.index.kind == ONDISK_KIND:
+            required.append(lists_path(root / manifest.index.file))
     for path in required:
         if path.relative_to(root).as_posix() not in manifest.files:
             raise StoreError(f"{root / MANIFEST_FILE}: files does not list {path.relative_to(root).as_posix()}")

@@ -18,15 +18,21 @@ Index kinds (``choose_factory``):
     sq16   "SQfp16"             near-exact (fp16 storage; the features are fp16 anyway); half of flat
     ivf    "IVF{nlist},SQfp16"  approximate, faster search; nlist ≈ 4·sqrt(n); nprobe is set per query
                                 (a default of IVF_NPROBE is stored in the index); memory as sq16
+    ivf-ondisk  (as ivf)        the same index with its inverted lists in a second file, ``<index
+                                name>.ivfdata`` next to the index file (:func:`lists_path`), built
+                                without holding them in memory (:func:`build_ondisk_ivf`)
     hnsw   "HNSW32,SQfp16"      approximate graph search; memory of sq16 plus the graph links
     none                        no index file (scoring then streams the features)
 
-``auto`` takes flat when it fits the memory budget, else sq16 when that fits, else ivf. Note that
-ivf needs about as much memory as sq16: it buys search speed, not space.
+``auto`` takes flat when it fits the memory budget, else sq16 when that fits, else ivf-ondisk: ivf
+needs about as much memory to build as sq16 (it buys search speed, not space), so only the on-disk
+build stays within a budget that sq16 exceeds.
 
 Reading: :func:`read_index` memory-maps the vectors of every kind (``IO_FLAG_MMAP_IFC``), so a
 service holds an index in the page cache, shared and evictable, instead of its own memory; an
-index larger than RAM is searched at disk speed rather than refused.
+index larger than RAM is searched at disk speed rather than refused. An ivf-ondisk index's lists
+are memory-mapped from its ``.ivfdata`` file, found in the index file's own folder
+(``IO_FLAG_ONDISK_SAME_DIR``), so the two files can be moved or copied together anywhere.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-INDEX_KINDS = ("auto", "flat", "sq16", "ivf", "hnsw", "none")
+ONDISK_KIND = "ivf-ondisk"
+INDEX_KINDS = ("auto", "flat", "sq16", "ivf", ONDISK_KIND, "hnsw", "none")
+LISTS_SUFFIX = ".ivfdata"
 HNSW_LINKS = 32
 # HNSW build and search breadths stored in the index. The FAISS defaults (40 and 16) lose
 # noticeable recall on high-dimensional gradient features; these keep recall@10 above 0.9.
@@ -52,6 +60,10 @@ IVF_TRAIN_POINTS_PER_LIST = 64
 IVF_NPROBE = 16
 # Memory-map the vectors (flat codes, scalar-quantizer codes, inverted lists) instead of reading them.
 READ_FLAGS = faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+# Inverted lists kept on disk are memory-mapped by FAISS anyway. IO_FLAG_ONDISK_SAME_DIR (look for
+# the lists file next to the index file) needs a plain file reader, which IO_FLAG_MMAP_IFC replaces;
+# the index file itself then holds only the coarse quantizer and the lists' offsets, so it is read.
+ONDISK_READ_FLAGS = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
 
 
 def normalized_weights(weights: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -100,6 +112,7 @@ def factory_for(kind: str, n: int) -> str:
         "flat": "Flat",
         "sq16": "SQfp16",
         "ivf": f"IVF{ivf_nlist(n)},SQfp16",
+        ONDISK_KIND: f"IVF{ivf_nlist(n)},SQfp16",
         "hnsw": f"HNSW{HNSW_LINKS},SQfp16",
         "none": "",
     }
@@ -116,7 +129,7 @@ def choose_factory(kind: str, n: int, dim: int, memory_budget: int) -> tuple[str
         elif n * dim * 2 <= memory_budget:
             kind = "sq16"
         else:
-            kind = "ivf"
+            kind = ONDISK_KIND
     return kind, factory_for(kind, n)
 
 
@@ -160,15 +173,88 @@ def build_index(vector_batches: Iterable[np.ndarray], factory: str, dim: int,
     ``train_sample`` (float32, ``(m, dim)``) is required by factories that need training (IVF) and
     ignored by the others.
     """
+    index = trained_index(factory, dim, train_sample)
+    for batch in vector_batches:
+        index.add(_as_vectors(batch, dim, "vector batch"))
+    return index
+
+
+def trained_index(factory: str, dim: int, train_sample: np.ndarray | None = None) -> faiss.Index:
+    """An empty index of ``factory``, trained on ``train_sample`` when it needs training, with its
+    search defaults set."""
     index = _new_index(factory, dim)
     _set_search_defaults(index)
     if not index.is_trained:
         if train_sample is None or len(train_sample) == 0:
             raise ValueError(f"index {factory!r} needs training vectors: pass train_sample")
         index.train(_as_vectors(train_sample, dim, "train_sample"))
-    for batch in vector_batches:
-        index.add(_as_vectors(batch, dim, "vector batch"))
     return index
+
+
+def lists_path(index_path: str | Path) -> Path:
+    """Where an ivf-ondisk index keeps its inverted lists: next to the index file, suffix ``.ivfdata``."""
+    return Path(index_path).with_suffix(LISTS_SUFFIX)
+
+
+def build_ondisk_ivf(row_batches: Iterable[tuple[np.ndarray, np.ndarray]], index: faiss.Index,
+                     lists_file: Path, lists_name: str, parts_dir: Path, part_bytes: int) -> faiss.Index:
+    """Fill ``index`` (an empty, trained IVF index) with ``(rows, vectors)`` batches under the
+    rows as ids, its inverted lists merged on disk into ``lists_file``; returns ``index``.
+
+    Batches are added in memory until they hold ``part_bytes`` of codes, then that part's lists are
+    copied to a file in ``parts_dir`` and the lists emptied; at the end every part is merged into
+    ``lists_file`` (``OnDiskInvertedLists.merge_from_multiple``, FAISS's on-disk IVF) and the parts
+    are deleted. Memory: the coarse quantizer, one batch and one part, whatever the number of rows.
+    Each list keeps the parts' order, so searches return what an index filled in memory in the same
+    order returns. The index file written afterwards names the lists by ``lists_name`` alone, as
+    :func:`read_index` finds them in the index file's folder.
+
+    ``faiss.contrib.ondisk.merge_ondisk`` is not used: it reads each part as a whole index file,
+    a copy of the quantizer each, and leaves the parts' lists mapped after the merge, which keeps
+    the deleted part files' disk space until the process exits.
+    """
+    ivf = faiss.extract_index_ivf(index)
+    if index.ntotal:
+        raise ValueError(f"build_ondisk_ivf needs an empty index, this one holds {index.ntotal} vectors")
+    part_rows = max(1, part_bytes // (ivf.code_size + 8))  # codes and an int64 id per row
+    parts: list[tuple[Path, faiss.OnDiskInvertedLists]] = []
+    try:
+        for rows, vectors in row_batches:
+            index.add_with_ids(_as_vectors(vectors, index.d, "vector batch"),
+                               np.ascontiguousarray(rows, dtype=np.int64))
+            if index.ntotal >= part_rows:
+                parts.append(_lists_to_disk(ivf, parts_dir / f"part-{len(parts):05d}{LISTS_SUFFIX}"))
+        if index.ntotal:
+            parts.append(_lists_to_disk(ivf, parts_dir / f"part-{len(parts):05d}{LISTS_SUFFIX}"))
+        merged = _merged_lists([lists for _, lists in parts], ivf, lists_file)
+    finally:
+        paths = [path for path, _ in parts]
+        del parts  # unmaps the part files before they are deleted
+        for path in paths:
+            path.unlink(missing_ok=True)
+    ivf.replace_invlists(merged, True)
+    merged.this.disown()  # the index owns (and frees) the merged lists now
+    index.ntotal = ivf.ntotal = merged.compute_ntotal()
+    merged.filename = lists_name
+    return index
+
+
+def _lists_to_disk(ivf: faiss.IndexIVF, path: Path) -> tuple[Path, faiss.OnDiskInvertedLists]:
+    """Copy ``ivf``'s lists (in memory) to a new lists file at ``path``, then empty them."""
+    part = _merged_lists([ivf.invlists], ivf, path)
+    ivf.reset()
+    return path, part
+
+
+def _merged_lists(sources: Sequence, ivf: faiss.IndexIVF, path: Path) -> faiss.OnDiskInvertedLists:
+    """The lists of ``sources`` concatenated list by list, in order, into a new file at ``path``
+    (ids kept as they are)."""
+    merged = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(path))
+    pointers = faiss.InvertedListsPtrVector()
+    for lists in sources:
+        pointers.push_back(lists)
+    merged.merge_from_multiple(pointers.data(), pointers.size(), False)
+    return merged
 
 
 def prefer_blas_search() -> None:
@@ -182,8 +268,14 @@ def prefer_blas_search() -> None:
     faiss.cvar.distance_compute_blas_threshold = 1
 
 
-def read_index(path: str | Path, memory_mapped: bool = True) -> faiss.Index:
-    """The index at ``path``, its vectors memory-mapped (read-only) unless ``memory_mapped`` is false."""
+def read_index(path: str | Path, memory_mapped: bool = True, lists_on_disk: bool = False) -> faiss.Index:
+    """The index at ``path``, its vectors memory-mapped (read-only) unless ``memory_mapped`` is false.
+
+    ``lists_on_disk`` reads an ivf-ondisk index, whose lists are always memory-mapped (read-only)
+    from the ``.ivfdata`` file of the same name in ``path``'s folder, wherever it was built.
+    """
+    if lists_on_disk:
+        return faiss.read_index(str(path), ONDISK_READ_FLAGS)
     return faiss.read_index(str(path), READ_FLAGS if memory_mapped else 0)
 
 

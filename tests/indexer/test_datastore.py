@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import duckdb
@@ -13,7 +14,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import chat_records, top_rows, write_jsonl
+from conftest import features as stored_features
+from conftest import weights as stored_weights
 from gradstore.indexer import datastore as ds
+from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.datastore import (
     SCHEMA_VERSION,
     Datastore,
@@ -28,6 +33,11 @@ from gradstore.indexer.datastore import (
     write_shard,
 )
 from gradstore.indexer.errors import StoreError
+from gradstore.indexer.faiss_index import ivf_nlist
+from gradstore.indexer.job import IndexJob, IndexJobConfig
+from gradstore.indexer.model import LoraSpec
+from gradstore.indexer.projection import ProjectionSpec
+from gradstore.service.registry import open_handle
 
 CHECKPOINTS = ("c0", "c1")
 WEIGHTS = (1.0, 3.0)
@@ -486,3 +496,110 @@ def test_open_detects_a_truncated_or_missing_raw_file(store):
     target.unlink()
     with pytest.raises(StoreError, match=r"raw_features/c0/part-00001\.npy: listed in the manifest but missing"):
         Datastore.open(path)
+
+
+def exact_top_k(features, queries, k):
+    """Rows and scores of the exact weighted influence, per query, best first."""
+    w = np.asarray(WEIGHTS) / sum(WEIGHTS)
+    scores = sum(wc * queries[c] @ features[c].astype(np.float32).T for wc, c in zip(w, CHECKPOINTS))
+    rows = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return rows, np.take_along_axis(scores, rows, axis=1)
+
+
+def search_every_list(store, queries, k):
+    """``store``'s index searched with nprobe = nlist (exhaustive over its lists)."""
+    index = store.index()
+    faiss.extract_index_ivf(index).nprobe = faiss.extract_index_ivf(index).nlist
+    return index.search(ds.concat_weighted([queries[c] for c in CHECKPOINTS], store.weights), k)
+
+
+def test_ivf_ondisk_store_is_checksummed_relocatable_and_exact_with_every_list(work, tmp_path):
+    features = write_all_shards(work)
+    # A budget this small puts each 64-row shard in a part of its own, merged on disk.
+    manifest = finalize_store(work, manifest_fields(), index_kind="ivf-ondisk", index_memory_budget=4096)
+    assert (manifest.index.kind, manifest.index.file) == ("ivf-ondisk", "index.faiss")
+    assert manifest.index.factory == f"IVF{ivf_nlist(NUM_EXAMPLES)},SQfp16"
+    assert {"index.faiss", "index.ivfdata"} <= set(manifest.files)
+    publish_store(work, tmp_path / "store", overwrite=False)
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == [
+        "examples", "features", "index.faiss", "index.ivfdata", "manifest.json", "raw_features"]
+    moved = tmp_path / "copies" / "moved"
+    shutil.copytree(tmp_path / "store", moved)
+    shutil.rmtree(tmp_path / "store")
+    store = Datastore.open(moved, verify=True)
+    rng = np.random.default_rng(8)
+    queries = {name: unit_fp16(rng, 6).astype(np.float32) for name in CHECKPOINTS}
+    scores, rows = search_every_list(store, queries, 10)
+    expected_rows, expected_scores = exact_top_k(features, queries, 10)
+    np.testing.assert_allclose(scores, expected_scores, atol=2e-3)  # fp16 codes
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(rows, expected_rows)])
+    assert recall >= 0.9
+
+
+def test_ivf_ondisk_store_without_its_lists_file_fails_to_open(work):
+    write_all_shards(work)
+    finalize_store(work, manifest_fields(), index_kind="ivf-ondisk")
+    opened = Datastore.open(work)
+    (work / "index.ivfdata").unlink()
+    with pytest.raises(StoreError, match="index.ivfdata: listed in the manifest but missing"):
+        Datastore.open(work)
+    with pytest.raises(StoreError, match="index.ivfdata: missing; the ivf-ondisk index index.faiss keeps"):
+        opened.index()
+    with pytest.raises(StoreError, match="index.ivfdata"):
+        open_handle("pool", work)
+
+
+def killed(*args):
+    raise RuntimeError("killed")
+
+
+def test_ivf_ondisk_finalize_resumes_without_rebuilding(tmp_path, monkeypatch):
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    write_all_shards(clean)
+    write_all_shards(crashed)
+    reference = finalize_store(clean, manifest_fields(), index_kind="ivf-ondisk", index_memory_budget=4096)
+    with monkeypatch.context() as patch:
+        patch.setattr(ds, "_file_infos", killed)  # dies after the index is built
+        with pytest.raises(RuntimeError):
+            finalize_store(crashed, manifest_fields(), index_kind="ivf-ondisk", index_memory_budget=4096)
+    built = [os.stat(crashed / name).st_mtime_ns for name in ("index.faiss", "index.ivfdata")]
+    assert not list((crashed / "_shards").rglob("*.ivfdata"))  # the part files are gone
+    resumed = finalize_store(crashed, manifest_fields(), index_kind="ivf-ondisk", index_memory_budget=4096)
+    assert [os.stat(crashed / name).st_mtime_ns for name in ("index.faiss", "index.ivfdata")] == built
+    assert resumed.files == reference.files  # the same bytes, built twice
+
+
+def test_finalize_with_another_kind_drops_an_earlier_lists_file(work, monkeypatch):
+    write_all_shards(work)
+    with monkeypatch.context() as patch:
+        patch.setattr(ds, "_file_infos", killed)  # dies after the index is built
+        with pytest.raises(RuntimeError):
+            finalize_store(work, manifest_fields(), index_kind="ivf-ondisk")
+    assert (work / "index.ivfdata").exists()
+    manifest = finalize_store(work, manifest_fields(), index_kind="ivf")
+    assert manifest.index.kind == "ivf" and "index.ivfdata" not in manifest.files
+    assert not (work / "index.ivfdata").exists()
+    assert Datastore.open(work, verify=True).index().ntotal == NUM_EXAMPLES
+
+
+def test_index_job_with_ivf_ondisk_matches_exact_influence(tmp_path, tiny_model_dirs):
+    corpus = write_jsonl(tmp_path / "toy.jsonl", chat_records(40, seed=3, prefix="ex"))
+    config = IndexJobConfig(
+        corpus=[CorpusSource.parse(str(corpus))], model=tiny_model_dirs["llama"], out=tmp_path / "store",
+        gradient_type="sgd", lora=LoraSpec(r=4, alpha=8), projection=ProjectionSpec(dim=64, seed=0),
+        max_length=64, shard_size=8, max_tokens_per_batch=256, device="cpu", progress=False,
+        index="ivf-ondisk", index_memory_budget=4096)  # a part per shard
+    IndexJob(config, log=lambda *_: None).run()
+    handle = open_handle("pool", config.out, verify_checksums=True)
+    assert handle.store.manifest.index.kind == "ivf-ondisk" and handle.index.ntotal == 40
+    faiss.extract_index_ivf(handle.index).nprobe = faiss.extract_index_ivf(handle.index).nlist
+    # Examples 0..4 as targets, scored by hand from the Parquet features.
+    w = stored_weights(config.out)
+    vectors = {c: stored_features(config.out, c) for c in w}
+    exact = sum(w[c] * vectors[c] @ vectors[c][:5].T for c in w)
+    query = ds.concat_weighted([vectors[c][:5] for c in handle.store.checkpoint_names], handle.store.weights)
+    for target, hits in enumerate(handle.search(query, 10)):
+        rows = [row for row, _ in hits]
+        assert hits[0][0] == target  # an example is its own most influential neighbour
+        assert len(set(rows) & set(top_rows(exact[:, target], 10))) >= 9
+        np.testing.assert_allclose([score for _, score in hits], exact[rows, target], atol=2e-3)

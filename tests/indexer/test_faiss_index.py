@@ -1,5 +1,7 @@
 """The weighted-influence FAISS index: factory choice, vector construction, exact and approximate search."""
 
+import shutil
+
 import faiss
 import numpy as np
 import pytest
@@ -7,13 +9,16 @@ import pytest
 from gradstore.indexer.faiss_index import (
     IVF_NPROBE,
     build_index,
+    build_ondisk_ivf,
     choose_factory,
     concat_weighted,
     ivf_nlist,
+    lists_path,
     normalized_weights,
     prefer_blas_search,
     read_index,
     train_sample_size,
+    trained_index,
 )
 
 
@@ -30,7 +35,9 @@ def test_choose_factory_auto_follows_the_memory_budget():
     n, dim = 1000, 64
     assert choose_factory("auto", n, dim, n * dim * 4) == ("flat", "Flat")
     assert choose_factory("auto", n, dim, n * dim * 4 - 1) == ("sq16", "SQfp16")
-    assert choose_factory("auto", n, dim, n * dim * 2 - 1) == ("ivf", f"IVF{ivf_nlist(n)},SQfp16")
+    # Below sq16's size only the on-disk build fits: in-memory ivf needs as much as sq16.
+    assert choose_factory("auto", n, dim, n * dim * 2 - 1) == ("ivf-ondisk", f"IVF{ivf_nlist(n)},SQfp16")
+    assert choose_factory("ivf", n, dim, 1) == ("ivf", f"IVF{ivf_nlist(n)},SQfp16")
     assert choose_factory("flat", n, dim, 1) == ("flat", "Flat")
     assert choose_factory("hnsw", n, dim, 1)[1].startswith("HNSW")
     assert choose_factory("none", n, dim, 1) == ("none", "")
@@ -153,3 +160,54 @@ def test_blas_search_of_a_small_batch_gives_the_same_answers():
         faiss.cvar.distance_compute_blas_threshold = saved
     np.testing.assert_array_equal(blas[1], scanned[1])
     np.testing.assert_allclose(blas[0], scanned[0], atol=1e-5)
+
+
+def write_ondisk_ivf(folder, x, factory, sample, part_rows):
+    """An ivf-ondisk index of ``x`` (ids = rows) in ``folder``, built in parts of ``part_rows``."""
+    index = trained_index(factory, x.shape[1], sample)
+    parts = folder / "parts"
+    parts.mkdir(parents=True)
+    batches = ((np.arange(i, min(len(x), i + 250)), x[i:i + 250]) for i in range(0, len(x), 250))
+    code_bytes = faiss.extract_index_ivf(index).code_size + 8
+    built = build_ondisk_ivf(batches, index, folder / "lists.tmp", "index.ivfdata", parts, part_rows * code_bytes)
+    faiss.write_index(built, str(folder / "index.faiss"))
+    (folder / "lists.tmp").rename(lists_path(folder / "index.faiss"))
+    assert not any(parts.iterdir())  # the part files are gone
+    return built
+
+
+def test_ondisk_ivf_answers_like_the_same_ivf_in_memory(tmp_path):
+    rng = np.random.default_rng(6)
+    n, dim = 4000, 32
+    x, q = unit_rows(rng, n, dim), unit_rows(rng, 25, dim)
+    _, factory = choose_factory("ivf-ondisk", n, dim, 1 << 30)
+    sample = x[: train_sample_size(factory, n, dim, 1 << 30)]
+    in_memory = build_index([x], factory, dim, sample)
+    write_ondisk_ivf(tmp_path / "built", x, factory, sample, part_rows=700)  # 6 parts, batches straddling them
+    # Moved elsewhere, the index finds its lists in its own folder.
+    moved = tmp_path / "elsewhere" / "moved"
+    shutil.move(tmp_path / "built", moved)
+    on_disk = read_index(moved / "index.faiss", lists_on_disk=True)
+    assert on_disk.ntotal == n
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(on_disk).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and lists.filename == str(moved / "index.ivfdata")
+    for nprobe in (IVF_NPROBE, ivf_nlist(n)):
+        for index in (in_memory, on_disk):
+            faiss.extract_index_ivf(index).nprobe = nprobe
+        expected, found = in_memory.search(q, 10), on_disk.search(q, 10)
+        np.testing.assert_array_equal(found[1], expected[1])
+        np.testing.assert_array_equal(found[0], expected[0])
+    # Every list holds the same ids in the same order.
+    for index in (in_memory, on_disk):
+        faiss.extract_index_ivf(index).make_direct_map()
+    np.testing.assert_array_equal(on_disk.reconstruct_n(0, n), in_memory.reconstruct_n(0, n))
+
+
+def test_ondisk_ivf_without_its_lists_file_cannot_be_read(tmp_path):
+    rng = np.random.default_rng(7)
+    x = unit_rows(rng, 600, 16)
+    _, factory = choose_factory("ivf-ondisk", 600, 16, 1 << 30)
+    write_ondisk_ivf(tmp_path, x, factory, x, part_rows=600)
+    lists_path(tmp_path / "index.faiss").unlink()
+    with pytest.raises(RuntimeError, match="index.ivfdata"):
+        read_index(tmp_path / "index.faiss", lists_on_disk=True)
