@@ -138,9 +138,9 @@ def manifest_fields(checkpoints: list[str], dim: int) -> dict:
 
 
 def build_store(out: Path, n: int, dim: int, checkpoints: list[str], shard_size: int, seed: int,
-                index_kind: str = "none") -> dict:
+                index_kind: str = "none", index_memory_budget: int = 4 << 30) -> dict:
     """Write a synthetic store of ``n`` examples at ``out`` through the real writer (with an index
-    of ``index_kind``, none by default)."""
+    of ``index_kind``, none by default, built within ``index_memory_budget``)."""
     from gradstore.indexer.datastore import FeatureBatch, examples_table, finalize_store, publish_store, write_shard
 
     work = out.parent / f".{out.name}.partial"
@@ -163,7 +163,7 @@ def build_store(out: Path, n: int, dim: int, checkpoints: list[str], shard_size:
         write_shard(work, shard, examples, features)
     written = time.perf_counter()
     finalize_store(work, manifest_fields(checkpoints, dim), index_kind=index_kind,
-                   expected_shards=-(-n // shard_size))
+                   index_memory_budget=index_memory_budget, expected_shards=-(-n // shard_size))
     publish_store(work, out, overwrite=False)
     done = time.perf_counter()
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
