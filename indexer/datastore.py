@@ -122,6 +122,7 @@ the job can be rerun to resume once the cause is fixed.
 from __future__ import annotations
 
 import bisect
+import glob
 import hashlib
 import json
 import mmap
@@ -989,7 +990,8 @@ def publish_store(work_dir: str | Path, out: str | Path, overwrite: bool) -> Non
     the new one renamed to ``out``, then the old one deleted. Between the two renames (a few
     microseconds) ``out`` does not exist and an open fails; a reader that opened the old store
     must reopen it afterwards, as its files are gone. Only a datastore or an empty directory is
-    ever replaced.
+    ever replaced. Old stores left in hidden siblings by a process killed between the two renames
+    are deleted once a new store is in place.
     """
     work_dir, out = Path(work_dir), Path(out)
     Manifest.load(work_dir / MANIFEST_FILE)  # only finalised stores are published
@@ -998,6 +1000,7 @@ def publish_store(work_dir: str | Path, out: str | Path, overwrite: bool) -> Non
     out.parent.mkdir(parents=True, exist_ok=True)
     if not os.path.lexists(out):
         _rename(work_dir, out)
+        _remove_replaced(out)
         return
     if not overwrite:
         raise StoreError(f"{out}: already exists; pass overwrite to replace it")
@@ -1011,6 +1014,14 @@ def publish_store(work_dir: str | Path, out: str | Path, overwrite: bool) -> Non
         os.rename(old, out)
         raise
     shutil.rmtree(old)
+    _remove_replaced(out)
+
+
+def _remove_replaced(out: Path) -> None:
+    """Delete the old stores an interrupted ``overwrite`` left beside ``out`` (``.NAME.replaced-*``)."""
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.replaced-*"):
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
 
 
 def _rename(source: Path, target: Path) -> None:

@@ -346,6 +346,21 @@ def test_publish_refuses_then_replaces(store, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["store"]  # old store removed, no hidden leftovers
 
 
+def test_publish_deletes_old_stores_an_interrupted_overwrite_left(store, tmp_path):
+    out, _ = store
+    # What a kill between the two renames of an overwrite leaves: the old store hidden, no output.
+    left = tmp_path / f".{out.name}.replaced-123-456"
+    out.rename(left)
+    other = tmp_path / ".other.replaced-1-2"  # another output's leftover is not ours to delete
+    other.mkdir()
+    newer = tmp_path / "newer"
+    write_all_shards(newer, n=100, seed=1)
+    finalize_store(newer, manifest_fields(), index_kind="none")
+    publish_store(newer, out, overwrite=True)
+    assert Datastore.open(out).num_examples == 100
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.replaced-1-2", out.name]
+
+
 def test_publish_never_replaces_a_foreign_directory(work, tmp_path):
     write_all_shards(work)
     finalize_store(work, manifest_fields(), index_kind="none")
