@@ -1241,14 +1241,45 @@ class Datastore:
         if checkpoint not in self.checkpoint_names:
             raise StoreError(f"{self.path}: no checkpoint {checkpoint!r} (the store has {self.checkpoint_names})")
 
+    def check_shards(self) -> None:
+        """Every shard's Parquet footers parse, with the manifest's row counts and feature dimension
+        (one small read per file: a damaged file is found on open, not in the middle of a query).
+        Keeps the shard sizes it read for :meth:`_starts`."""
+        sizes = []
+        for shard in range(self.manifest.shards.count):
+            rows = _footer(examples_path(self.path, shard)).num_rows
+            for checkpoint in self.checkpoint_names:
+                path = features_path(self.path, checkpoint, shard)
+                footer = _footer(path)
+                if footer.num_rows != rows:
+                    raise StoreError(f"{path}: {footer.num_rows} rows, its examples file has {rows}")
+                schema = footer.schema.to_arrow_schema()
+                feature = schema.field("feature").type if "feature" in schema.names else None
+                if getattr(feature, "list_size", None) != self.dim:
+                    raise StoreError(f"{path}: feature column {feature}, the manifest says {self.dim} dimensions")
+            sizes.append(rows)
+        if sum(sizes) != self.num_examples:
+            raise StoreError(f"{self.path}: the shards hold {sum(sizes)} examples, the manifest says "
+                             f"{self.num_examples}")
+        self._keep_shard_sizes(sizes)
+
     def _starts(self) -> list[int]:
         """First row of each shard, from the parquet footers."""
         if self._shard_starts is None:
-            counts = [pq.read_metadata(examples_path(self.path, s)).num_rows
-                      for s in range(self.manifest.shards.count)]
-            self._shard_sizes = counts
-            self._shard_starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(int).tolist()
+            self._keep_shard_sizes([pq.read_metadata(examples_path(self.path, s)).num_rows
+                                    for s in range(self.manifest.shards.count)])
         return self._shard_starts
+
+    def _keep_shard_sizes(self, sizes: list[int]) -> None:
+        self._shard_sizes = sizes
+        self._shard_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+
+
+def _footer(path: Path) -> pq.FileMetaData:
+    try:
+        return pq.read_metadata(path)
+    except (OSError, pa.ArrowException) as err:
+        raise StoreError(f"{path}: unreadable Parquet file ({err})") from None
 
 
 def _check_listed_files(root: Path, manifest: Manifest, verify: bool) -> None:

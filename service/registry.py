@@ -27,11 +27,9 @@ from typing import TYPE_CHECKING
 
 import faiss
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from gradstore.client.models import StoreState
-from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest, examples_path, features_path
+from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.faiss_index import concat_weighted, prefer_blas_search
 
@@ -121,7 +119,7 @@ def open_handle(name: str, path: Path, verify_checksums: bool = False) -> StoreH
     :class:`StoreError`."""
     signature = _signature(path)
     store = Datastore.open(path, verify=verify_checksums)
-    check_parquet_footers(store)
+    store.check_shards()
     try:
         index = store.index() if store.manifest.index is not None else None
     except RuntimeError as err:  # FAISS cannot parse the file
@@ -131,33 +129,6 @@ def open_handle(name: str, path: Path, verify_checksums: bool = False) -> StoreH
                          f"{store.num_examples} examples")
     return StoreHandle(name=name, store=store, index=index, engine=SelectionEngine(store),
                        signature=signature)
-
-
-def check_parquet_footers(store: Datastore) -> None:
-    """Every shard's Parquet footers parse, with the manifest's row counts and feature dimension
-    (one small read per file: a damaged file is found on open, not in the middle of a query)."""
-    total = 0
-    for shard in range(store.manifest.shards.count):
-        rows = _footer(examples_path(store.path, shard)).num_rows
-        for checkpoint in store.checkpoint_names:
-            path = features_path(store.path, checkpoint, shard)
-            footer = _footer(path)
-            if footer.num_rows != rows:
-                raise StoreError(f"{path}: {footer.num_rows} rows, its examples file has {rows}")
-            schema = footer.schema.to_arrow_schema()
-            feature = schema.field("feature").type if "feature" in schema.names else None
-            if getattr(feature, "list_size", None) != store.dim:
-                raise StoreError(f"{path}: feature column {feature}, the manifest says {store.dim} dimensions")
-        total += rows
-    if total != store.num_examples:
-        raise StoreError(f"{store.path}: the shards hold {total} examples, the manifest says {store.num_examples}")
-
-
-def _footer(path: Path) -> pq.FileMetaData:
-    try:
-        return pq.read_metadata(path)
-    except (OSError, pa.ArrowException) as err:
-        raise StoreError(f"{path}: unreadable Parquet file ({err})") from None
 
 
 class DatastoreRegistry:
