@@ -35,35 +35,16 @@ import argparse
 import json
 import math
 import os
-import platform
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import faiss
 import numpy as np
 
+from measure import machine_info, proc_status
+
 GIB = 1 << 30
-
-
-def machine_info() -> dict:
-    import pyarrow
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__, "faiss": faiss.__version__,
-            "faiss_compile_options": faiss.get_compile_options(), "faiss_threads": faiss.omp_get_max_threads(),
-            "pyarrow": pyarrow.__version__, "loadavg_start": os.getloadavg(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-def vm_hwm() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM"))
 
 
 # ------------------------------------------------------------------------------------- data
@@ -299,12 +280,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"build: Flat {timings['flat_build_s']:.1f} s (includes generating the data)"
           + (f", IVF train {timings['ivf_train_s']:.1f} s + add {timings['ivf_add_s']:.1f} s" if ivf_built else "")
           + (f", HNSW {timings['hnsw_build_s']:.1f} s" if "hnsw_build_s" in timings else "")
-          + f"; peak RSS {vm_hwm() / GIB:.2f} GiB")
+          + f"; peak RSS {proc_status()['VmHWM'] / GIB:.2f} GiB")
     info["loadavg_end"] = os.getloadavg()
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"benchmark": "approximate_search", "args": {**vars(args), "json": str(args.json)},
-                   "machine": info, "data": data_stats, "timings": timings, "peak_rss_bytes": vm_hwm(),
+                   "machine": info, "data": data_stats, "timings": timings, "peak_rss_bytes": proc_status()["VmHWM"],
                    "results": rows, "targets": verdicts}
         args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"results written to {args.json}")

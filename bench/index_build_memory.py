@@ -25,7 +25,8 @@ from pathlib import Path
 
 import faiss
 
-from selection_scan import RssSampler, build_store, proc_status, run_child
+from measure import RssSampler, proc_status
+from selection_scan import build_store, run_child
 
 MIB = 1 << 20
 

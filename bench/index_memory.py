@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from gradstore.indexer.faiss_index import build_index, choose_factory, read_index, train_sample_size
-from selection_scan import proc_status
+from measure import proc_status
 
 MIB = 1 << 20
 

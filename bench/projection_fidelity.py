@@ -40,30 +40,17 @@ import argparse
 import json
 import math
 import os
-import platform
 import random
 import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import torch
 
-
-def machine_info() -> dict:
-    import faiss
-    import pyarrow
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__, "faiss": faiss.__version__,
-            "pyarrow": pyarrow.__version__, "torch_threads": torch.get_num_threads(),
-            "loadavg_start": os.getloadavg(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+from measure import machine_info
 
 
 # ------------------------------------------------------------------------------- gradients

@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from selection_scan import build_store, fmt_bytes, machine_info, proc_status, run_child
+from measure import machine_info, proc_status
+from selection_scan import build_store, fmt_bytes, run_child
 
 GIB = 1 << 30
 # "Linear" and "flat" on a shared 2-core machine: marginal costs per example within ±30 % of each

@@ -37,83 +37,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+
+from measure import RssSampler, machine_info, proc_status, reset_peak_rss
 
 GIB = 1 << 30
 
 
 # ------------------------------------------------------------------------------------ helpers
-
-
-def proc_status(pid: int | str = "self") -> dict[str, int]:
-    """``/proc/<pid>/status`` memory lines (``Vm*``, ``Rss*``) in bytes."""
-    values = {}
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            key, _, rest = line.partition(":")
-            if key.startswith(("Vm", "Rss")):
-                values[key] = int(rest.split()[0]) * 1024
-    return values
-
-
-def reset_peak_rss() -> None:
-    """Reset ``VmHWM`` to the current resident set (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")
-
-
-class RssSampler:
-    """Peak ``VmRSS``, ``RssAnon`` and ``RssFile`` of process ``pid``, sampled every ``interval``
-    seconds in a thread."""
-
-    def __init__(self, interval: float = 0.01, pid: int | str = "self"):
-        self.interval = interval
-        self.pid = pid
-        self.peak = 0
-        self.peak_anon = 0
-        self.peak_file = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            status = proc_status(self.pid)
-            self.peak = max(self.peak, status.get("VmRSS", 0))
-            self.peak_anon = max(self.peak_anon, status.get("RssAnon", 0))
-            self.peak_file = max(self.peak_file, status.get("RssFile", 0))
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-
-
-def machine_info() -> dict:
-    import faiss
-    import pyarrow
-    import torch
-
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "python": platform.python_version(),
-            "numpy": np.__version__, "torch": torch.__version__, "faiss": faiss.__version__,
-            "pyarrow": pyarrow.__version__, "loadavg_start": os.getloadavg(),
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
 def gbps(num_bytes: float, seconds: float) -> float:

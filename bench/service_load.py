@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from selection_scan import RssSampler, build_store, fmt_bytes, machine_info, proc_status
+from measure import RssSampler, machine_info, proc_status
+from selection_scan import build_store, fmt_bytes
 
 API_KEY = "bench-key"
 SCORE_TOLERANCE = 1e-3  # float32 in the service vs float32 (float64 sums) here, on unit vectors
