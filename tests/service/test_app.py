@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from gradstore.indexer.datastore import Datastore
 from gradstore.service.app import create_app
 from gradstore.service.process import free_port
 from gradstore.service.settings import ConfigurationError, Settings
