@@ -181,7 +181,7 @@ def profile_kernels(dim: int, num_targets: int, seed: int = 0) -> dict:
     like a scan's input), on one thread with single-threaded torch; GB/s of fp16 input."""
     import torch
 
-    from gradstore.service.scan import BACKENDS, ScanKernel, half_to_float
+    from gradstore.selection.scan import BACKENDS, ScanKernel, half_to_float
 
     rows = max(1, (128 << 20) // (2 * dim))
     rng = np.random.default_rng(seed)
@@ -232,7 +232,7 @@ def _timed(fn) -> float:
 
 def scan_configs(threads: int) -> list[dict]:
     """The engine set-ups timed on every store: the default first (its memory is measured)."""
-    from gradstore.service.scan import BACKENDS
+    from gradstore.selection.scan import BACKENDS
 
     configs = [{"label": f"default: {BACKENDS[0]} kernel, {threads} scan threads", "backend": BACKENDS[0],
                 "threads": threads}]
@@ -251,8 +251,8 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
     from concurrent.futures import ThreadPoolExecutor
 
     from gradstore.indexer.datastore import Datastore, raw_features_path
-    from gradstore.service.engine import SelectionEngine, SelectionOptions, TargetSet
-    from gradstore.service.scan import scan_threads, single_threaded_worker
+    from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
+    from gradstore.selection.scan import scan_threads, single_threaded_worker
 
     store = Datastore.open(store_path)
     names = store.checkpoint_names

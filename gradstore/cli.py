@@ -307,7 +307,7 @@ def _checkpoint_weights(text: str) -> dict[str, float]:
 def _run_select(args) -> int:
     from gradstore.indexer.corpus import CorpusSource, read_corpus
     from gradstore.indexer.datastore import Datastore
-    from gradstore.service.engine import SelectionEngine, SelectionOptions, TargetSet
+    from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
 
     store = Datastore.open(args.store)
     engine = SelectionEngine(store)
@@ -323,7 +323,7 @@ def _run_select(args) -> int:
     if args.targets_store is not None:
         targets = TargetSet.from_datastore(Datastore.open(args.targets_store), args.subtask_field)
     else:
-        from gradstore.service.targets import TargetFeaturizer
+        from gradstore.selection import TargetFeaturizer
 
         records = [r.record for r in read_corpus([CorpusSource.parse(str(args.targets))]).records]
         targets = TargetFeaturizer(store, device=args.device).featurize(records, args.subtask_field)
@@ -529,9 +529,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_gradstore_error(exc: BaseException) -> bool:
     indexer_errors = sys.modules.get("gradstore.indexer.errors")
-    engine = sys.modules.get("gradstore.service.engine")
+    selection_errors = sys.modules.get("gradstore.selection.errors")
     return ((indexer_errors is not None and isinstance(exc, indexer_errors.IndexerError))
-            or (engine is not None and isinstance(exc, engine.SelectionError)))
+            or (selection_errors is not None and isinstance(exc, selection_errors.SelectionError)))
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Does the selection work? Fine-tune on it, on a random subset and on everything; compare.
 
 :func:`compare` selects the top ``fraction`` of a datastore's pool for some target examples with
-the selection engine (in-process: :class:`~gradstore.service.targets.TargetFeaturizer` and
-:class:`~gradstore.service.engine.SelectionEngine`), then fine-tunes a fresh LoRA on the base
+the selection engine (in-process: :class:`~gradstore.selection.featurizer.TargetFeaturizer` and
+:class:`~gradstore.selection.engine.SelectionEngine`), then fine-tunes a fresh LoRA on the base
 model the store was built with, once per arm and seed, and evaluates each model on held-out
 records of the target task (:mod:`gradstore.indexer.finetune`):
 
@@ -152,8 +152,8 @@ def compare(store_path: str | Path, targets: Sequence[dict], heldout: Sequence[d
     """
     from gradstore.indexer.datastore import Datastore
     from gradstore.indexer.finetune import FinetuneSettings
-    from gradstore.service.engine import SelectionEngine, SelectionOptions
-    from gradstore.service.targets import TargetFeaturizer
+    from gradstore.selection import SelectionEngine, SelectionOptions
+    from gradstore.selection import TargetFeaturizer
 
     started = time.perf_counter()
     store = Datastore.open(store_path)

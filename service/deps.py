@@ -24,7 +24,7 @@ from gradstore.client.models import TargetDatastore, TargetRecords, Targets
 from gradstore.indexer.corpus import validate_record
 from gradstore.indexer.errors import BadRecordError
 
-from .engine import SelectionError, TargetSet
+from gradstore.selection import SelectionError, TargetSet
 from .errors import ServiceError, invalid_query, limit_exceeded
 from .registry import DatastoreRegistry, SelectionCache, StoreHandle
 from .settings import Settings

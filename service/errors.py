@@ -27,7 +27,7 @@ from gradstore.client.models import ErrorBody
 from gradstore.indexer.datastore import ExampleNotFoundError
 from gradstore.indexer.errors import StoreError
 
-from .engine import SelectionError
+from gradstore.selection import SelectionError
 
 log = logging.getLogger("gradstore.service")
 

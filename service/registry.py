@@ -33,11 +33,11 @@ from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.faiss_index import concat_weighted, prefer_blas_search
 
-from .engine import Selection, SelectionEngine, TargetSet, rank
+from gradstore.selection import Selection, SelectionEngine, TargetSet, rank
 from .errors import ServiceError
 
 if TYPE_CHECKING:  # loading it pulls in torch: only when a query sends target records
-    from .targets import TargetFeaturizer
+    from gradstore.selection import TargetFeaturizer
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -71,7 +71,7 @@ class StoreHandle:
         """The target featurizer with this store's model (loaded on first use, then kept)."""
         with self._featurizer_lock:
             if self._featurizer is None:
-                from .targets import TargetFeaturizer
+                from gradstore.selection import TargetFeaturizer
 
                 self._featurizer = TargetFeaturizer(self.store)
             return self._featurizer

@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from gradstore.client.models import InfluenceRequest, InfluenceResponse, Neighbor, TargetInfluence
 
 from ..deps import JsonBody, RegistryDep, SettingsDep, StoreDep, check_limit, check_weight_sum, resolve_targets
-from ..engine import TargetSet
+from gradstore.selection import TargetSet
 from ..errors import error_responses
 from ..registry import StoreHandle
 

@@ -24,7 +24,7 @@ from gradstore.client.models import ErrorBody, SelectedExample, SelectPage, Sele
 
 from ..deps import (JsonBody, RegistryDep, SelectionsDep, SettingsDep, StoreDep, check_limit, check_weight_sum,
                     resolve_targets)
-from ..engine import SelectionOptions
+from gradstore.selection import SelectionOptions
 from ..errors import ServiceError, error_responses
 from ..registry import CachedSelection, DatastoreRegistry, SelectionCache, StoreHandle
 from ..settings import Settings

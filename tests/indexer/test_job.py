@@ -192,7 +192,7 @@ def test_resume_refuses_other_settings(tmp_path, tiny_model_dirs, corpus_dir):
 
 
 def test_store_without_raw_features_holds_the_same_features(tmp_path, tiny_model_dirs, corpus_dir):
-    from gradstore.service.engine import SelectionEngine, TargetSet
+    from gradstore.selection import SelectionEngine, TargetSet
 
     with_raw = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir, out=tmp_path / "raw")
     parquet_only = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir, out=tmp_path / "parquet",

@@ -15,8 +15,8 @@ from gradstore.indexer.datastore import Datastore, Manifest
 from gradstore.indexer.job import IndexJob, IndexJobConfig
 from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
-from gradstore.service.engine import SelectionEngine, SelectionError, SelectionOptions, TargetSet
-from gradstore.service.targets import TargetFeaturizer
+from gradstore.selection import SelectionEngine, SelectionError, SelectionOptions, TargetSet
+from gradstore.selection import TargetFeaturizer
 
 def build_store(out, model, corpus, checkpoints=(), gradient_type="sgd", **overrides) -> Path:
     settings = dict(corpus=[CorpusSource.parse(str(corpus))], model=model, out=out, checkpoints=list(checkpoints),

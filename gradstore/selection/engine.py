@@ -1,8 +1,8 @@
 """The selection engine: LESS scores of a datastore's examples for target examples, and selections.
 
 Used in-process by ``gradstore select`` and by the REST service; it needs numpy and pyarrow, and
-uses torch's kernels for the scan when torch is installed (see :mod:`gradstore.service.scan`);
-target *records* are turned into vectors by :mod:`gradstore.service.targets`.
+uses torch's kernels for the scan when torch is installed (see :mod:`gradstore.selection.scan`);
+target *records* are turned into vectors by :mod:`gradstore.selection.featurizer`.
 
 Scoring
 =======
@@ -30,7 +30,7 @@ Features are read in row batches, shard by shard, and for each batch one checkpo
 a shard's raw ``.npy`` features memory-mapped where the store has them (no decoding: the scan
 runs at about half the speed of copying those files, bench/RESULTS.md), its Parquet file decoded
 otherwise (stores without raw files give the same scores, more slowly). Shards are shared out
-between a few worker threads, each with its own :class:`~gradstore.service.scan.ScanKernel`
+between a few worker threads, each with its own :class:`~gradstore.selection.scan.ScanKernel`
 converting and multiplying cache-sized blocks.
 A worker never holds more than one checkpoint's batch, whatever the store's size. A batch's
 per-target scores ``(targets, batch)`` are reduced at once to the per-subtask means and the
@@ -69,152 +69,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradstore.indexer.datastore import Datastore, Manifest, examples_path, features_path
+from gradstore.indexer.datastore import Datastore, examples_path, features_path
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.faiss_index import normalized_weights
 
+from .errors import SelectionError
+from .targets import TargetSet, check_origin, store_origin
 from .scan import ScanKernel, default_backend, restore_torch_threads, single_threaded_worker
 from .scan import scan_threads as default_scan_threads
 
 AGGREGATIONS = ("less", "max", "mean")
 EXPORT_FORMATS = ("jsonl", "parquet")
-DEFAULT_SUBTASK = "all"
 # Rows per scoring batch are chosen so the batches of all scan workers together stay near this
 # size in float32 (decoded Parquet batches are half that; memory-mapped ones cost nothing).
 _BATCH_BYTES = 64 << 20
 # Candidates read per deduplication block, and per chunk of selected vectors compared at once.
 _DEDUP_BLOCK_MIN, _DEDUP_BLOCK_MAX = 256, 4096
 _DEDUP_CHUNK = 4096
-
-
-class SelectionError(ValueError):
-    """A selection query that cannot be answered as asked (bad targets, options or names)."""
-
-
-# ------------------------------------------------------------------------------------- targets
-
-
-def store_origin(manifest: Manifest) -> dict:
-    """What the vectors of a store depend on besides the examples: projection, model, LoRA and
-    checkpoint adapters. Target vectors are comparable with a store's only when these agree."""
-    lora = manifest.lora
-    return {
-        "projection": dict(manifest.projection),
-        "model_sha256": manifest.model.sha256,
-        "lora": {"r": lora.r, "alpha": float(lora.alpha), "target_modules": sorted(lora.target_modules),
-                 "init_seed": lora.init_seed},
-        "adapters": {c.name: c.adapter_sha256 for c in manifest.checkpoints},
-    }
-
-
-@dataclass(frozen=True)
-class TargetSet:
-    """Target vectors, L2-normalised per checkpoint, with the subtask of each target.
-
-    ``vectors`` maps a checkpoint name to a float32 ``(n_targets, k)`` array; ``subtasks`` has one
-    name per target. ``origin`` (see :func:`store_origin`) records what the vectors were computed
-    with, when known, so the engine can refuse vectors from another model or projection.
-    Build one with :meth:`from_vectors` or :meth:`from_datastore` (or
-    ``targets.TargetFeaturizer.featurize``), which validate and normalise.
-    """
-
-    vectors: dict[str, np.ndarray]
-    subtasks: list[str]
-    origin: dict | None = field(default=None, compare=False)
-
-    def __post_init__(self):
-        if not self.vectors:
-            raise SelectionError("the targets have no vectors (no checkpoint)")
-        counts = {name: v.shape[0] for name, v in self.vectors.items()}
-        if len(set(counts.values())) != 1:
-            raise SelectionError(f"target vectors differ in the number of targets between checkpoints: {counts}")
-        if len(self.subtasks) != self.num_targets:
-            raise SelectionError(f"{len(self.subtasks)} subtask labels for {self.num_targets} target examples")
-
-    @property
-    def num_targets(self) -> int:
-        return next(iter(self.vectors.values())).shape[0]
-
-    @property
-    def checkpoints(self) -> list[str]:
-        return list(self.vectors)
-
-    def subtask_names(self) -> list[str]:
-        """Distinct subtasks in order of first appearance."""
-        return list(dict.fromkeys(self.subtasks))
-
-    @classmethod
-    def from_vectors(cls, vectors: Mapping[str, Any], subtasks: Sequence[str] | None = None,
-                     dim: int | None = None, origin: dict | None = None) -> "TargetSet":
-        """Validate ``{checkpoint: (n, k) vectors}`` (lists or arrays) and normalise each row.
-
-        All checkpoints need the same ``n >= 1``; ``dim``, when given, is the required ``k``. NaN or
-        infinite values are refused; an all-zero row (a zero gradient) stays zero and scores 0.
-        ``subtasks`` defaults to one subtask, ``"all"``.
-        """
-        if not isinstance(vectors, Mapping) or not vectors:
-            raise SelectionError("target vectors must be a non-empty mapping of checkpoint name -> vectors")
-        arrays, counts = {}, {}
-        for name, value in vectors.items():
-            where = f"target vectors for checkpoint {name!r}"
-            try:
-                array = np.array(value, dtype=np.float32)
-            except (TypeError, ValueError) as err:
-                raise SelectionError(f"{where} are not a rectangular array of numbers ({err})") from None
-            if array.ndim != 2 or array.shape[0] < 1 or array.shape[1] < 1:
-                raise SelectionError(f"{where} have shape {array.shape}: expected (targets, dim) with at "
-                                     f"least one target")
-            if dim is not None and array.shape[1] != dim:
-                raise SelectionError(f"{where} have dimension {array.shape[1]}, the datastore has {dim}")
-            bad = np.argwhere(~np.isfinite(array))
-            if len(bad):
-                row, column = map(int, bad[0])
-                raise SelectionError(f"{where}: row {row} has a non-finite value ({array[row, column]}) "
-                                     f"at position {column}")
-            arrays[name], counts[name] = _normalize_rows(array), array.shape[0]
-        if len(set(counts.values())) != 1:
-            raise SelectionError(f"target vectors differ in the number of targets between checkpoints: {counts}")
-        n = next(iter(counts.values()))
-        labels = [DEFAULT_SUBTASK] * n if subtasks is None else list(subtasks)
-        if len(labels) != n:
-            raise SelectionError(f"{len(labels)} subtask labels for {n} target examples")
-        for index, label in enumerate(labels):
-            if not isinstance(label, str) or not label:
-                raise SelectionError(f"subtask of target {index} is {label!r}: expected a non-empty string")
-        return cls(arrays, labels, origin)
-
-    @classmethod
-    def from_datastore(cls, store: Datastore, subtask_field: str | None = None) -> "TargetSet":
-        """Every example of ``store`` (normally built with ``sgd`` gradients) as a target.
-
-        With ``subtask_field``, each target's subtask is that field of its record; a record
-        without it is an error naming its id and row.
-        """
-        subtasks = None
-        if subtask_field is not None:
-            table = store.examples(columns=["row", "id", "record"])
-            subtasks = []
-            for row, id_, text in zip(*(table.column(c).to_pylist() for c in ("row", "id", "record"))):
-                subtasks.append(subtask_of(json.loads(text), subtask_field,
-                                           f"{store.path}: target example {id_!r} (row {row})"))
-        vectors = {name: store.features(name) for name in store.checkpoint_names}
-        return cls.from_vectors(vectors, subtasks, dim=store.dim, origin=store_origin(store.manifest))
-
-
-def subtask_of(record: Any, subtask_field: str, where: str) -> str:
-    """The subtask named by ``record[subtask_field]``; ``where`` names the record in errors."""
-    value = record.get(subtask_field) if isinstance(record, dict) else None
-    if value is None:
-        raise SelectionError(f"{where} has no field {subtask_field!r} (the subtask field)")
-    if isinstance(value, bool) or not isinstance(value, (str, int, float)) or value == "":
-        raise SelectionError(f"{where}: subtask field {subtask_field!r} is {value!r}: expected a non-empty "
-                             f"string or a number")
-    return str(value)
-
-
-def _normalize_rows(array: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(array.astype(np.float64), axis=1, keepdims=True)
-    return np.divide(array, norms, out=np.zeros_like(array), where=norms > 0).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------- options
@@ -397,7 +268,7 @@ class SelectionEngine:
                 raise SelectionError(f"target vectors for checkpoint {name!r} have dimension {dim}, "
                                      f"the datastore has {self.store.dim}")
         if targets.origin is not None:
-            _check_origin(targets.origin, store_origin(self.store.manifest), checkpoints)
+            check_origin(targets.origin, store_origin(self.store.manifest), checkpoints)
 
     # -- scoring ------------------------------------------------------------------------------
 
@@ -715,31 +586,6 @@ def rank(rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """``rows`` ordered by ``scores[rows]`` descending, then row ascending."""
     rows = np.asarray(rows, dtype=np.int64)
     return rows[np.lexsort((rows, -scores[rows].astype(np.float64)))]
-
-
-def _check_origin(target: dict, store: dict, checkpoints: Sequence[str]) -> None:
-    advice = "compute the targets with this datastore's model, checkpoints and projection"
-    if target.get("projection") != store["projection"]:
-        raise SelectionError(f"the target vectors were projected with {target.get('projection')}, the datastore "
-                             f"with {store['projection']}; {advice}")
-    if target.get("model_sha256") != store["model_sha256"]:
-        raise SelectionError(f"the target vectors come from another model (sha256 {target.get('model_sha256')}, "
-                             f"the datastore's is {store['model_sha256']}); {advice}")
-    lora_t, lora_s = target.get("lora") or {}, store["lora"]
-    for key in ("r", "alpha", "target_modules"):
-        if lora_t.get(key) != lora_s[key]:
-            raise SelectionError(f"the target vectors come from a LoRA with {key} = {lora_t.get(key)!r}, the "
-                                 f"datastore's has {lora_s[key]!r}; {advice}")
-    adapters_t = target.get("adapters") or {}
-    for name in checkpoints:
-        a, b = adapters_t.get(name), store["adapters"].get(name)
-        if a != b:
-            raise SelectionError(f"checkpoint {name!r} of the targets is not the datastore's (adapter sha256 "
-                                 f"{a} vs {b}); {advice}")
-        if a is None and None not in (lora_t.get("init_seed"), lora_s["init_seed"]) \
-                and lora_t.get("init_seed") != lora_s["init_seed"]:
-            raise SelectionError(f"checkpoint {name!r}: the targets' fresh LoRA was initialised with seed "
-                                 f"{lora_t.get('init_seed')}, the datastore's with {lora_s['init_seed']}; {advice}")
 
 
 def _format_of(path: Path) -> str:

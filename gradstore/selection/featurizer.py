@@ -29,7 +29,8 @@ from gradstore.indexer.job import IndexJob, IndexJobConfig, model_sha256
 from gradstore.indexer.model import LoraSpec, lora_description
 from gradstore.indexer.projection import ProjectionSpec
 
-from .engine import SelectionError, TargetSet, store_origin, subtask_of
+from .errors import SelectionError
+from .targets import TargetSet, store_origin, subtask_of
 
 TARGETS_SOURCE = "targets"
 _TEMPLATES = {DEFAULT_TEMPLATE_NAME: "default", TOKENIZER_TEMPLATE_NAME: "tokenizer"}

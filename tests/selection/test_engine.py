@@ -22,9 +22,9 @@ from gradstore.indexer.errors import StoreError
 from gradstore.indexer.job import IndexJob, IndexJobConfig
 from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
-from gradstore.service import engine as engine_module
-from gradstore.service import scan as scan_module
-from gradstore.service.engine import SelectionEngine, SelectionError, SelectionOptions, TargetSet
+from gradstore.selection import engine as engine_module
+from gradstore.selection import scan as scan_module
+from gradstore.selection import SelectionEngine, SelectionError, SelectionOptions, TargetSet
 
 WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
 SUBTASKS = ("math", "words", "geo")

@@ -7,7 +7,7 @@ import threading
 import numpy as np
 import pytest
 
-from gradstore.service.scan import BACKENDS, ScanKernel, half_to_float
+from gradstore.selection.scan import BACKENDS, ScanKernel, half_to_float
 
 
 def test_half_to_float_is_exact_for_every_finite_half():
