@@ -246,35 +246,42 @@ def _run_info(args) -> int:
 
 
 def _add_select_parser(subparsers) -> None:
+    from gradstore.selection.strategies import DEFAULT_STRATEGY, registry
+
+    strategies = registry()
+    listing = "; ".join(f"{name}: {cls.summary}" for name, cls in strategies.items())
     p = subparsers.add_parser(
-        "select", help="select the training examples that matter most for a target task",
+        "select", help="select training examples with a strategy (LESS by default)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Score every example of a datastore against target examples with LESS "
-                    "(sum over checkpoints of w_c * cos(train_c, target_c), aggregated over the targets) and "
-                    "print the ranked selection. Targets come from an sgd datastore of target examples "
-                    "(--targets-store) or from target records (--targets), whose gradients are then computed "
-                    "with the datastore's own model, checkpoints and projection.",
+        description="Choose examples of a datastore with a selection strategy and print the ranked selection. "
+                    "The default, less, scores every example against target examples with LESS (sum over "
+                    "checkpoints of w_c * cos(train_c, target_c), aggregated over the targets). Targets come from "
+                    "an sgd datastore of target examples (--targets-store) or from target records (--targets), "
+                    "whose gradients are then computed with the datastore's own model, checkpoints and "
+                    f"projection; target-free strategies take none. Strategies: {listing}.",
     )
     p.add_argument("store", type=Path, help="datastore folder of the training pool")
-    targets = p.add_mutually_exclusive_group(required=True)
+    targets = p.add_mutually_exclusive_group()
     targets.add_argument("--targets-store", type=Path, metavar="DIR",
                          help="datastore of the target examples (gradstore index --gradient-type sgd)")
     targets.add_argument("--targets", type=Path, metavar="FILE",
                          help="target records (JSONL or Parquet, corpus format)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--k", type=int, metavar="N", help="select the top N examples")
-    budget.add_argument("--fraction", type=float, metavar="F", help="select the top ceil(F x pool) examples")
-    p.add_argument("--aggregation", default="less", choices=["less", "max", "mean"],
-                   help="less: mean within each subtask, then max across subtasks; max / mean over all targets")
+    budget.add_argument("--k", type=int, metavar="N", help="select N examples")
+    budget.add_argument("--fraction", type=float, metavar="F", help="select ceil(F x pool) examples")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(strategies),
+                   help="how to choose (options below; each names the strategies that take it)")
+    _add_strategy_option_flags(p.add_argument_group("strategy options"), strategies)
     p.add_argument("--subtask-field", metavar="NAME",
                    help="record field naming each target's subtask (default: one subtask)")
     p.add_argument("--sources", type=_names, metavar="A,B", help="only examples of these corpus sources")
+    p.add_argument("--filter", dest="filters", action="append", type=_quality_filter,
+                   metavar="SCORE:above|below:Q[:CHECKPOINT]",
+                   help="keep examples whose stored SCORE is at or above / at or below its quantile Q in the pool, "
+                        "before the strategy runs (repeatable; vog:below:0.95 drops the top 5 %% by VoG)")
     p.add_argument("--per-source-cap", type=int, metavar="N", help="at most N examples per source")
     p.add_argument("--dedup-threshold", type=float, metavar="X",
-                   help="skip a candidate whose similarity to an already selected example exceeds X")
-    p.add_argument("--checkpoints", type=_names, metavar="A,B", help="checkpoints to use (default: all)")
-    p.add_argument("--weights", type=_checkpoint_weights, metavar="A=W,B=W",
-                   help="checkpoint weights instead of the manifest's (normalised to sum to 1)")
+                   help="skip a candidate whose gradient similarity to an already selected example exceeds X")
     p.add_argument("--export", type=Path, metavar="OUT.jsonl|OUT.parquet",
                    help="write the selected records, in their original form and rank order")
     p.add_argument("--scores", type=Path, metavar="OUT.parquet",
@@ -282,6 +289,87 @@ def _add_select_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per selected example")
     p.add_argument("--device", default="auto", help="where target gradients are computed (with --targets)")
     p.set_defaults(handler=_run_select)
+
+
+def _add_strategy_option_flags(group, strategies) -> None:
+    """One flag per option field of any strategy (``--aggregation``, ``--score``, ``--seed``...),
+    its type, choices and help read from the strategies' options models."""
+    for field, owners in _strategy_fields(strategies).items():
+        kinds = [_flag_kind(info.annotation) for info in owners.values()]
+        kind = kinds[0][0]
+        choices = list(dict.fromkeys(c for _, cs in kinds for c in cs or [])) or None
+        descriptions = {info.description or field for info in owners.values()}
+        help_text = (next(iter(descriptions)) + f" [{', '.join(owners)}]" if len(descriptions) == 1 else
+                     "; ".join(f"{name}: {info.description or field}" for name, info in owners.items()))
+        group.add_argument(f"--{field.replace('_', '-')}", dest=f"strategy_{field}", type=kind, choices=choices,
+                           default=argparse.SUPPRESS, metavar=_flag_metavar(kind, choices),
+                           help=help_text.replace("%", "%%"))
+
+
+def _strategy_fields(strategies) -> dict[str, dict]:
+    """Every option field of the strategies: field name -> {strategy name: its FieldInfo}."""
+    fields: dict[str, dict] = {}
+    for name, cls in strategies.items():
+        for field, info in cls.Options.model_fields.items():
+            if field != "name":
+                fields.setdefault(field, {})[name] = info
+    return fields
+
+
+def _flag_kind(annotation):
+    """The argparse type and choices of an options field: a Literal's values, names (A,B),
+    NAME=WEIGHT pairs, or the field's scalar type."""
+    import types
+    import typing
+
+    inner = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        inner = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(inner) is typing.Literal:
+        return str, list(typing.get_args(inner))
+    if typing.get_origin(inner) is list:
+        return _names, None
+    if typing.get_origin(inner) is dict:
+        return _checkpoint_weights, None
+    return inner, None
+
+
+def _flag_metavar(kind, choices) -> str | None:
+    if choices:
+        return None
+    return {_names: "A,B", _checkpoint_weights: "A=W,B=W", int: "N", float: "X"}.get(kind, "VALUE")
+
+
+def _quality_filter(text: str) -> dict:
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[1] not in ("above", "below"):
+        raise argparse.ArgumentTypeError(f"expected SCORE:above|below:Q[:CHECKPOINT], got {text!r}")
+    try:
+        quantile = float(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the quantile {parts[2]!r} is not a number") from None
+    spec = {"score": parts[0], "keep": parts[1], "quantile": quantile}
+    if len(parts) == 4:
+        spec["checkpoint"] = parts[3]
+    return spec
+
+
+def _strategy_from_args(args) -> dict:
+    """The chosen strategy's options from its flags; a flag of another strategy is an error."""
+    from gradstore.selection.strategies import get_strategy
+
+    cls = get_strategy(args.strategy)
+    given = {key[len("strategy_"):]: value for key, value in vars(args).items() if key.startswith("strategy_")}
+    foreign = sorted(set(given) - set(cls.Options.model_fields))
+    if foreign:
+        own = [f"--{f.replace('_', '-')}" for f in cls.Options.model_fields if f != "name"]
+        raise _UsageError(f"--{foreign[0].replace('_', '-')} is not an option of strategy {cls.name!r} "
+                          f"(its options: {', '.join(own) or 'none'})")
+    return {"name": cls.name, **given}
+
+
+class _UsageError(Exception):
+    """A command line that cannot run as given (exit status 2, one line)."""
 
 
 def _names(text: str) -> list[str]:
@@ -307,22 +395,29 @@ def _checkpoint_weights(text: str) -> dict[str, float]:
 def _run_select(args) -> int:
     from gradstore.indexer.corpus import CorpusSource, read_corpus
     from gradstore.indexer.datastore import Datastore
-    from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
+    from gradstore.selection import SelectionEngine, TargetSet
+    from gradstore.selection.engine import selection_options
+    from gradstore.selection.strategies import get_strategy
 
+    needs = get_strategy(args.strategy).needs_targets
+    given = args.targets_store is not None or args.targets is not None
+    if needs == "required" and not given:
+        raise _UsageError(f"strategy {args.strategy!r} needs targets: give --targets-store DIR or --targets FILE")
+    if needs == "none" and given:
+        raise _UsageError(f"strategy {args.strategy!r} does not use targets; leave out --targets/--targets-store")
     store = Datastore.open(args.store)
     engine = SelectionEngine(store)
-    options = SelectionOptions(
-        aggregation=args.aggregation, k=args.k, fraction=args.fraction, sources=args.sources,
-        per_source_cap=args.per_source_cap, dedup_threshold=args.dedup_threshold,
-        checkpoints=args.checkpoints, weights=args.weights,
-    )
+    fields = {"strategy": _strategy_from_args(args), "k": args.k, "fraction": args.fraction, "sources": args.sources,
+              "filters": args.filters, "per_source_cap": args.per_source_cap, "dedup_threshold": args.dedup_threshold}
+    options = selection_options({key: value for key, value in fields.items() if value is not None})
     # Refuse a bad query before computing any target gradient.
-    options.validate()
-    engine.pool(options.sources)
-    engine.resolve_checkpoints(options.checkpoints, options.weights)
+    engine.filtered_pool(options)
+    if getattr(options.strategy, "checkpoints", None) or getattr(options.strategy, "weights", None):
+        engine.resolve_checkpoints(options.strategy.checkpoints, options.strategy.weights)
+    targets = None
     if args.targets_store is not None:
         targets = TargetSet.from_datastore(Datastore.open(args.targets_store), args.subtask_field)
-    else:
+    elif args.targets is not None:
         from gradstore.selection import TargetFeaturizer
 
         records = [r.record for r in read_corpus([CorpusSource.parse(str(args.targets))]).records]
@@ -344,10 +439,23 @@ def _run_select(args) -> int:
         print(f"{'rank':>{rank_width}}  {'score':>10}  {'id':<{id_width}}  source")
         for item in items:
             print(f"{item['rank']:>{rank_width}}  {item['score']:>10.6f}  {item['id']:<{id_width}}  {item['source']}")
-    print(f"selected {len(selection)} of {selection.pool} examples ({targets.num_targets} targets, "
-          f"{len(selection.subtasks)} subtasks, aggregation {selection.aggregation}, checkpoints "
-          f"{', '.join(f'{n}={w:.3g}' for n, w in zip(selection.checkpoints, selection.weights))})", file=sys.stderr)
+    print(_selection_summary(selection, targets), file=sys.stderr)
     return 0
+
+
+def _selection_summary(selection, targets) -> str:
+    from gradstore.selection.strategies import strategy_label
+
+    parts = [f"strategy {strategy_label(selection.strategy)}"]
+    if targets is not None:
+        parts.append(f"{targets.num_targets} targets, {len(selection.subtasks)} subtasks")
+    if selection.checkpoints:
+        parts.append("checkpoints " + ", ".join(f"{n}={w:.3g}" for n, w in zip(selection.checkpoints,
+                                                                               selection.weights)))
+    for step in selection.report.get("filters", []):
+        parts.append(f"filter {step['score']} {step['keep']} q{step['quantile']:g} "
+                     f"(threshold {step['threshold']:.4g}, {step['pool']} left)")
+    return f"selected {len(selection)} of {selection.pool} examples ({'; '.join(parts)})"
 
 
 def _add_serve_parser(subparsers) -> None:
@@ -521,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - turn known errors into one clear line
+        if isinstance(exc, _UsageError):
+            parser.exit(EXIT_USAGE, f"gradstore: error: {exc}\n")
         if _is_gradstore_error(exc):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
