@@ -506,13 +506,13 @@ def _run_serve(args) -> int:
 
 def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="measure a selection: fine-tune on it, on a random subset and on everything",
+        "eval", help="compare strategies: fine-tune on each one's selection and on everything",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Select the top fraction of a datastore for the target examples, then fine-tune a fresh LoRA "
-                    "on the base model the store was built with: on the selection, on a random subset of the "
-                    "same size (one per seed) and on the whole pool; evaluate each, and the base model, on "
+        description="Select a fraction of a datastore with each strategy, then fine-tune a fresh LoRA on the base "
+                    "model the store was built with: on each selection (several seeds; a seeded strategy such as "
+                    "random draws once per seed) and on the whole pool; evaluate each, and the base model, on "
                     "held-out records of the target task (mean answer-token loss, exact-match accuracy of "
-                    "greedy generation against each record's 'answer') and print the table.",
+                    "greedy generation against each record's 'answer') and print one row per strategy.",
     )
     p.add_argument("--store", required=True, type=Path, help="datastore folder of the training pool")
     p.add_argument("--targets", required=True, type=Path, metavar="FILE",
@@ -520,9 +520,12 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument("--heldout", required=True, type=Path, metavar="FILE",
                    help="held-out records of the target task, each with an 'answer' field (else its last "
                         "assistant message is the answer)")
-    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool to select")
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool each strategy selects")
+    p.add_argument("--strategies", type=_strategy_specs, default="less,random", metavar="NAME[:VALUE],...",
+                   help="strategies to compare: NAME, NAME:VALUE (the strategy's main option: quality:effective_rank, "
+                        "random:3) or NAME:KEY=VALUE;KEY=VALUE (quality:score=nuclear_norm;order=low)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="0,1,2",
-                   help="fine-tuning seeds of the selected and random arms (one random subset per seed)")
+                   help="fine-tuning seeds of every strategy's arm")
     p.add_argument("--no-full", action="store_true", help="leave out fine-tuning on the whole pool")
     p.add_argument("--full-seeds", type=_seeds, default=None, metavar="0",
                    help="seeds of the whole-pool arm (default: the first of --seeds)")
@@ -546,6 +549,18 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_eval)
+
+
+def _strategy_specs(text: str) -> list[dict]:
+    """``less,quality:effective_rank,random``: comma-separated strategies; inside one, options by
+    name are separated by ``;`` (``quality:score=nuclear_norm;order=low``)."""
+    from gradstore.evaluate import parse_strategy
+    from gradstore.selection.errors import SelectionError
+
+    try:
+        return [parse_strategy(item.replace(";", ",")) for item in _names(text)]
+    except SelectionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seeds(text: str) -> list[int]:
@@ -578,7 +593,8 @@ def _run_eval(args) -> int:
         lora_dropout=args.lora_dropout, lora_targets=_lora_targets(args.lora_targets), batch_size=args.batch_size,
     )
     result = compare(
-        args.store, targets, heldout, fraction=args.fraction, seeds=args.seeds, include_full=not args.no_full,
+        args.store, targets, heldout, fraction=args.fraction, strategies=args.strategies, seeds=args.seeds,
+        include_full=not args.no_full,
         full_seeds=args.full_seeds, settings=settings, full_epochs=args.full_epochs, max_length=args.max_length,
         max_new_tokens=args.max_new_tokens, family_field=args.family_field, target_family=target_family,
         device=args.device, progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr),
