@@ -14,7 +14,7 @@ Shared by the tests of what users and the container images install (``tests/test
   run in a folder outside the repository with ``PYTHONPATH`` unset, so they import what is
   installed in it and never the source tree.
 * Tests that install into fresh environments (a minute or more each, with pip's cache) carry
-  :data:`install_run`: they run with ``GRADSTORE_INSTALL_TEST=1`` (``make install-test``, which CI
+  :func:`install_test`: they run with ``GRADSTORE_INSTALL_TEST=1`` (``make install-test``, which CI
   runs) and are skipped otherwise. Torch is installed first as ``TORCH_SPEC`` (the Makefile's, or
   the environment's): an unpinned torch would pull a CUDA build of several GB.
 """
@@ -40,12 +40,12 @@ PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 PACKAGE_FOLDERS = {package: REPO / folder for package, folder in PROJECT["tool"]["setuptools"]["package-dir"].items()}
 VERSION = PROJECT["project"]["version"]
 
-install_run = [
-    pytest.mark.slow,
-    pytest.mark.install,
-    pytest.mark.skipif(os.environ.get("GRADSTORE_INSTALL_TEST") != "1",
-                       reason="installs into fresh virtual environments: run `make install-test`"),
-]
+def install_test(test):
+    """Marks ``test`` as one that installs into fresh virtual environments: ``install`` and
+    ``slow``, and skipped unless ``GRADSTORE_INSTALL_TEST=1``."""
+    skip = pytest.mark.skipif(os.environ.get("GRADSTORE_INSTALL_TEST") != "1",
+                              reason="installs into fresh virtual environments: run `make install-test`")
+    return pytest.mark.slow(pytest.mark.install(skip(test)))
 
 
 def torch_spec() -> str:
