@@ -491,8 +491,9 @@ class DockerfileSteps:
       in ``COPY`` and ``RUN`` are taken under ``root``.
     * ``COPY`` copies from the build context (the repository), ``COPY --from=STAGE`` within
       ``root`` (all stages share it).
-    * ``RUN`` runs each ``&&`` step with bash in the working folder, the environment first on
-      ``PATH``; :data:`IMAGE_ONLY_COMMANDS` are left out.
+    * ``RUN`` runs each ``&&`` step with bash in the working folder (created again when an earlier
+      step removed it, as the container runtime does), the environment first on ``PATH``;
+      :data:`IMAGE_ONLY_COMMANDS` are left out.
     * Nothing else installs anything. ``ENV`` is not applied: its ``PIP_NO_CACHE_DIR`` would make
       every run download again, and pip's cache keeps this test to a few minutes.
     """
@@ -539,6 +540,8 @@ class DockerfileSteps:
                 shutil.copy(source, target)
 
     def run(self, command: str) -> None:
+        # The container runtime creates a missing working folder, as after an earlier RUN removed it.
+        self.workdir.mkdir(parents=True, exist_ok=True)
         for step in (s.strip() for s in command.split("&&")):
             if step.split()[0] in IMAGE_ONLY_COMMANDS:
                 continue

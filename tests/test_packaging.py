@@ -212,7 +212,7 @@ def test_base_install_selects_through_the_sdk_without_torch_numpy_or_faiss(base_
     for module in EXTRAS_FREE:
         assert not base_env.importable(module), f"the base install brings {module}"
     assert base_env.importable("httpx") and base_env.importable("gradstore.client")
-    script = base_env.workdir / "select.py"
+    script = base_env.workdir / "query_service.py"  # not select.py: that would shadow the standard select module
     script.write_text(CLIENT_SELECTS)
     result = base_env.run(base_env.python, script, installed_service.url, cpu_env.workdir / "targets.jsonl", API_KEY)
     answer = json.loads(result.stdout)
