@@ -185,7 +185,8 @@ def _add_warmup_parser(subparsers) -> None:
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share of the steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per optimizer step: a training setting, the same on every device")
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--lora-alpha", type=float, default=512.0)
     p.add_argument("--lora-dropout", type=float, default=0.1)
