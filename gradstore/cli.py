@@ -15,6 +15,18 @@ EXIT_USAGE = 2
 EXIT_ERROR = 1
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends an option's help with ``(default: X)`` once: not when the help already says its default
+    in words (``(default: PEFT's for the model)``), nor when there is no value to show (``None``, a
+    flag's ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def _size(text: str) -> int:
     """``4GiB``, ``512MiB``, ``1000000`` -> bytes."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "kb": 10**3, "mb": 10**6,
@@ -29,7 +41,7 @@ def _size(text: str) -> int:
 def _add_index_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "index", help="build a gradient datastore from a corpus",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Compute per-example projected LoRA gradients of a corpus at one or more checkpoints "
                     "and write them as a datastore (Parquet features + FAISS index + manifest.json). "
                     "Re-running the same command resumes an interrupted job.",
@@ -77,9 +89,14 @@ def _add_index_parser(subparsers) -> None:
     run = p.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
-    run.add_argument("--max-tokens-per-batch", type=int, default=16384,
-                     help="token budget of a batch (padded length x examples)")
-    run.add_argument("--max-batch-size", type=int, default=64, help="most examples in a batch")
+    from gradstore.indexer.batching import default_batching  # no torch: --help works with the base install
+
+    cpu_batch, cuda_batch = default_batching("cpu"), default_batching("cuda")
+    run.add_argument("--max-tokens-per-batch", type=int, default=None,
+                     help=f"token budget of a batch, padded length x examples (default: {cuda_batch[0]} on CUDA, "
+                          f"{cpu_batch[0]} on CPU)")
+    run.add_argument("--max-batch-size", type=int, default=None,
+                     help=f"most examples in a batch (default: {cuda_batch[1]} on CUDA, {cpu_batch[1]} on CPU)")
     run.add_argument("--shard-size", type=int, default=1024,
                      help="examples per shard (the unit of resumption and of multi-process work)")
     run.add_argument("--index", default="auto",
@@ -152,7 +169,7 @@ def _split_targets(text: str | None) -> tuple[str, ...] | None:
 def _add_warmup_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "warmup", help="LESS warmup: short LoRA training with one checkpoint per epoch",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Train a fresh LoRA on a random fraction of the corpus and save one checkpoint per epoch "
                     "(adapter, optimizer state, average learning rate) plus warmup_run.json, which "
                     "`gradstore index --run DIR` reads directly. Defaults are LESS's.",
@@ -168,7 +185,8 @@ def _add_warmup_parser(subparsers) -> None:
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share of the steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per optimizer step: a training setting, the same on every device")
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--lora-alpha", type=float, default=512.0)
     p.add_argument("--lora-dropout", type=float, default=0.1)
@@ -252,7 +270,7 @@ def _add_select_parser(subparsers) -> None:
     listing = "; ".join(f"{name}: {cls.summary}" for name, cls in strategies.items())
     p = subparsers.add_parser(
         "select", help="select training examples with a strategy (LESS by default)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Choose examples of a datastore with a selection strategy and print the ranked selection. "
                     "The default, less, scores every example against target examples with LESS (sum over "
                     "checkpoints of w_c * cos(train_c, target_c), aggregated over the targets). Targets come from "
@@ -507,7 +525,7 @@ def _run_serve(args) -> int:
 def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="compare strategies: fine-tune on each one's selection and on everything",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Select a fraction of a datastore with each strategy, then fine-tune a fresh LoRA on the base "
                     "model the store was built with: on each selection (several seeds; a seeded strategy such as "
                     "random draws once per seed) and on the whole pool; evaluate each, and the base model, on "
@@ -619,7 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gradient datastore and LESS-style data selection for instruction tuning.",
     )
     parser.add_argument("--version", action="version", version=f"gradstore {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     _add_warmup_parser(subparsers)
     _add_index_parser(subparsers)
     _add_info_parser(subparsers)
@@ -638,8 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ModuleNotFoundError as exc:
-        print(f"gradstore {sys.argv[1] if len(sys.argv) > 1 else ''}: missing dependency {exc.name!r}; "
-              "install the extras: pip install 'gradstore[cpu]' (or [gpu])", file=sys.stderr)
+        print(missing_module_message(args.command, exc.name or str(exc)), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
@@ -651,6 +668,77 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
         raise
+
+
+# The extras the README tells users to install; the others (indexer, service) are parts of cpu and gpu.
+USER_EXTRAS = ("cpu", "gpu", "datasets")
+
+
+def missing_module_message(command: str, module: str) -> str:
+    """One line for a subcommand that failed to import ``module``.
+
+    A ``gradstore.*`` module is part of this distribution, so its absence means a broken
+    installation (or a wheel built without it), not a missing extra. Any other module is looked up
+    in the installed distribution's requirements (``Requires-Dist``): a dependency of an extra is
+    named with the extras that bring it; a module that no requirement provides is a dependency of
+    a dependency; a missing sub-module of an installed package means a version that does not fit.
+    """
+    import importlib.util
+
+    if module == "gradstore" or module.startswith("gradstore."):
+        import gradstore
+
+        return (f"gradstore {command}: this gradstore installation is incomplete: the module {module!r} is missing "
+                f"from {Path(gradstore.__file__).parent}; reinstall gradstore (pip install --force-reinstall "
+                f"--no-deps gradstore, or the wheel you installed with --force-reinstall --no-deps); a wheel "
+                f"that still lacks it was built incomplete")
+    top = module.split(".")[0]
+    if top != module and importlib.util.find_spec(top) is not None:
+        return (f"gradstore {command}: the installed {top!r} has no module {module!r}: a version gradstore does not "
+                f"support, or a broken install; reinstall the extras you use, e.g. pip install --force-reinstall "
+                f"'gradstore[cpu]'")
+    distributions, extras = _extras_providing(top)
+    if not extras:
+        return (f"gradstore {command}: missing module {module!r}, which is not one of gradstore's own requirements: "
+                f"a dependency of an installed package is missing or broken; reinstall the extras you use, e.g. "
+                f"pip install --force-reinstall 'gradstore[cpu]'")
+    commands = " or ".join(f"pip install 'gradstore[{extra}]'" for extra in extras)
+    return (f"gradstore {command}: missing dependency {module!r} ({' or '.join(distributions)}, from the "
+            f"{' or '.join(repr(e) for e in extras)} extra); install it: {commands}")
+
+
+def _extras_providing(module: str) -> tuple[list[str], list[str]]:
+    """The distributions that provide the import name ``module`` among gradstore's requirements,
+    and the user extras (:data:`USER_EXTRAS`) that bring one of them, directly or through another
+    extra. ``faiss`` is provided by ``faiss-cpu`` and ``faiss-gpu``; otherwise a distribution's
+    name is its module's with ``-`` for ``_``."""
+    import importlib.metadata
+    import re
+
+    try:
+        requirements = importlib.metadata.requires("gradstore") or []
+    except importlib.metadata.PackageNotFoundError:
+        return [], []
+    direct: dict[str, set[str]] = {}  # extra -> distribution names it lists
+    includes: dict[str, set[str]] = {}  # extra -> extras of gradstore it lists
+    for text in requirements:
+        found = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?[^;]*;.*\bextra\s*==\s*['\"]([^'\"]+)['\"]", text)
+        if not found:
+            continue
+        name, listed, extra = found.group(1).lower().replace("_", "-"), found.group(2), found.group(3)
+        if name == "gradstore":
+            includes.setdefault(extra, set()).update(e.strip() for e in (listed or "").split(","))
+        else:
+            direct.setdefault(extra, set()).add(name)
+    wanted = module.lower().replace("_", "-")
+    distributions = sorted({d for names in direct.values() for d in names
+                            if d == wanted or (wanted == "faiss" and d in ("faiss-cpu", "faiss-gpu"))})
+
+    def brings(extra: str, seen: frozenset = frozenset()) -> bool:
+        return bool(direct.get(extra, set()) & set(distributions)) or any(
+            brings(other, seen | {extra}) for other in includes.get(extra, ()) if other not in seen)
+
+    return distributions, [extra for extra in USER_EXTRAS if brings(extra)]
 
 
 def _is_gradstore_error(exc: BaseException) -> bool:
