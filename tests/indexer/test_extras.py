@@ -10,6 +10,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -251,3 +252,25 @@ def test_the_job_fingerprint_covers_the_extras(indexed, tmp_path):
     (config.work_dir / "_shards" / "job.json").write_text(json.dumps(fingerprint, sort_keys=True))
     with pytest.raises(JobError, match="different settings"):
         IndexJob(config, log=lambda *_: None).run()
+
+
+def test_cli_flags_turn_each_extra_off(indexed, tmp_path, capsys):
+    from gradstore.cli import main
+
+    common = ["index", "--corpus", str(indexed["corpus"]), "--model", str(indexed["model"]), "--proj-dim", "64",
+              "--max-length", "64", "--gradient-type", "sgd", "--device", "cpu", "--index", "none", "--no-progress"]
+    for checkpoint in indexed["checkpoints"][:2]:
+        common += ["--checkpoint", f"{checkpoint.name}={checkpoint.path}"]
+    stores = {}
+    for name, flags in {"no-reps": ["--no-representations"], "no-spectra": ["--no-gradient-spectra"],
+                        "no-vog": ["--no-vog"]}.items():
+        assert main(common + ["--out", str(tmp_path / name)] + flags) == 0
+        stores[name] = Datastore.open(tmp_path / name)
+    assert not stores["no-reps"].has_representations and "vog" in stores["no-reps"].score_names
+    assert stores["no-spectra"].has_representations
+    assert stores["no-spectra"].score_names == ["loss", "grad_norm", "feature_norm", "vog"]
+    assert stores["no-vog"].score_names == ["loss", "grad_norm", "feature_norm", "nuclear_norm", "effective_rank"]
+    assert "vog" not in pq.read_schema(tmp_path / "no-vog" / "examples" / "part-00000.parquet").names
+    capsys.readouterr()
+    assert main(["info", str(tmp_path / "no-vog")]) == 0
+    assert "scores: loss, grad_norm, feature_norm, nuclear_norm, effective_rank" in capsys.readouterr().out
