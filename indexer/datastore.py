@@ -154,6 +154,7 @@ import mmap
 import os
 import re
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -1245,6 +1246,11 @@ class Datastore:
         self._shard_sizes: list[int] | None = None
         # Where each raw features file's matrix begins, once its header was checked.
         self._raw_offsets: dict[tuple[str, int], int] = {}
+        # Columns kept once read (ids, source codes), for gathers; readers share a store.
+        self._cache_lock = threading.Lock()
+        self._ids: np.ndarray | None = None
+        self._source_codes: np.ndarray | None = None
+        self._source_names: list[str] | None = None
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> "Datastore":
@@ -1305,6 +1311,79 @@ class Datastore:
             return self._row_by_id[id]
         except KeyError:
             raise ExampleNotFoundError(f"{self.path}: no example with id {id!r}") from None
+
+    # -- gathers: the columns of given rows, in the given order -------------------------------
+
+    def ids(self) -> np.ndarray:
+        """Every example's id in row order (object array; read once, then kept)."""
+        with self._cache_lock:
+            if self._ids is None:
+                self._ids = np.array(self.examples(columns=["id"]).column("id").to_pylist(), dtype=object)
+            return self._ids
+
+    def source_codes(self) -> tuple[np.ndarray, list[str]]:
+        """Every example's source as an int32 code in row order, and the names the codes index."""
+        with self._cache_lock:
+            if self._source_codes is None:
+                encoded = self.examples(columns=["source"]).column("source").combine_chunks().dictionary_encode()
+                self._source_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+                self._source_names = [str(s) for s in encoded.dictionary.to_pylist()]
+            return self._source_codes, self._source_names
+
+    def ids_and_sources(self, rows: Sequence[int] | np.ndarray) -> tuple[list[str], list[str]]:
+        """The ids and source names of ``rows``, in the given order."""
+        rows = self._checked_rows(rows)
+        codes, names = self.source_codes()
+        return self.ids()[rows].tolist(), [names[c] for c in codes[rows]]
+
+    def features_at(self, checkpoint: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float16 ``(len(rows), k)``: one checkpoint's features of ``rows``, in the given order.
+
+        Gathered from the raw files' memory maps where the store has them; otherwise only the
+        Parquet row groups holding the rows are read (memory-mapped).
+        """
+        self._check_checkpoint(checkpoint)
+        rows = self._checked_rows(rows)
+        out = np.empty((len(rows), self.dim), dtype=np.float16)
+        for shard, where, local in self._by_shard(rows):
+            raw = self.raw_features(checkpoint, shard)
+            if raw is not None:
+                out[where] = raw[local]
+                continue
+            path = features_path(self.path, checkpoint, shard)
+            table, index = _read_row_groups_of(path, local, ["row", "feature"])
+            if not np.array_equal(table.column("row").to_numpy()[index], rows[where]):
+                raise StoreError(f"{path}: rows are not where the shard layout puts them")
+            feature = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, self.dim)
+            out[where] = feature[index]
+        return out
+
+    def records_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The stored JSON text of the records of ``rows``, in the given order."""
+        rows = self._checked_rows(rows)
+        texts: list[str | None] = [None] * len(rows)
+        for shard, where, local in self._by_shard(rows):
+            path = examples_path(self.path, shard)
+            table = pq.read_table(path, columns=["row", "record"], memory_map=True)
+            if not np.array_equal(table.column("row").to_numpy()[local], rows[where]):
+                raise StoreError(f"{path}: rows are not where the shard layout puts them")
+            for i, text in zip(where, table.column("record").take(pa.array(local)).to_pylist()):
+                texts[i] = text
+        return texts
+
+    def _checked_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_examples):
+            raise ValueError(f"{self.path}: rows must be in 0..{self.num_examples - 1}")
+        return rows
+
+    def _by_shard(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(shard, positions in rows, rows local to the shard)`` for every shard holding some."""
+        starts = np.asarray(self._starts(), dtype=np.int64)
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == shard)
+            yield int(shard), where, rows[where] - starts[shard]
 
     def iter_features(self, checkpoint: str, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(rows int64, features float16 (n, k))`` batches in row order, shard by shard.
@@ -1394,21 +1473,12 @@ class Datastore:
     def representations_at(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
         """The representation vectors of ``rows``, in that order: float16 ``(len(rows), hidden)``."""
         dim = self._require_representations()
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        rows = self._checked_rows(rows)
         out = np.empty((len(rows), dim), dtype=np.float16)
-        if len(rows) == 0:
-            return out
-        if rows.min() < 0 or rows.max() >= self.num_examples:
-            bad = int(rows[(rows < 0) | (rows >= self.num_examples)][0])
-            raise ExampleNotFoundError(f"{self.path}: row {bad} is out of range (0..{self.num_examples - 1})")
-        starts = np.asarray(self._starts())
-        shards = np.searchsorted(starts, rows, side="right") - 1
-        for shard in np.unique(shards):
-            wanted = np.flatnonzero(shards == shard)
+        for shard, where, local in self._by_shard(rows):
             # One shard at a time: a memory map (or one Parquet file's column), gathered from.
-            parts = [vectors for _, vectors in self.shard_representations(int(shard))]
-            matrix = parts[0] if len(parts) == 1 else np.concatenate(parts)
-            out[wanted] = matrix[rows[wanted] - starts[shard]]
+            parts = [vectors for _, vectors in self.shard_representations(shard)]
+            out[where] = (parts[0] if len(parts) == 1 else np.concatenate(parts))[local]
         return out
 
     def representations(self) -> np.ndarray:
@@ -1432,15 +1502,17 @@ class Datastore:
         per example (``checkpoint`` must be None).
         """
         if name not in SCORE_NAMES:
-            raise StoreError(f"unknown score {name!r}: expected one of {list(SCORE_NAMES)}")
+            raise FeatureNotStoredError(f"{self.path}: no score {name!r} in this datastore (it has "
+                                        f"{', '.join(self.score_names)}; the scores a store can hold are "
+                                        f"{', '.join(SCORE_NAMES)})")
         missing = self._missing_score(name)
         if missing is not None:
             raise FeatureNotStoredError(f"{self.path}: {missing}")
         shards = range(self.manifest.shards.count)
         if name == "vog":
             if checkpoint is not None:
-                raise StoreError(f"vog is one score per example across all checkpoints, not per checkpoint "
-                                 f"(asked for checkpoint {checkpoint!r})")
+                raise FeatureNotStoredError(f"{self.path}: vog is one score per example across all checkpoints, "
+                                            f"not per checkpoint (asked for checkpoint {checkpoint!r})")
             return self.examples(columns=["vog"]).column("vog").to_numpy().astype(np.float32)
         names = self.checkpoint_names if checkpoint is None else [checkpoint]
         weights = self.weights if checkpoint is None else np.ones(1)
@@ -1541,6 +1613,21 @@ class Datastore:
     def _keep_shard_sizes(self, sizes: list[int]) -> None:
         self._shard_sizes = sizes
         self._shard_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+
+
+def _read_row_groups_of(path: Path, local: np.ndarray, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
+    """Only the row groups of the Parquet file ``path`` that hold the (shard-local) rows
+    ``local``, memory-mapped, and where each of those rows is in the table read."""
+    parquet = pq.ParquetFile(path, memory_map=True)
+    sizes = np.array([parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+    group_starts = np.cumsum(sizes) - sizes
+    group_of = np.searchsorted(group_starts, local, side="right") - 1
+    groups = np.unique(group_of)
+    # Where each group read begins in the table of just those groups.
+    read_start = np.zeros(len(sizes), dtype=np.int64)
+    read_start[groups] = np.cumsum(sizes[groups]) - sizes[groups]
+    table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    return table, read_start[group_of] + (local - group_starts[group_of])
 
 
 def _footer(path: Path) -> pq.FileMetaData:
