@@ -109,6 +109,14 @@ def _add_index_parser(subparsers) -> None:
     run.add_argument("--no-raw-features", action="store_true",
                      help="write the features as Parquet only: half the feature bytes on disk, but selection "
                           "scans decode Parquet (about 6x slower) instead of memory-mapping raw fp16 matrices")
+    extra = p.add_argument_group("extra per-example features (computed by default, in the same pass)")
+    extra.add_argument("--no-representations", action="store_true",
+                       help="no representation vectors (RDS+: position-weighted mean of the last hidden states of "
+                            "the first checkpoint's model, fp16); the rds strategy needs them")
+    extra.add_argument("--no-gradient-spectra", action="store_true",
+                       help="no nuclear_norm and effective_rank of each example's weight gradients per checkpoint")
+    extra.add_argument("--no-vog", action="store_true",
+                       help="no vog (variance of input-embedding gradients across checkpoints; needs two or more)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--progress-file", type=Path, metavar="PATH",
                      help="keep a JSON progress report here: done, total, examples_per_second, eta_seconds, "
@@ -119,6 +127,7 @@ def _add_index_parser(subparsers) -> None:
 def _run_index(args) -> int:
     from gradstore.indexer.checkpoints import CheckpointSpec
     from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.extras import ExtraFeatures
     from gradstore.indexer.job import IndexJob, IndexJobConfig
     from gradstore.indexer.model import LoraSpec
     from gradstore.indexer.projection import ProjectionSpec
@@ -143,6 +152,8 @@ def _run_index(args) -> int:
         max_tokens_per_batch=args.max_tokens_per_batch, max_batch_size=args.max_batch_size,
         shard_size=args.shard_size, dtype=args.dtype, device=args.device, index=args.index,
         index_memory_budget=args.index_memory, raw_features=not args.no_raw_features,
+        extras=ExtraFeatures(representations=not args.no_representations,
+                             gradient_spectra=not args.no_gradient_spectra, vog=not args.no_vog),
         on_bad_record=args.on_bad_record,
         overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
         progress_file=args.progress_file,
@@ -254,6 +265,10 @@ def _run_info(args) -> int:
         print(f"  {c.name:<12}weight {c.weight:.4f}  {c.path or '(fresh LoRA)'}")
     if m.index is not None:
         print(f"index         {m.index.kind} ({m.index.factory}), dim {m.index.dim}, {m.index.ntotal:,} vectors")
+    representations = m.extras.representations if m.extras is not None else None
+    print(f"extras        representations: "
+          f"{f'{representations.dim} dims ({representations.checkpoint})' if representations else 'none'}; "
+          f"scores: {', '.join(store.score_names)}")
     print(f"tokens        {m.tokens.get('total', 0):,} (mean {m.tokens.get('mean', 0):.1f}, "
           f"max {m.tokens.get('max', 0)})")
     size = sum(f.bytes for f in m.files.values())

@@ -17,7 +17,8 @@ from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.datastore import Datastore
 from gradstore.indexer.errors import BadRecordError, JobError
-from gradstore.indexer.job import IndexJob, IndexJobConfig, length_batches
+from gradstore.indexer.featurize import ExampleFeaturizer, length_batches
+from gradstore.indexer.job import IndexJob, IndexJobConfig
 from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
 
@@ -160,9 +161,7 @@ def test_malformed_record_names_file_and_line_and_skip_reports_it(tmp_path, tiny
 
 
 def test_out_of_memory_batches_are_split_and_retried(tmp_path, tiny_model_dirs, corpus_dir, monkeypatch):
-    from gradstore.indexer import job as job_module
-
-    original = job_module.Featurizer._features
+    original = ExampleFeaturizer._batch_once
 
     def fail_on_large_batches(self, examples):
         if len(examples) > 2:  # stands in for an allocator failure on big batches
@@ -171,7 +170,7 @@ def test_out_of_memory_batches_are_split_and_retried(tmp_path, tiny_model_dirs, 
 
     reference = make_config(tmp_path / "ref", tiny_model_dirs["gpt2"], corpus_dir, max_batch_size=2)
     IndexJob(reference, log=lambda *_: None).run()
-    monkeypatch.setattr(job_module.Featurizer, "_features", fail_on_large_batches)
+    monkeypatch.setattr(ExampleFeaturizer, "_batch_once", fail_on_large_batches)
     config = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir)
     summary = IndexJob(config, log=lambda *_: None).run()
     assert summary.oom_retries > 0
