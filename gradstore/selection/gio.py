@@ -36,9 +36,12 @@ Quantisation
 ============
 For a large pool, pool and targets are each quantised by k-means (FAISS, about 1,500 centroids:
 trained on a sample of :data:`SAMPLE_PER_CENTROID` points per centroid, then every pool example
-assigned to its nearest centroid, block by block); the greedy runs on the centroids (the estimate
-is that of the centroid sets) and each chosen pool centroid is expanded to its members, nearest
-to the centroid first, until the budget. Cost: k-means ``O(iterations × sample × C × d)`` plus one
+assigned to its nearest centroid, block by block); the greedy runs on one point per centroid, its
+medoid (the member nearest to it), so that the estimate compares real examples with real targets
+as it does unquantised (centroid means are averages, shrunk towards their region's centre: they
+would sit closer to the targets than any example, and the greedy would stop after one or two per
+region), and each chosen pool centroid is expanded to its members, nearest to the centroid
+first, until the budget. Targets beyond ``centroids`` are quantised the same way. Cost: k-means ``O(iterations × sample × C × d)`` plus one
 assignment pass ``O(N × C × d)``; the greedy ``O(steps × C_targets × C_pool)``; memory: the
 sample and one block of vectors, plus ``O(N)`` assignments.
 """
@@ -188,36 +191,48 @@ def gio_select(space: FeatureSpace, pool: np.ndarray, budget: int, k: int = DEFA
     if not quantize_pool and len(pool) * len(targets) > MAX_EXACT_CELLS:
         raise SelectionError(f"gio without quantisation compares every target with every pool example "
                              f"({len(targets)} x {len(pool)}); set centroids to at most {len(pool) - 1} to quantise")
-    target_points = kmeans(targets, centroids, seed) if quantize_targets else targets
+    target_points = _medoids(targets, centroids, seed) if quantize_targets else targets
     if quantize_pool:
         sample_size = min(len(pool), centroids * SAMPLE_PER_CENTROID)
         sample = np.sort(rng.choice(len(pool), sample_size, replace=False))
-        gathered = gather_all(space, pool[sample])
-        centres = kmeans(gathered, centroids, seed)
-        del gathered
+        centres = kmeans(gather_all(space, pool[sample]), centroids, seed)
         label, distance = assign(space, pool, centres)
-        sizes = np.bincount(label, minlength=len(centres))
-        live = np.flatnonzero(sizes)  # centres no pool example is nearest to are no candidates
-        trace = greedy_kl(target_points, centres[live], k, stop_on_rise, sizes[live], budget)
-        chosen_centres = live[trace.chosen]
-        rows, kl_after = _expand(pool, label, distance, chosen_centres, np.array(trace.kl), budget)
+        by_centre = np.lexsort((pool, distance, label))
+        live, first = np.unique(label[by_centre], return_index=True)  # centres with members, and their medoids
+        sizes = np.bincount(label, minlength=len(centres))[live]
+        medoids = space.gather(np.sort(pool[by_centre[first]]))
+        order = np.argsort(np.argsort(pool[by_centre[first]]))          # back from row order to centre order
+        trace = greedy_kl(target_points, medoids[order], k, stop_on_rise, sizes, budget)
+        rows, kl_after = _expand(pool, label, by_centre, live[trace.chosen], np.array(trace.kl), budget)
     else:
         trace = greedy_kl(target_points, gather_all(space, pool), k, stop_on_rise, None, budget)
         rows = pool[np.array(trace.chosen, dtype=np.int64)]
         kl_after = np.array(trace.kl, dtype=np.float32)
     report = {"kl": [round(v, 6) for v in trace.kl], "steps": len(trace.chosen), "stopped": trace.stopped,
               "neighbors": k, "dim": space.dim, "targets": len(targets), "selected": int(len(rows)),
-              "quantized": {"pool": int(len(np.unique(label))) if quantize_pool else None,
+              "quantized": {"pool": int(len(live)) if quantize_pool else None,
                             "targets": int(len(target_points)) if quantize_targets else None}}
     return GioSelection(np.asarray(rows, dtype=np.int64), np.asarray(kl_after, dtype=np.float32), report)
 
 
-def _expand(pool, label, distance, chosen_centres, kl, budget) -> tuple[np.ndarray, np.ndarray]:
+def _medoids(points: np.ndarray, centroids: int, seed: int) -> np.ndarray:
+    """The point nearest to each k-means centre of ``points`` (in memory), one per non-empty centre."""
+    import faiss
+
+    centres = kmeans(points, centroids, seed)
+    index = faiss.IndexFlatL2(points.shape[1])
+    index.add(np.ascontiguousarray(points, dtype=np.float32))
+    _, nearest = index.search(centres, 1)
+    return points[np.unique(nearest[:, 0])]
+
+
+def _expand(pool, label, by_centre, chosen_centres, kl, budget) -> tuple[np.ndarray, np.ndarray]:
     """The members of the chosen centres, centre by centre in order, each centre's members
-    nearest first (then by row), cut at ``budget``; with each member its step's estimate."""
-    by_centre = np.lexsort((pool, distance, label))
-    starts = np.searchsorted(label[by_centre], chosen_centres, side="left")
-    stops = np.searchsorted(label[by_centre], chosen_centres, side="right")
+    nearest first (``by_centre``: the pool sorted by centre, distance, row), cut at ``budget``;
+    with each member its step's estimate."""
+    ordered = label[by_centre]
+    starts = np.searchsorted(ordered, chosen_centres, side="left")
+    stops = np.searchsorted(ordered, chosen_centres, side="right")
     parts = [by_centre[a:b] for a, b in zip(starts, stops)]
     if not parts:
         return np.empty(0, np.int64), np.empty(0, np.float32)
