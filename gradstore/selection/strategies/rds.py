@@ -35,5 +35,5 @@ class Rds(Strategy):
         targets = context.require_targets(self.name)
         table = context.engine.representation_scores(targets)
         if options.aggregation == "round_robin":
-            return table.round_robin(context.pool, context.budget)
+            return table.round_robin(context.pool)
         return table.result(options.aggregation)
