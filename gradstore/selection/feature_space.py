@@ -84,25 +84,24 @@ def _gradient_space(engine, targets, checkpoints, weights) -> FeatureSpace:
 
 def _representation_space(engine, targets) -> FeatureSpace:
     store = engine.store
-    if not getattr(store, "has_representations", False):
+    if not store.has_representations:
         raise SelectionError(f"{store.path}: this store has no representation vectors; index it with "
                              f"representations, or use gradient features")
-    dim = None
+    dim = store.representation_dim
     target_vectors = None
     if targets is not None:
         if targets.representations is None:
             raise SelectionError("the targets have no representation vectors; give target records or a target "
                                  "store with representations, or use gradient features")
         target_vectors = np.ascontiguousarray(targets.representations, dtype=np.float32)
-        dim = target_vectors.shape[1]
+        if target_vectors.shape[1] != dim:
+            raise SelectionError(f"target representations have dimension {target_vectors.shape[1]}, the "
+                                 f"datastore's have {dim}")
 
     def gather(rows: np.ndarray) -> np.ndarray:
         return np.asarray(store.representations_at(np.asarray(rows, dtype=np.int64)), dtype=np.float32)
 
-    store_dim = gather(np.zeros(1, dtype=np.int64)).shape[1] if store.num_examples else 0
-    if dim is not None and dim != store_dim:
-        raise SelectionError(f"target representations have dimension {dim}, the datastore's have {store_dim}")
-    return FeatureSpace("representations", store_dim, gather, target_vectors)
+    return FeatureSpace("representations", dim, gather, target_vectors)
 
 
 def blocks(rows: np.ndarray, size: int) -> Iterator[tuple[int, np.ndarray]]:
