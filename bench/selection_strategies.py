@@ -33,7 +33,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from measure import machine_info, proc_status
 
 METHODS = ("gio", "gio:budget", "diversity:facility_location", "diversity:graph_cut", "mmr")
@@ -81,10 +80,10 @@ def child(method: str, path: Path, targets_count: int) -> dict:
         graph = knn_graph(space, pool, neighbors=10, nprobe=8)
         graph_wall = time.perf_counter() - wall
         objective = make_objective(method.split(":", 1)[1], graph)
-        chosen, gains = greedy(objective, n // 20, epsilon=0.01)
+        chosen, _ = greedy(objective, n // 20, epsilon=0.01)
         detail = {"graph_seconds": round(graph_wall, 2), "greedy_seconds": round(time.perf_counter() - wall
                                                                                  - graph_wall, 2),
-                  "graph_entries": int(len(graph.indices)), "selected": int(len(chosen)),
+                  "graph_entries": len(graph.indices), "selected": len(chosen),
                   "value": round(objective.value, 3)}
     elif method == "mmr":
         relevance = np.empty(n, dtype=np.float32)
@@ -94,7 +93,7 @@ def child(method: str, path: Path, targets_count: int) -> dict:
         wall, cpu = time.perf_counter(), time.process_time()
         rows = mmr_rerank(ranking, relevance[ranking], space.gather, n // 100, 0.5)
         overlap = len(np.intersect1d(rows, ranking[:n // 100]))
-        detail = {"selected": int(len(rows)), "shared_with_plain_top": overlap}
+        detail = {"selected": len(rows), "shared_with_plain_top": overlap}
     else:
         raise SystemExit(f"unknown method {method!r}: expected one of {', '.join(METHODS)}")
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
@@ -127,7 +126,7 @@ def main() -> None:
             print(f"N = {n:,}: features written in {time.perf_counter() - started:.1f} s", flush=True)
             for method in args.methods:
                 out = subprocess.run([sys.executable, __file__, "--targets", str(args.targets), "--child", method,
-                                      str(path)], capture_output=True, text=True)
+                                      str(path)], capture_output=True, text=True, check=False)
                 if out.returncode:
                     raise SystemExit(f"{method} at N = {n}: {out.stderr}")
                 run = json.loads(out.stdout.strip().splitlines()[-1])
@@ -135,7 +134,7 @@ def main() -> None:
                 print(json.dumps(run), flush=True)
             path.unlink()
     results["loadavg_end"] = list(os.getloadavg())
-    print(f"\n| method | N | wall | CPU | peak RSS | detail |\n| --- | ---: | ---: | ---: | ---: | --- |")
+    print("\n| method | N | wall | CPU | peak RSS | detail |\n| --- | ---: | ---: | ---: | ---: | --- |")
     for run in results["runs"]:
         detail = {k: v for k, v in run.items() if k not in ("method", "n", "dim", "seconds", "cpu_seconds",
                                                              "peak_rss_mib", "rss_before_mib")}

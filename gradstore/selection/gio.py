@@ -209,9 +209,9 @@ def gio_select(space: FeatureSpace, pool: np.ndarray, budget: int, k: int = DEFA
         rows = pool[np.array(trace.chosen, dtype=np.int64)]
         kl_after = np.array(trace.kl, dtype=np.float32)
     report = {"kl": [round(v, 6) for v in trace.kl], "steps": len(trace.chosen), "stopped": trace.stopped,
-              "neighbors": k, "dim": space.dim, "targets": len(targets), "selected": int(len(rows)),
-              "quantized": {"pool": int(len(live)) if quantize_pool else None,
-                            "targets": int(len(target_points)) if quantize_targets else None}}
+              "neighbors": k, "dim": space.dim, "targets": len(targets), "selected": len(rows),
+              "quantized": {"pool": len(live) if quantize_pool else None,
+                            "targets": len(target_points) if quantize_targets else None}}
     return GioSelection(np.asarray(rows, dtype=np.int64), np.asarray(kl_after, dtype=np.float32), report)
 
 

@@ -5,15 +5,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from gradstore.indexer.datastore import (
+    Datastore,
+    FeatureBatch,
+    examples_table,
+    finalize_store,
+    publish_store,
+    write_shard,
+)
+from point_sets import array_space, clustered
 
-from gradstore.indexer.datastore import Datastore, FeatureBatch, examples_table, finalize_store, publish_store, \
-    write_shard
 from gradstore.selection import SelectionEngine, SelectionError, TargetSet
 from gradstore.selection.gio import gio_select
 from gradstore.selection.strategies import registry
-from gradstore.selection.submodular import FacilityLocation, greedy, knn_graph, relevance_weights
-
-from point_sets import array_space, clustered
+from gradstore.selection.submodular import (
+    FacilityLocation,
+    greedy,
+    knn_graph,
+    relevance_weights,
+)
 
 DIM, SIZES = 16, (90, 60, 50)
 WEIGHTS = {"c0": 3.0, "c1": 1.0}
@@ -129,7 +139,7 @@ def test_diversity_weighted_by_targets_and_its_curriculum_outputs(clustered_stor
 
 
 def test_bad_uses_are_named(clustered_store):
-    engine, labels = clustered_store
+    engine, _ = clustered_store
     with pytest.raises(SelectionError, match="strategy 'gio' needs targets"):
         engine.select(None, {"k": 3, "strategy": "gio"})
     with pytest.raises(SelectionError, match="no representation vectors"):

@@ -6,11 +6,10 @@ import math
 
 import numpy as np
 import pytest
+from point_sets import array_space, clustered
 
 from gradstore.selection import SelectionError
 from gradstore.selection.gio import gio_select, greedy_kl
-
-from point_sets import array_space, clustered
 
 
 def brute_kl(targets: np.ndarray, selected: np.ndarray, k: int) -> float:
@@ -22,7 +21,7 @@ def brute_kl(targets: np.ndarray, selected: np.ndarray, k: int) -> float:
     rho = np.sort(within, axis=1)[:, kappa]          # column 0 is the target itself
     across = np.linalg.norm(targets[:, None, :].astype(np.float64) - selected[None, :, :], axis=2)
     nu = across.min(axis=1)
-    psi = lambda j: -0.5772156649015329 + sum(1 / i for i in range(1, j))  # noqa: E731
+    psi = lambda j: -0.5772156649015329 + sum(1 / i for i in range(1, j))
     return d / n * float(np.log(np.maximum(nu, 1e-6) / np.maximum(rho, 1e-6)).sum()) + psi(kappa) - psi(1) \
         + math.log(m / (n - 1))
 
@@ -110,7 +109,7 @@ def test_quantised_selection_takes_the_targets_clusters(seed):
 
 
 def test_budget_cuts_the_last_cluster():
-    pool, labels = clustered([2000, 2000, 2000], dim=8, spread=0.25, seed=1)
+    pool, _ = clustered([2000, 2000, 2000], dim=8, spread=0.25, seed=1)
     fresh, _ = clustered([200, 200, 200], dim=8, spread=0.25, seed=101)
     chosen = gio_select(array_space(pool, fresh[:300]), np.arange(len(pool)), budget=100, k=3, centroids=150,
                         stop_on_rise=False)

@@ -8,14 +8,20 @@ import math
 
 import numpy as np
 import pytest
-
-from gradstore.selection import SelectionError
-from gradstore.selection import submodular
-from gradstore.selection.mmr import mmr_rerank
-from gradstore.selection.submodular import (FacilityLocation, GraphCut, dense_graph, greedy, knn_graph,
-                                            relevance_weights, sample_size, taylor_softmax)
-
 from point_sets import array_space, clustered, unit
+
+from gradstore.selection import SelectionError, submodular
+from gradstore.selection.mmr import mmr_rerank
+from gradstore.selection.submodular import (
+    FacilityLocation,
+    GraphCut,
+    dense_graph,
+    greedy,
+    knn_graph,
+    relevance_weights,
+    sample_size,
+    taylor_softmax,
+)
 
 
 def facility_value(similarity: np.ndarray, chosen, weights=None) -> float:
@@ -53,7 +59,7 @@ def test_greedy_graph_cut_value_and_bound(seed):
     penalty, budget = 0.4, 3
     optimum = max(graph_cut_value(similarity, c, penalty) for c in itertools.combinations(range(10), budget))
     objective = GraphCut(dense_graph(points), penalty=penalty)
-    chosen, gains = greedy(objective, budget)
+    chosen, _ = greedy(objective, budget)
     value = graph_cut_value(similarity, chosen, penalty)
     assert objective.value == pytest.approx(value, rel=1e-5)
     assert value >= (1 - 1 / math.e) * optimum - 1e-6
@@ -153,7 +159,7 @@ def ranked_problem(n=300, dim=12, seed=0):
     scores = np.sort(rng.random(n))[::-1]
     ranking = rng.permutation(10_000)[:n]
     lookup = {row: i for i, row in enumerate(ranking)}
-    gather = lambda rows: vectors[[lookup[r] for r in rows]]  # noqa: E731
+    gather = lambda rows: vectors[[lookup[r] for r in rows]]
     return ranking, scores, vectors, gather
 
 

@@ -57,7 +57,14 @@ class Diversity(Strategy):
         import numpy as np
 
         from ..context import StrategyResult
-        from ..submodular import greedy, knn_graph, make_objective, relevance_weights, sample_size, taylor_softmax
+        from ..submodular import (
+            greedy,
+            knn_graph,
+            make_objective,
+            relevance_weights,
+            sample_size,
+            taylor_softmax,
+        )
 
         space = options.space(context)
         pool = np.asarray(context.pool, dtype=np.int64)
@@ -74,7 +81,7 @@ class Diversity(Strategy):
             chosen, values = chosen[::-1], values[::-1]
         report = {**space.describe(), "objective": options.objective, "value": round(objective.value, 6),
                   "weighted_by_targets": weights is not None, "neighbors": options.neighbors,
-                  "graph_entries": int(len(graph.indices)),
+                  "graph_entries": len(graph.indices),
                   "candidates_per_step": sample_size(len(pool), context.budget, options.epsilon),
                   "order": options.order, "order_scores": options.order_scores,
                   "curriculum": _curriculum(gains, probabilities, options.temperature),

@@ -39,7 +39,8 @@ class Gio(Strategy):
     Options = GioOptions
 
     def run(self, context, options: GioOptions):
-        from ..context import StrategyResult  # numpy-backed: imported when run (see .base)
+        # numpy-backed: imported when run, not when registered (see .base)
+        from ..context import StrategyResult
         from ..gio import gio_select
 
         context.require_targets(self.name)
