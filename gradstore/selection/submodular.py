@@ -51,7 +51,11 @@ OBJECTIVES: tuple[str, ...] = Objective.__args__
 DEFAULT_NEIGHBORS = 10
 # Below this many points the neighbours are exact (a flat index); above, an IVF index.
 EXACT_NEIGHBORS_BELOW = 20_000
-IVF_TRAINING_PER_LIST = 64
+# An IVF search costs each example about lists + nprobe·n/lists products, least at
+# lists = sqrt(nprobe·n) (≈ 2.8·sqrt(n) at nprobe 8); 2·sqrt(n) is near that and keeps the
+# k-means training, which grows with lists², small. FAISS wants at least 39 points per list.
+IVF_LISTS_PER_SQRT_N = 2
+IVF_TRAINING_PER_LIST = 40
 
 
 @dataclass
@@ -119,7 +123,7 @@ def knn_graph(space: FeatureSpace, rows: np.ndarray, neighbors: int = DEFAULT_NE
     if n < EXACT_NEIGHBORS_BELOW:
         index = faiss.IndexFlatIP(space.dim)
     else:
-        lists = int(min(4 * math.sqrt(n), n // 40))
+        lists = int(min(IVF_LISTS_PER_SQRT_N * math.sqrt(n), n // IVF_TRAINING_PER_LIST))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(space.dim), space.dim, lists, faiss.METRIC_INNER_PRODUCT)
         sample = np.sort(np.random.default_rng(seed).choice(n, min(n, IVF_TRAINING_PER_LIST * lists), replace=False))
         index.train(gather_all(space, rows[sample]))
