@@ -59,6 +59,10 @@ def _add_index_parser(subparsers) -> None:
     ck.add_argument("--lora-alpha", type=float, default=16.0, help="alpha of a fresh LoRA")
     ck.add_argument("--lora-targets", default=None,
                     help="comma-separated target modules of a fresh LoRA (default: PEFT's for the model)")
+    ck.add_argument("--trust-pickled-checkpoints", action="store_true",
+                    help="load optimizer files that torch.load(weights_only=True) refuses by unpickling them in "
+                         "full: this RUNS ANY CODE THE FILE HOLDS, as your user; only for files you made or trust "
+                         "(off by default; `gradstore convert-optimizer` makes a file that needs no such trust)")
     ck.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k")
     ck.add_argument("--projection", default="sjlt", choices=["sjlt", "rademacher"],
                     help="sjlt: sparse sign projection, cost independent of k, same error variance as dense; "
@@ -128,7 +132,7 @@ def _run_index(args) -> int:
         index_memory_budget=args.index_memory, raw_features=not args.no_raw_features,
         on_bad_record=args.on_bad_record,
         overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
-        progress_file=args.progress_file,
+        progress_file=args.progress_file, trust_pickled_checkpoints=args.trust_pickled_checkpoints,
     )
     try:
         summary = IndexJob(config, log=lambda line: print(line, file=sys.stderr)).run()
@@ -202,6 +206,31 @@ def _run_warmup(args) -> int:
     print(f"warmup run written to {result.out}: {len(result.checkpoints)} checkpoints, "
           f"average learning rates {', '.join(f'{lr:.3g}' for lr in result.average_learning_rates)}")
     print(f"next: gradstore index --run {result.out} --model {args.model} --corpus ... --out STORE")
+    return 0
+
+
+def _add_convert_optimizer_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert-optimizer", help="rewrite an optimizer state so that it loads without running code",
+        description="Rewrite an optimizer.pt / optimizer.bin that torch.load(weights_only=True) refuses (it "
+                    "holds Python objects besides tensors and numbers) as a file that loads safely: tensors, "
+                    "numbers, strings and containers are kept, NumPy values converted, other objects dropped. "
+                    "IN is unpickled in full, which RUNS ANY CODE IT HOLDS: run this only on a file you made or "
+                    "trust, then give the jobs OUT.")
+    p.add_argument("source", type=Path, metavar="IN", help="optimizer state file to convert")
+    p.add_argument("dest", type=Path, metavar="OUT", help="file to write (e.g. CHECKPOINT/optimizer.pt)")
+    p.set_defaults(handler=_run_convert_optimizer)
+
+
+def _run_convert_optimizer(args) -> int:
+    from gradstore.indexer.optimizer_state import convert_optimizer_file
+
+    if args.dest.resolve() == args.source.resolve():
+        raise SystemExit("gradstore convert-optimizer: OUT must differ from IN (keep the original until OUT works)")
+    dropped = convert_optimizer_file(args.source, args.dest)
+    for where in dropped:
+        print(f"dropped {where}: not tensors, numbers or strings", file=sys.stderr)
+    print(f"optimizer state written to {args.dest}")
     return 0
 
 
@@ -498,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_warmup_parser(subparsers)
     _add_index_parser(subparsers)
+    _add_convert_optimizer_parser(subparsers)
     _add_info_parser(subparsers)
     _add_select_parser(subparsers)
     _add_serve_parser(subparsers)

@@ -82,6 +82,9 @@ class IndexJobConfig:
     restart: bool = False
     progress: bool = True
     progress_file: Path | None = None  # rank 0 keeps a JSON progress report here (see _Progress)
+    # Unpickle optimizer files that weights_only=True refuses (runs their code): the CLI's explicit
+    # --trust-pickled-checkpoints only; the service never sets it.
+    trust_pickled_checkpoints: bool = False
 
     def validate(self) -> None:
         if self.gradient_type not in GRADIENT_TYPES:
@@ -381,7 +384,8 @@ class IndexJob:
             if optimizer_file is None:
                 raise JobError(f"{spec.path}: gradient type {self.config.gradient_type!r} needs the optimizer "
                                "state (optimizer.pt or optimizer.bin), none found")
-            states = load_optimizer_state(optimizer_file, self.featurizer.grads.param_shapes)
+            states = load_optimizer_state(optimizer_file, self.featurizer.grads.param_shapes,
+                                          trust_pickle=self.config.trust_pickled_checkpoints)
         adapter_state = None
         if spec.path is not None:
             load_checkpoint_weights(self.peft_model, spec)  # validates config compatibility

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from gradstore.client.models import IndexJobRequest, Job, JobProgress
+from gradstore.indexer.checkpoints import TRUST_FLAG
 
 from .errors import ServiceError
 
@@ -206,6 +207,9 @@ class JobManager:
         self.root = Path(settings.root).resolve()
         self.input_roots = [Path(p).resolve() for p in (settings.job_input_roots or [self.root])]
         self.index_args = [str(arg) for arg in index_args]
+        if any(arg.partition("=")[0] == TRUST_FLAG for arg in self.index_args):
+            # A job's files come from clients: the service never unpickles them in full.
+            raise ValueError(f"{TRUST_FLAG} is not allowed in the service's index arguments")
         self.max_attempts = max_attempts
         self.poll_interval = poll_interval
         self.kill_grace = kill_grace
