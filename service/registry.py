@@ -5,7 +5,9 @@ sub-folder holding a ``manifest.json`` is a store named by its folder. Stores ar
 use and kept as a :class:`StoreHandle` (the :class:`Datastore`, its FAISS index, a
 :class:`SelectionEngine` and, once target records are sent, a target featurizer with the store's
 model), which also answers nearest-neighbour queries. A store that fails to open is reported with
-its reason while the others keep working. A store replaced on disk (a job republished it) is
+its reason while the others keep working; so is one damaged while it is served (a shard truncated
+or removed): a route that fails on it has the store checked again (:meth:`recheck`) and answers
+503 with the reason, as do all the routes of that store from then on. A store replaced on disk (a job republished it) is
 reopened on its next use, and a new one is found without restart.
 
 Opening a store checks what is cheap whatever its size: the manifest, every listed file's size,
@@ -267,6 +269,23 @@ class DatastoreRegistry:
                 error = self._errors.get(name)
             states.append(StoreState(name=name, loaded=error is None, error=error))
         return states
+
+    def recheck(self, names: list[str]) -> ServiceError | None:
+        """After a route failed unexpectedly: the 503 of the first of ``names`` (then of every
+        other opened store) whose files no longer pass the checks of opening it, now recorded
+        so that every route and ``/readyz`` answer it at once; None when all still pass (the
+        failure was not the store's)."""
+        with self._lock:
+            loaded = dict(self._handles)
+        order = [name for name in names if name in loaded] + [name for name in loaded if name not in names]
+        for name in order:
+            try:
+                Datastore.open(loaded[name].store.path).check_shards()
+            except StoreError as err:
+                return self._unavailable(name, str(err))
+            except OSError as err:
+                return self._unavailable(name, f"{err.filename or name}: {err.strerror or err}")
+        return None
 
     def _forget(self, name: str, reason: str) -> None:
         with self._lock:

@@ -132,9 +132,10 @@ def test_bodies_python_json_cannot_parse_are_a_parse_error(client):
     digits = '{"targets": {"datastore": "targets"}, "k": 1' + "0" * 5000 + "}"
     error = assert_error(post_raw(client, "/v1/datastores/pool/select", digits), 400, "bad_request")
     assert "cannot be parsed as JSON" in error["message"] and "digits" in error["message"]
+    # Nesting is refused by its depth before any parser recurses (tests/service/test_hostile_requests.py).
     nested = '{"targets": ' + "[" * 100_000 + "]" * 100_000 + "}"
-    error = assert_error(post_raw(client, "/v1/datastores/pool/select", nested), 400, "bad_request")
-    assert "cannot be parsed as JSON" in error["message"]
+    error = assert_error(post_raw(client, "/v1/datastores/pool/select", nested), 400, "limit_exceeded")
+    assert error["detail"] == {"limit": "max_json_depth", "value": 100_001, "max": 64}
 
 
 # --------------------------------------------------------------------------- non-finite numbers
