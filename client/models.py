@@ -15,6 +15,16 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# A datastore name: a plain folder name under the service root, 1-128 letters, digits and ._-,
+# starting with a letter or digit, without ".." (so never a path). The service and the schema
+# read this one definition.
+DATASTORE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.?$"
+DATASTORE_NAME_MAX_LENGTH = 128
+# Where a job computes: what ``gradstore index --device`` takes.
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda|cuda:[0-9]{1,2})$"
+# Jobs per page of ``GET /v1/jobs``.
+JOB_PAGE_DEFAULT, JOB_PAGE_MAX = 100, 1000
+
 Aggregation = Literal["less", "max", "mean"]
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 GradientType = Literal["sgd", "sign", "adam", "less"]
@@ -98,7 +108,7 @@ class TargetRecords(_Model):
 class TargetDatastore(_Model):
     """Targets from another datastore (built by the indexer with ``sgd`` gradients)."""
 
-    datastore: str
+    datastore: str = Field(pattern=DATASTORE_NAME_PATTERN, min_length=1, max_length=DATASTORE_NAME_MAX_LENGTH)
     subtask_field: str | None = None
 
 
@@ -209,11 +219,12 @@ class SimilarResponse(_Response):
 class IndexJobRequest(_Model):
     """An indexing job; paths are on the service host, inside its allowed input folders."""
 
-    datastore: str = Field(description="name of the datastore to create under the service root")
-    corpus: list[str] = Field(min_length=1, description="corpus files ([NAME=]PATH)")
+    datastore: str = Field(pattern=DATASTORE_NAME_PATTERN, min_length=1, max_length=DATASTORE_NAME_MAX_LENGTH,
+                           description="name of the datastore to create under the service root")
+    corpus: list[str] = Field(min_length=1, max_length=1_000_000, description="corpus files ([NAME=]PATH)")
     model: str
     tokenizer: str | None = None
-    checkpoints: list[str] = Field(default_factory=list, description="[NAME=]DIR[:WEIGHT]")
+    checkpoints: list[str] = Field(default_factory=list, max_length=256, description="[NAME=]DIR[:WEIGHT]")
     run: str | None = Field(None, description="a warmup run folder, instead of checkpoints")
     gradient_type: GradientType = "adam"
     # Upper bounds far above any real job, so that absurd values are refused here, not in the worker.
@@ -223,7 +234,7 @@ class IndexJobRequest(_Model):
     lora_r: int = Field(8, ge=1, le=1 << 16)
     lora_alpha: float = 16.0
     on_bad_record: Literal["error", "skip"] = "error"
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     overwrite: bool = False
 
@@ -248,7 +259,10 @@ class Job(_Response):
 
 
 class JobList(_Response):
+    """One page of jobs, newest first; ``next_cursor`` fetches the next (null on the last page)."""
+
     jobs: list[Job]
+    next_cursor: str | None = None
 
 
 # -- health ----------------------------------------------------------------------------------------

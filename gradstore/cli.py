@@ -35,9 +35,11 @@ def _add_index_parser(subparsers) -> None:
                     "Re-running the same command resumes an interrupted job.",
     )
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--corpus", action="append", required=True, metavar="[NAME=]PATH",
+    io.add_argument("--corpus", action="append", default=[], metavar="[NAME=]PATH",
                     help="corpus file (JSONL, Parquet) or datasets save_to_disk folder; repeat for several "
                          "sources; NAME defaults to the file stem")
+    io.add_argument("--corpus-list", type=Path, metavar="FILE",
+                    help="a file of --corpus entries, one [NAME=]PATH per line (for more than a command line holds)")
     io.add_argument("--model", required=True, type=Path, help="local folder of a Hugging Face causal LM")
     io.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model folder)")
     io.add_argument("--out", required=True, type=Path, help="datastore folder to create")
@@ -111,6 +113,14 @@ def _run_index(args) -> int:
     from gradstore.indexer.projection import ProjectionSpec
 
     targets = _split_targets(args.lora_targets)
+    corpus = list(args.corpus)
+    if args.corpus_list is not None:
+        try:
+            corpus += [line for line in args.corpus_list.read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise SystemExit(f"gradstore index: cannot read --corpus-list {args.corpus_list}: {err.strerror}") from None
+    if not corpus:
+        raise SystemExit("gradstore index: give the corpus with --corpus or --corpus-list")
     checkpoints = [CheckpointSpec.parse(spec) for spec in args.checkpoint]
     if args.run is not None:
         from gradstore.indexer.warmup import read_run_manifest
@@ -119,7 +129,7 @@ def _run_index(args) -> int:
             raise SystemExit("gradstore index: give --run or --checkpoint, not both")
         checkpoints = read_run_manifest(args.run)
     config = IndexJobConfig(
-        corpus=[CorpusSource.parse(spec) for spec in args.corpus],
+        corpus=[CorpusSource.parse(spec) for spec in corpus],
         model=args.model, out=args.out, tokenizer=args.tokenizer,
         checkpoints=checkpoints,
         lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, init_seed=args.seed),

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
-from gradstore.client.models import StoreState
+from gradstore.client.models import DATASTORE_NAME_MAX_LENGTH, DATASTORE_NAME_PATTERN, StoreState
 from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.faiss_index import concat_weighted, prefer_blas_search
@@ -41,7 +41,16 @@ from .errors import ServiceError
 if TYPE_CHECKING:  # loading it pulls in torch: only when a query sends target records
     from .targets import TargetFeaturizer
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(DATASTORE_NAME_PATTERN)
+
+
+def check_name(name: str) -> None:
+    """400 ``invalid_name`` for anything but a plain datastore name (``client.models``'s pattern)."""
+    if not isinstance(name, str) or len(name) > DATASTORE_NAME_MAX_LENGTH or not NAME_PATTERN.fullmatch(name):
+        raise ServiceError(400, "invalid_name",
+                           f"invalid datastore name {name!r}: use 1-{DATASTORE_NAME_MAX_LENGTH} letters, digits and "
+                           f"._- starting with a letter or digit, without '..'",
+                           {"name": name, "pattern": NAME_PATTERN.pattern})
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -151,11 +160,7 @@ class DatastoreRegistry:
     def path_of(self, name: str) -> Path:
         """The folder of store ``name``; 400 ``invalid_name`` for anything but a plain name that
         stays inside the root."""
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-            raise ServiceError(400, "invalid_name",
-                               f"invalid datastore name {name!r}: use 1-128 letters, digits and ._- "
-                               f"starting with a letter or digit, without '..'",
-                               {"name": name, "pattern": NAME_PATTERN.pattern})
+        check_name(name)
         path = self.root / name
         if not path.resolve().is_relative_to(self.root):
             raise ServiceError(400, "invalid_name", f"datastore {name!r} lies outside the service root",
@@ -167,7 +172,8 @@ class DatastoreRegistry:
         found = set()
         if self.root.is_dir():
             for child in self.root.iterdir():
-                if (NAME_PATTERN.fullmatch(child.name) and (child / MANIFEST_FILE).is_file()
+                if (NAME_PATTERN.fullmatch(child.name) and len(child.name) <= DATASTORE_NAME_MAX_LENGTH
+                        and (child / MANIFEST_FILE).is_file()
                         and child.resolve().is_relative_to(self.root)):
                     found.add(child.name)
         with self._lock:

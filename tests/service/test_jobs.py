@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from gradstore.client.models import IndexJobRequest, Job
 from gradstore.indexer.datastore import Datastore
@@ -145,9 +146,14 @@ def test_submissions_are_validated_before_queueing(settings, inputs, tiny_model_
     manager = managers(settings)  # not started: nothing runs
     outside = tmp_path / "outside.jsonl"
     outside.write_text((inputs / "small.jsonl").read_text())
+    for name in ("../escape", ".hidden", "a..b", "x" * 129):
+        with pytest.raises(ValidationError, match="datastore"):  # the request model refuses it
+            job_request(inputs, tiny_model_dirs, datastore=name)
+        with pytest.raises(ServiceError) as err:  # and so does the manager, however it was built
+            manager.submit(IndexJobRequest.model_construct(**{**job_request(inputs, tiny_model_dirs).__dict__,
+                                                               "datastore": name}))
+        assert (err.value.status, err.value.code) == (400, "invalid_name"), name
     cases = [
-        (dict(datastore="../escape"), 400, "invalid_name"),
-        (dict(datastore=".hidden"), 400, "invalid_name"),
         (dict(corpus=[str(outside)]), 400, "path_not_allowed"),
         (dict(corpus=[f"named={outside}"]), 400, "path_not_allowed"),
         (dict(corpus=[str(inputs / ".." / outside.parent.name / "outside.jsonl")]), 400, "path_not_allowed"),
