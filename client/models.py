@@ -11,7 +11,7 @@ target examples; rows are a datastore's 0-based example rows; ids are the corpus
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -22,6 +22,19 @@ DATASTORE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.?$"
 DATASTORE_NAME_MAX_LENGTH = 128
 # Where a job computes: what ``gradstore index --device`` takes.
 DEVICE_PATTERN = r"^(auto|cpu|mps|cuda|cuda:[0-9]{1,2})$"
+# A path on the service host as a job names it: no NUL (no file name holds one) and no line break
+# (the job's corpus list has one entry per line), at most 4096 characters, 255 per name (what
+# Linux can open); whether it exists and lies in an allowed folder is for the service to say.
+HOST_PATH = {"pattern": r"^([^/\x00\n\r]{0,255}/)*[^/\x00\n\r]{0,255}$", "min_length": 1, "max_length": 4096}
+
+
+def _exactly_one(first: str, first_type: dict, second: str, second_type: dict) -> dict:
+    """JSON schema: ``first`` or ``second`` set (not null), not both (what ``_one_*`` validators say)."""
+    null = {"type": "null"}
+    return {"oneOf": [{"required": [first], "properties": {first: first_type, second: null}},
+                      {"required": [second], "properties": {second: second_type, first: null}}]}
+
+
 # Jobs per page of ``GET /v1/jobs``.
 JOB_PAGE_DEFAULT, JOB_PAGE_MAX = 100, 1000
 
@@ -131,6 +144,8 @@ class ScoringOptions(_Model):
 
 
 class SelectRequest(ScoringOptions):
+    model_config = ConfigDict(json_schema_extra=_exactly_one("k", {"type": "integer"}, "fraction", {"type": "number"}))
+
     targets: Targets
     aggregation: Aggregation = "less"
     k: int | None = Field(None, ge=1, description="select the top k examples")
@@ -196,6 +211,8 @@ class InfluenceResponse(_Response):
 
 
 class SimilarRequest(_Model):
+    model_config = ConfigDict(json_schema_extra=_exactly_one("id", {"type": "string"}, "vectors", {"type": "object"}))
+
     id: str | None = Field(None, description="a training example id of this datastore")
     vectors: dict[str, list[float]] | None = Field(None, description="or one vector per checkpoint")
     k: int = Field(10, ge=1)
@@ -216,16 +233,31 @@ class SimilarResponse(_Response):
 # -- jobs ------------------------------------------------------------------------------------------
 
 
+PathText = Annotated[str, Field(**HOST_PATH)]
+
+# What the service refuses whatever the files: run and checkpoints together, and adam / less
+# (the default) without either.
+_JOB_RULES = {"allOf": [
+    {"not": {"required": ["run", "checkpoints"],
+             "properties": {"run": {"type": "string"}, "checkpoints": {"type": "array", "minItems": 1}}}},
+    {"anyOf": [{"required": ["gradient_type"], "properties": {"gradient_type": {"enum": ["sgd", "sign"]}}},
+               {"required": ["run"], "properties": {"run": {"type": "string"}}},
+               {"required": ["checkpoints"], "properties": {"checkpoints": {"type": "array", "minItems": 1}}}]},
+]}
+
+
 class IndexJobRequest(_Model):
     """An indexing job; paths are on the service host, inside its allowed input folders."""
 
+    model_config = ConfigDict(json_schema_extra=_JOB_RULES)
+
     datastore: str = Field(pattern=DATASTORE_NAME_PATTERN, min_length=1, max_length=DATASTORE_NAME_MAX_LENGTH,
                            description="name of the datastore to create under the service root")
-    corpus: list[str] = Field(min_length=1, max_length=1_000_000, description="corpus files ([NAME=]PATH)")
-    model: str
-    tokenizer: str | None = None
-    checkpoints: list[str] = Field(default_factory=list, max_length=256, description="[NAME=]DIR[:WEIGHT]")
-    run: str | None = Field(None, description="a warmup run folder, instead of checkpoints")
+    corpus: list[PathText] = Field(min_length=1, max_length=1_000_000, description="corpus files ([NAME=]PATH)")
+    model: PathText
+    tokenizer: PathText | None = None
+    checkpoints: list[PathText] = Field(default_factory=list, max_length=256, description="[NAME=]DIR[:WEIGHT]")
+    run: PathText | None = Field(None, description="a warmup run folder, instead of checkpoints")
     gradient_type: GradientType = "adam"
     # Upper bounds far above any real job, so that absurd values are refused here, not in the worker.
     proj_dim: int = Field(8192, ge=1, le=1 << 20)

@@ -62,7 +62,48 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=app.state.metrics)
     _include_routers(app, settings)
+    app.openapi = lambda: _openapi_with_limits(app, settings)
     return app
+
+
+def _openapi_with_limits(app: FastAPI, settings: Settings) -> dict:
+    """The OpenAPI schema with what this instance enforces beyond the models: its limits
+    (``max_k``, ``max_page_size``, ``max_targets``) and the patterns of the names and ids in
+    paths, so that every request the schema allows passes these checks too."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    from fastapi.openapi.utils import get_openapi
+
+    from gradstore.client.models import DATASTORE_NAME_MAX_LENGTH, DATASTORE_NAME_PATTERN
+
+    from .routers.select import SELECTION_ID
+
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    components = schema["components"]["schemas"]
+    for model in ("SelectRequest", "InfluenceRequest", "SimilarRequest"):
+        _limit(components[model]["properties"]["k"], "maximum", settings.max_k)
+    _limit(components["SelectRequest"]["properties"]["page_size"], "maximum", settings.max_page_size)
+    _limit(components["TargetRecords"]["properties"]["records"], "maxItems", settings.max_targets)
+    _limit(components["TargetVectors"]["properties"]["vectors"]["additionalProperties"], "maxItems",
+           settings.max_targets)
+    patterns = {"name": {"pattern": DATASTORE_NAME_PATTERN, "maxLength": DATASTORE_NAME_MAX_LENGTH},
+                "selection_id": {"pattern": SELECTION_ID.pattern}}
+    for methods in schema["paths"].values():
+        for operation in methods.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"] in patterns:
+                    parameter["schema"].update(patterns[parameter["name"]])
+                elif parameter["in"] == "query" and parameter["name"] == "page_size":
+                    _limit(parameter["schema"], "maximum", settings.max_page_size)
+    app.openapi_schema = schema
+    return schema
+
+
+def _limit(schema: dict, keyword: str, value: int) -> None:
+    """Set ``keyword`` on ``schema``, or on its non-null ``anyOf`` branches (optional fields)."""
+    branches = [branch for branch in schema.get("anyOf", [schema]) if branch.get("type") != "null"]
+    for branch in branches:
+        branch[keyword] = value
 
 
 def _include_routers(app: FastAPI, settings: Settings) -> None:

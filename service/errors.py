@@ -51,10 +51,12 @@ _HTTP_CODES = {
 # Every error status the API answers, with the codes it uses (the OpenAPI descriptions).
 ERROR_STATUSES = {
     400: "bad input the schema cannot express: `invalid_name`, `limit_exceeded`, `invalid_cursor`, "
-         "`invalid_selection_id`, `path_not_allowed`, `invalid_job`, `bad_request` (a body that cannot be parsed)",
+         "`invalid_selection_id`, `invalid_job`, `bad_request` (a body that cannot be parsed)",
     401: "`unauthorized`: the API key is missing or unknown",
-    404: "`datastore_not_found`, `example_not_found`, `job_not_found`, `not_found` (no such route)",
-    409: "`conflict`: the datastore exists or has an active job, or the job has finished",
+    403: "`path_not_allowed`: a job input lies outside the folders allowed for job inputs",
+    404: "`datastore_not_found`, `example_not_found`, `job_not_found`, `input_not_found` (a job input "
+         "path names no file), `not_found` (no such route)",
+    409: "`conflict`: the datastore exists, has an active job or its path is a link, or the job has finished",
     410: "`selection_expired`: the selection is no longer cached; repeat the select request",
     413: "`payload_too_large`: the body is larger than the service's limit",
     415: "`unsupported_media_type`: the body is not JSON (`Content-Type: application/json`)",

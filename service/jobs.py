@@ -277,8 +277,9 @@ class JobManager:
         self._release_lead()
 
     def submit(self, request: IndexJobRequest) -> Job:
-        """Validate and queue a job; 400 ``invalid_name`` / ``path_not_allowed`` / ``invalid_job``,
-        409 ``conflict`` when the datastore exists (without ``overwrite``) or has an active job."""
+        """Validate and queue a job; 400 ``invalid_name`` / ``invalid_job``, 403 ``path_not_allowed``
+        (an input outside the allowed folders), 404 ``input_not_found``, 409 ``conflict`` when the
+        datastore exists (without ``overwrite``), has an active job, or its path is a link."""
         self.index_command(request, self.jobs_dir / "new")  # validates every input, writes nothing
         out = self.root / request.datastore
         job_id = uuid.uuid4().hex
@@ -399,14 +400,14 @@ class JobManager:
                                                                                                "path": text})
         path = self._allowed(field, text)
         if not os.path.exists(path):
-            raise ServiceError(400, "invalid_job", f"{field} {text!r} does not exist", {"field": field, "path": text})
+            raise ServiceError(404, "input_not_found", f"{field} {text!r} does not exist", {"field": field, "path": text})
         return path
 
     def _allowed(self, field: str, text: str) -> str:
         resolved = os.path.realpath(os.path.join(self.root, text))  # an absolute text replaces the root
         if not any(resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep)
                    for root in map(str, self.input_roots)):
-            raise ServiceError(400, "path_not_allowed", f"{field} path {text!r} is outside the folders allowed "
+            raise ServiceError(403, "path_not_allowed", f"{field} path {text!r} is outside the folders allowed "
                                "for job inputs", {"field": field, "path": text})
         return resolved
 

@@ -39,10 +39,11 @@ JobsDep = Annotated[JobManager, Depends(get_jobs)]
 
 @router.post("", status_code=202, response_model=Job, summary="Queue an indexing job",
              responses={400: {"model": ErrorBody, "description": "invalid name or inputs (`invalid_name`, "
-                                                                    "`path_not_allowed`, `invalid_job`)"},
-                        409: {"model": ErrorBody, "description": "the datastore exists (without `overwrite`) "
-                                                                 "or already has a queued or running job"},
-                        **error_responses(413, 415)},
+                                                                    "`invalid_job`)"},
+                        409: {"model": ErrorBody, "description": "the datastore exists (without `overwrite`), "
+                                                                 "already has a queued or running job, or its path "
+                                                                 "in the root is a link"},
+                        **error_responses(403, 404, 413, 415)},
              dependencies=[JsonBody])
 def submit_job(body: IndexJobRequest, response: Response, jobs: JobsDep) -> Job:
     """Validate the job and queue it; jobs run one at a time, in submission order. The
@@ -53,7 +54,8 @@ def submit_job(body: IndexJobRequest, response: Response, jobs: JobsDep) -> Job:
     return job
 
 
-@router.get("", response_model=JobList, summary="List the jobs, newest first, a page at a time")
+@router.get("", response_model=JobList, summary="List the jobs, newest first, a page at a time",
+            responses=error_responses(400))
 def list_jobs(jobs: JobsDep,
               limit: Annotated[int, Query(ge=1, le=JOB_PAGE_MAX, description="jobs in this page")] = JOB_PAGE_DEFAULT,
               cursor: Annotated[str | None, Query(pattern=JOB_CURSOR_PATTERN,

@@ -154,12 +154,12 @@ def test_submissions_are_validated_before_queueing(settings, inputs, tiny_model_
                                                                "datastore": name}))
         assert (err.value.status, err.value.code) == (400, "invalid_name"), name
     cases = [
-        (dict(corpus=[str(outside)]), 400, "path_not_allowed"),
-        (dict(corpus=[f"named={outside}"]), 400, "path_not_allowed"),
-        (dict(corpus=[str(inputs / ".." / outside.parent.name / "outside.jsonl")]), 400, "path_not_allowed"),
-        (dict(model="/etc"), 400, "path_not_allowed"),
-        (dict(corpus=[str(inputs / "missing.jsonl")]), 400, "invalid_job"),
-        (dict(checkpoints=[str(inputs / "no-such-checkpoint")]), 400, "invalid_job"),
+        (dict(corpus=[str(outside)]), 403, "path_not_allowed"),
+        (dict(corpus=[f"named={outside}"]), 403, "path_not_allowed"),
+        (dict(corpus=[str(inputs / ".." / outside.parent.name / "outside.jsonl")]), 403, "path_not_allowed"),
+        (dict(model="/etc"), 403, "path_not_allowed"),
+        (dict(corpus=[str(inputs / "missing.jsonl")]), 404, "input_not_found"),
+        (dict(checkpoints=[str(inputs / "no-such-checkpoint")]), 404, "input_not_found"),
         (dict(gradient_type="adam"), 400, "invalid_job"),
     ]
     for overrides, status, code in cases:
@@ -338,7 +338,7 @@ def test_http_api(settings, inputs, tiny_model_dirs):
 
         outside = dict(body, datastore="other", corpus=["/etc/passwd"])
         reply = client.post("/v1/jobs", json=outside)
-        assert reply.status_code == 400 and reply.json()["code"] == "path_not_allowed"
+        assert reply.status_code == 403 and reply.json()["code"] == "path_not_allowed"
         assert "/etc/passwd" in reply.json()["message"]
         for bad in ({"proj_dim": 0}, {"proj_dim": 2**70}, {"max_length": 2**40}, {"seed": 2**64}):
             reply = client.post("/v1/jobs", json=dict(body, datastore="other", **bad))

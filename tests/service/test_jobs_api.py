@@ -58,15 +58,17 @@ def wait(client: httpx.Client, job_id: str, until=lambda j: j["status"] in ("suc
 def test_bad_values_are_refused_at_submit_and_nothing_is_queued(root, tiny_model_dirs):
     with serve(root, tiny_model_dirs) as service, httpx.Client(base_url=service.url, headers=AUTH) as client:
         for change in ({"device": "cpu --out=/tmp/x"}, {"device": "cuda:0 "}, {"datastore": "a/b"},
-                       {"datastore": "x" * 129}, {"proj_dim": 0}, {"lora_r": 1 << 20}, {"checkpoints": ["c"] * 300}):
+                       {"datastore": "x" * 129}, {"proj_dim": 0}, {"lora_r": 1 << 20}, {"checkpoints": ["c"] * 300},
+                       {"corpus": ["in/small.jsonl\nin/small.jsonl"]}, {"model": "m\x00"}):
             response = client.post("/v1/jobs", json=job(tiny_model_dirs, **change))
             assert response.status_code == 422, (change, response.text)
             assert response.json()["detail"][0]["loc"][:2] == ["body", next(iter(change))], change
-        for change, code in (({"corpus": ["in/missing.jsonl"]}, "invalid_job"),
-                             ({"corpus": ["in/small.jsonl\nin/small.jsonl"]}, "invalid_job"),
-                             ({"gradient_type": "adam"}, "invalid_job")):
+        for change, status, code in (({"corpus": ["in/missing.jsonl"]}, 404, "input_not_found"),
+                                     ({"corpus": ["/etc/passwd"]}, 403, "path_not_allowed"),
+                                     ({"model": "in/../.."}, 403, "path_not_allowed"),
+                                     ({"gradient_type": "adam"}, 400, "invalid_job")):
             response = client.post("/v1/jobs", json=job(tiny_model_dirs, **change))
-            assert response.status_code == 400 and response.json()["code"] == code, (change, response.text)
+            assert response.status_code == status and response.json()["code"] == code, (change, response.text)
         assert client.get("/v1/jobs").json() == {"jobs": [], "next_cursor": None}
         assert sorted(path.name for path in root.iterdir()) == [".gradstore", "in"]
 
