@@ -60,6 +60,9 @@ class FeaturizerSettings:
     dtype: str = "fp32"
     device: torch.device | str = "auto"
     extras: ExtraFeatures = field(default_factory=ExtraFeatures)
+    # Unpickle optimizer state in full (runs code from the file): gradstore index
+    # --trust-pickled-checkpoints only; the service and target featurisation never set it.
+    trust_pickled_checkpoints: bool = False
 
     def effective_checkpoints(self) -> list[CheckpointSpec]:
         """The checkpoints to featurise: the given ones, or one fresh LoRA."""
@@ -139,7 +142,8 @@ class ExampleFeaturizer:
             if optimizer_file is None:
                 raise JobError(f"{spec.path}: gradient type {gradient_type!r} needs the optimizer "
                                "state (optimizer.pt or optimizer.bin), none found")
-            states = load_optimizer_state(optimizer_file, self.grads.param_shapes)
+            states = load_optimizer_state(optimizer_file, self.grads.param_shapes,
+                                          trust_pickle=self.settings.trust_pickled_checkpoints)
         lora_weights = initial
         if spec.path is not None:
             load_checkpoint_weights(self.peft_model, spec)  # validates config compatibility

@@ -43,6 +43,13 @@ _LEGACY_LESS_FIELDS = ("aggregation", "checkpoints", "weights")
 StrategyChoice = options_type()
 
 
+def exactly_one_schema(first: str, first_type: dict, second: str, second_type: dict) -> dict:
+    """JSON schema: ``first`` or ``second`` set (not null), not both (what the models' validators say)."""
+    null = {"type": "null"}
+    return {"oneOf": [{"required": [first], "properties": {first: first_type, second: null}},
+                      {"required": [second], "properties": {second: second_type, first: null}}]}
+
+
 class QualityFilter(BaseModel):
     """Keep the pool's examples whose ``score`` is at or above / at or below its ``quantile``."""
 
@@ -58,7 +65,8 @@ class QualityFilter(BaseModel):
 class SelectionOptions(BaseModel):
     """A selection: strategy and its options, budget, filters (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one_schema(
+        "k", {"type": "integer"}, "fraction", {"type": "number"}))
 
     strategy: StrategyChoice = Field(default_factory=lambda: {"name": DEFAULT_STRATEGY},
                                      description="the strategy and its options (a name alone takes its defaults)",
