@@ -50,6 +50,19 @@ def exactly_one_schema(first: str, first_type: dict, second: str, second_type: d
                       {"required": [second], "properties": {second: second_type, first: null}}]}
 
 
+_NULL = {"type": "null"}
+# The rules of SelectionOptions' validators, in JSON schema (so that a schema-valid request is one
+# the service takes): exactly one of k and fraction; the legacy fields only with the less
+# strategy (or none named); a diversity weight other than 0 without a cap or deduplication.
+_RULES_SCHEMA = {"allOf": [
+    exactly_one_schema("k", {"type": "integer"}, "fraction", {"type": "number"}),
+    {"anyOf": [{"properties": {field: _NULL for field in _LEGACY_LESS_FIELDS}},
+               {"properties": {"strategy": {"properties": {"name": {"const": DEFAULT_STRATEGY}}}}}]},
+    {"anyOf": [{"properties": {"diversity_weight": {"anyOf": [_NULL, {"const": 0}]}}},
+               {"properties": {"per_source_cap": _NULL, "dedup_threshold": _NULL}}]},
+]}
+
+
 class QualityFilter(BaseModel):
     """Keep the pool's examples whose ``score`` is at or above / at or below its ``quantile``."""
 
@@ -65,8 +78,7 @@ class QualityFilter(BaseModel):
 class SelectionOptions(BaseModel):
     """A selection: strategy and its options, budget, filters (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra=exactly_one_schema(
-        "k", {"type": "integer"}, "fraction", {"type": "number"}))
+    model_config = ConfigDict(extra="forbid", json_schema_extra=lambda schema: schema.update(_RULES_SCHEMA))
 
     strategy: StrategyChoice = Field(default_factory=lambda: {"name": DEFAULT_STRATEGY},
                                      description="the strategy and its options (a name alone takes its defaults)",

@@ -182,7 +182,8 @@ def test_select_target_free_and_legacy_forms(client, root):
         ({"k": 3, "strategy": "random", "targets": {"datastore": "targets"}}, "does not use targets"),
         ({"k": 3}, "strategy 'less' needs targets"),
         ({"k": 3, "strategy": {"name": "quality", "score": "sparkle"}}, "no score 'sparkle'"),
-        ({"k": 3, "strategy": {"name": "rds"}, "targets": {"datastore": "targets"}}, "no representation vectors"),
+        ({"k": 3, "strategy": {"name": "rds"}, "targets": {"vectors": {c: [[1.0] * DIM] for c in weights(root / "pool")}}},
+         "the targets have no representation vectors"),
     ]:
         response = client.post("/v1/datastores/pool/select", json=body, headers=AUTH)
         assert message in assert_error(response, 422, "invalid_query")["message"]

@@ -43,10 +43,18 @@ NEEDS_TARGETS: tuple[NeedsTargets, ...] = ("required", "optional", "none")
 FEATURES = ("gradients", "representations", "scores")
 
 
+def _name_required(schema: dict) -> None:
+    # ``name`` has its strategy's name as default (``Options()`` is the defaults), but on the wire
+    # it is what tells the strategies apart, so the schema requires it as the union does.
+    required = schema.setdefault("required", [])
+    if "name" not in required:
+        required.insert(0, "name")
+
+
 class StrategyOptions(BaseModel):
     """Base of every strategy's options; ``name`` selects the strategy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_name_required)
 
     name: str
 
