@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from gradstore.client.models import CheckpointSummary, DatastoreDetail, DatastoreList, DatastoreSummary, Example
 from gradstore.indexer.datastore import Manifest
+from gradstore.selection.overview import example_model, with_scores
 
 from ..deps import RegistryDep, StoreDep
 from ..errors import ServiceError, error_responses
@@ -61,11 +60,5 @@ def get_datastore(store: StoreDep) -> DatastoreDetail:
 async def get_example(store: StoreDep, id: str) -> Example:
     row = await run_in_threadpool(store.store.row_of, id)
     columns = await run_in_threadpool(store.store.example, row)
-    return example_model(columns)
+    return (await run_in_threadpool(with_scores, store.store, [example_model(columns)]))[0]
 
-
-def example_model(columns: dict) -> Example:
-    """The wire form of a stored example: the record parsed back from its JSON text."""
-    return Example(row=columns["row"], id=columns["id"], source=columns["source"],
-                   record=json.loads(columns["record"]), num_tokens=columns["num_tokens"],
-                   num_label_tokens=columns["num_label_tokens"], truncated=columns["truncated"])

@@ -1,0 +1,282 @@
+"""What a datastore holds and what a selection chose, as small summaries for pages and reports.
+
+Every function here reads a store through :class:`~gradstore.selection.engine.SelectionEngine`
+(or its :class:`~gradstore.indexer.datastore.Datastore`) and answers a wire model of
+``gradstore.client.models``, so the REST routes (``stats``, ``examples``, ``map``, selection
+``summary``) and ``gradstore report`` give the same numbers from the same code.
+
+- :func:`store_stats`: examples per source and histograms of token length, and per checkpoint of
+  loss, gradient norm and each stored quality score (:data:`QUALITY_SCORES`, whichever the store
+  has, in its feature or example files).
+- :func:`example_page`: a page of stored examples in row order, optionally only those whose id or
+  record text contains a query (case-insensitive); read shard by shard, so memory stays bounded
+  by one shard's examples whatever the store's size.
+- :func:`pool_map`: 2-D PCA coordinates of a seeded sample of the pool, and the projection of
+  other rows and of target vectors onto the same two axes (see the function for the maths).
+- :func:`selection_summary`: composition per source against the eligible pool, the pool's score
+  histogram with the selection's cut-off, and the per-subtask breakdown.
+
+Histograms have ``bins`` equal-width bins between the finite minimum and maximum (numpy's
+``histogram``); NaN and infinite values are counted as ``missing``, never binned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from gradstore.client.models import (
+    DatastoreStats,
+    Example,
+    ExamplePage,
+    ExampleScore,
+    Histogram,
+    MapPoints,
+    MapResponse,
+    SelectionSummary,
+    SourceShare,
+    SubtaskSummary,
+)
+from gradstore.indexer.datastore import examples_path, features_path
+
+from .engine import Selection, SelectionEngine
+from .errors import SelectionError
+from .targets import TargetSet
+
+#: Per-example quality scores a store may keep as columns (feature files, per checkpoint, or
+#: example files); each one it has gets a histogram.
+QUALITY_SCORES = ("nuclear_norm", "effective_rank", "vog")
+#: Per-checkpoint columns of the feature files that always get a histogram.
+FEATURE_COLUMNS = ("loss", "grad_norm")
+DEFAULT_BINS = 30
+EXAMPLE_COLUMNS = ["row", "id", "source", "record", "num_tokens", "num_label_tokens", "truncated"]
+
+
+# ------------------------------------------------------------------------------------ histograms
+
+
+def histogram(name: str, values, bins: int = DEFAULT_BINS, checkpoint: str | None = None,
+              edges: np.ndarray | None = None) -> Histogram:
+    """A :class:`Histogram` of ``values`` (finite ones binned, the others counted as missing);
+    ``edges`` fixes the bins (to compare two histograms), else ``bins`` equal-width bins."""
+    values = np.asarray(values, dtype=np.float64).reshape(-1)
+    finite = values[np.isfinite(values)]
+    missing = int(len(values) - len(finite))
+    if edges is None:
+        if len(finite) == 0:
+            return Histogram(name=name, checkpoint=checkpoint, edges=[], counts=[], count=0, missing=missing)
+        low, high = float(finite.min()), float(finite.max())
+        if low == high:  # one value: one bin around it
+            low, high = low - 0.5, high + 0.5
+        edges = np.linspace(low, high, bins + 1)
+    counts, edges = np.histogram(finite, bins=edges)
+    return Histogram(name=name, checkpoint=checkpoint, edges=edges.tolist(), counts=counts.tolist(),
+                     count=int(len(finite)), missing=missing,
+                     min=float(finite.min()) if len(finite) else None,
+                     max=float(finite.max()) if len(finite) else None,
+                     mean=float(finite.mean()) if len(finite) else None)
+
+
+# ----------------------------------------------------------------------------------------- stats
+
+
+def store_stats(engine: SelectionEngine, name: str, bins: int = DEFAULT_BINS) -> DatastoreStats:
+    """Examples per source and the histograms named in the module docstring."""
+    store = engine.store
+    shards = range(store.manifest.shards.count)
+    example_schema = pq.read_schema(examples_path(store.path, 0))
+    example_scores = [s for s in QUALITY_SCORES if s in example_schema.names]
+    examples = _read_columns([examples_path(store.path, s) for s in shards], ["num_tokens", *example_scores])
+    histograms = [histogram("num_tokens", examples.column("num_tokens").to_numpy(), bins)]
+    histograms += [histogram(score, _floats(examples.column(score)), bins) for score in example_scores]
+    scores = list(example_scores)
+    for checkpoint in store.checkpoint_names:
+        schema = pq.read_schema(features_path(store.path, checkpoint, 0))
+        wanted = [c for c in (*FEATURE_COLUMNS, *QUALITY_SCORES) if c in schema.names]
+        table = _read_columns([features_path(store.path, checkpoint, s) for s in shards], wanted)
+        histograms += [histogram(column, _floats(table.column(column)), bins, checkpoint) for column in wanted]
+        scores += [c for c in wanted if c in QUALITY_SCORES and c not in scores]
+    return DatastoreStats(datastore=name, examples=store.num_examples, sources=dict(store.manifest.counts.by_source),
+                          histograms=histograms, scores=scores)
+
+
+def _read_columns(paths: list, columns: list[str]) -> pa.Table:
+    return pa.concat_tables([pq.read_table(path, columns=columns, memory_map=True) for path in paths])
+
+
+def _floats(column: pa.ChunkedArray) -> np.ndarray:
+    return column.to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+# -------------------------------------------------------------------------------------- examples
+
+
+def example_page(engine: SelectionEngine, name: str, offset: int, limit: int, query: str | None = None) -> ExamplePage:
+    """Examples ``offset .. offset+limit`` in row order, of all examples or of those whose id or
+    record text contains ``query`` (case-insensitive); ``total`` counts all that match."""
+    store = engine.store
+    query = query or None
+    items: list[Example] = []
+    total = 0
+    for shard in range(store.manifest.shards.count):
+        path = examples_path(store.path, shard)
+        if query is None:
+            size = pq.read_metadata(path).num_rows
+            first, total = total, total + size
+            if first + size <= offset or first >= offset + limit:
+                continue  # no row of the page in this shard: not read
+            table = pq.read_table(path, columns=EXAMPLE_COLUMNS, memory_map=True)
+        else:
+            table = pq.read_table(path, columns=EXAMPLE_COLUMNS, memory_map=True)
+            matches = pc.or_(pc.match_substring(table.column("id"), query, ignore_case=True),
+                             pc.match_substring(table.column("record"), query, ignore_case=True))
+            table = table.filter(matches)
+            first, total = total, total + table.num_rows
+        start = max(offset - first, 0)
+        stop = min(offset + limit - first, table.num_rows)
+        if start < stop:
+            items += [example_model(columns) for columns in table.slice(start, stop - start).to_pylist()]
+    with_scores(engine.store, items)
+    return ExamplePage(datastore=name, total=total, offset=offset, limit=limit, query=query, items=items)
+
+
+def example_model(columns: dict) -> Example:
+    """The wire form of a stored example: the record parsed back from its JSON text (without its
+    scores: see :func:`with_scores`)."""
+    return Example(row=columns["row"], id=columns["id"], source=columns["source"],
+                   record=json.loads(columns["record"]), num_tokens=columns["num_tokens"],
+                   num_label_tokens=columns["num_label_tokens"], truncated=columns["truncated"])
+
+
+def with_scores(store, examples: list[Example]) -> list[Example]:
+    """Fill each example's ``scores``: its stored example-level quality scores, then per
+    checkpoint its loss, gradient norm and quality scores (only the shards holding the examples
+    are read, without the feature column)."""
+    if not examples:
+        return examples
+    rows = np.array([example.row for example in examples], dtype=np.int64)
+    sizes = [pq.read_metadata(examples_path(store.path, s)).num_rows for s in range(store.manifest.shards.count)]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    shard_of = np.searchsorted(starts, rows, side="right") - 1
+    sources = [(None, lambda shard: examples_path(store.path, shard))]
+    sources += [(c, lambda shard, c=c: features_path(store.path, c, shard)) for c in store.checkpoint_names]
+    for checkpoint, path_of in sources:
+        names = pq.read_schema(path_of(0)).names
+        wanted = [c for c in ((*FEATURE_COLUMNS, *QUALITY_SCORES) if checkpoint else QUALITY_SCORES) if c in names]
+        if not wanted:
+            continue
+        for shard in np.unique(shard_of):
+            table = pq.read_table(path_of(int(shard)), columns=wanted, memory_map=True)
+            for i in np.flatnonzero(shard_of == shard):
+                local = int(rows[i] - starts[shard])
+                for column in wanted:
+                    value = table.column(column)[local].as_py()
+                    finite = value is not None and np.isfinite(value)
+                    examples[i].scores.append(ExampleScore(name=column, checkpoint=checkpoint,
+                                                           value=float(value) if finite else None))
+    return examples
+
+
+# ------------------------------------------------------------------------------------------- map
+
+
+def pool_map(engine: SelectionEngine, name: str, sample: int, seed: int = 0, rows: Sequence[int] = (),
+             targets: TargetSet | None = None) -> MapResponse:
+    """2-D PCA map of a seeded sample of the pool, with ``rows`` and ``targets`` placed on it.
+
+    An example's vector is ``x = concat_c sqrt(w_c) · f_c`` (the FAISS index's layout: inner
+    products are LESS influences), over the manifest's checkpoints and normalised weights. The
+    sample is ``min(sample, N)`` rows drawn without replacement with ``numpy.random.default_rng(seed)``,
+    sorted. PCA of the centred sample ``X - μ`` is computed from its Gram matrix
+    ``G = Σ_c w_c (F_c - μ_c)(F_c - μ_c)ᵀ`` (``n × n``: cheap when the dimension is large):
+    with ``G u_j = λ_j u_j``, sample point ``i`` sits at ``sqrt(λ_j) u_ij`` and the axis is
+    ``v_j = (X - μ)ᵀ u_j / sqrt(λ_j)``, so any other vector ``y`` sits at ``(y - μ) · v_j``.
+    Target vectors are L2-normalised per checkpoint first, like the stored features. The sign of
+    each axis is fixed so that its largest-magnitude sample coordinate is positive.
+    """
+    store = engine.store
+    names = store.checkpoint_names
+    weights = store.weights
+    total = store.num_examples
+    if total < 2:
+        raise SelectionError(f"a map needs at least 2 examples; the datastore has {total}")
+    chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False))
+    blocks = [engine.features_at(c, chosen).astype(np.float64) for c in names]
+    means = [block.mean(axis=0) for block in blocks]
+    gram = np.zeros((len(chosen), len(chosen)))
+    for w, block, mean in zip(weights, blocks, means):
+        centred = block - mean
+        gram += w * (centred @ centred.T)
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    order = np.argsort(eigenvalues)[::-1][:2]
+    lam = np.clip(eigenvalues[order], 0.0, None)
+    u = eigenvectors[:, order]
+    coords = u * np.sqrt(lam)
+    signs = np.sign(coords[np.abs(coords).argmax(axis=0), [0, 1]])
+    signs[signs == 0] = 1.0
+    coords *= signs
+    safe = np.where(lam > 0, np.sqrt(lam), 1.0)
+    axes = [np.sqrt(w) * ((block - mean).T @ u) / safe * signs for w, block, mean in zip(weights, blocks, means)]
+
+    def place(vectors: list[np.ndarray]) -> np.ndarray:
+        return sum(np.sqrt(w) * (v - mean) @ axis for w, v, mean, axis in zip(weights, vectors, means, axes))
+
+    placed = MapPoints(rows=[], x=[], y=[])
+    if len(rows):
+        rows = np.asarray(rows, dtype=np.int64)
+        xy = place([engine.features_at(c, rows).astype(np.float64) for c in names])
+        placed = MapPoints(rows=rows.tolist(), x=xy[:, 0].tolist(), y=xy[:, 1].tolist())
+    target_points = None
+    if targets is not None:
+        engine.check_targets(targets, names)
+        vectors = []
+        for c in names:
+            v = np.asarray(targets.vectors[c], dtype=np.float64)
+            norms = np.linalg.norm(v, axis=1, keepdims=True)
+            vectors.append(v / np.where(norms > 0, norms, 1.0))
+        xy = place(vectors)
+        target_points = MapPoints(x=xy[:, 0].tolist(), y=xy[:, 1].tolist(), subtasks=list(targets.subtasks))
+    spread = float(np.trace(gram))
+    explained = (lam / spread).tolist() if spread > 0 else [0.0, 0.0]
+    _, sources = engine.ids_and_sources(chosen)
+    return MapResponse(datastore=name, examples=total, explained_variance=explained,
+                       sample=MapPoints(rows=chosen.tolist(), x=coords[:, 0].tolist(), y=coords[:, 1].tolist(),
+                                        sources=sources),
+                       rows=placed, targets=target_points)
+
+
+# ------------------------------------------------------------------------------------- selection
+
+
+def selection_summary(engine: SelectionEngine, selection: Selection, name: str, selection_id: str | None,
+                      bins: int = DEFAULT_BINS) -> SelectionSummary:
+    """Composition, score histogram with cut-off and per-subtask breakdown of a selection."""
+    _, pool_sources = engine.ids_and_sources(selection.ranking)
+    pool_counts = Counter(pool_sources)
+    chosen_counts = Counter(selection.sources)
+    composition = [SourceShare(source=s, pool=pool_counts[s], selected=chosen_counts.get(s, 0))
+                   for s in sorted(pool_counts)]
+    pool_scores = histogram("score", selection.ranking_scores, bins)
+    edges = np.asarray(pool_scores.edges) if pool_scores.edges else None
+    selected_scores = histogram("score", selection.scores, bins, edges=edges)
+    return SelectionSummary(
+        datastore=name, selection_id=selection_id, total=len(selection), pool=selection.pool,
+        cutoff=float(selection.scores.min()) if len(selection) else None,
+        pool_scores=pool_scores, selected_scores=selected_scores, composition=composition,
+        subtasks=subtask_breakdown(selection.subtasks, selection.table.counts.tolist(), selection.subtask_scores))
+
+
+def subtask_breakdown(subtasks: list[str], targets: list[int], subtask_scores: np.ndarray) -> list[SubtaskSummary]:
+    """Per subtask: its targets, the mean of its score over the selected examples, and how many
+    selected examples score highest on it (ties to the first subtask)."""
+    scores = np.asarray(subtask_scores, dtype=np.float64).reshape(-1, len(subtasks))
+    best = np.bincount(scores.argmax(axis=1), minlength=len(subtasks)) if len(scores) else np.zeros(len(subtasks))
+    return [SubtaskSummary(name=s, targets=int(t), mean_score=float(scores[:, i].mean()) if len(scores) else None,
+                           best_for=int(best[i]))
+            for i, (s, t) in enumerate(zip(subtasks, targets))]
