@@ -346,7 +346,7 @@ class SourceShare(_Response):
 
 class SubtaskSummary(_Response):
     name: str
-    targets: int = Field(description="target examples of this subtask")
+    targets: int | None = Field(None, description="target examples of this subtask (null when unknown)")
     mean_score: float | None = Field(None, description="mean subtask score of the selected examples")
     best_for: int = Field(description="selected examples that score highest on this subtask")
 
@@ -357,7 +357,9 @@ class SelectionSummary(_Response):
     total: int
     pool: int
     cutoff: float | None = Field(None, description="the lowest selected score")
-    pool_scores: Histogram = Field(description="scores of the whole eligible pool")
+    pool_scores: Histogram = Field(description="scores of the whole eligible pool (of the selection alone when "
+                                               "pool_scores_known is false)")
+    pool_scores_known: bool = True
     selected_scores: Histogram = Field(description="scores of the selection, in the same bins")
     composition: list[SourceShare]
     subtasks: list[SubtaskSummary]

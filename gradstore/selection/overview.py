@@ -32,6 +32,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gradstore.client.models import (
+    CheckpointSummary,
+    DatastoreDetail,
     DatastoreStats,
     Example,
     ExamplePage,
@@ -43,7 +45,7 @@ from gradstore.client.models import (
     SourceShare,
     SubtaskSummary,
 )
-from gradstore.indexer.datastore import examples_path, features_path
+from gradstore.indexer.datastore import Manifest, examples_path, features_path
 
 from .engine import Selection, SelectionEngine
 from .errors import SelectionError
@@ -81,6 +83,29 @@ def histogram(name: str, values, bins: int = DEFAULT_BINS, checkpoint: str | Non
                      min=float(finite.min()) if len(finite) else None,
                      max=float(finite.max()) if len(finite) else None,
                      mean=float(finite.mean()) if len(finite) else None)
+
+
+# -------------------------------------------------------------------------------------- describe
+
+
+def summary_fields(name: str, manifest: Manifest) -> dict:
+    """The fields of a ``DatastoreSummary`` of a store's manifest."""
+    return dict(
+        name=name, examples=manifest.counts.examples, dim=manifest.features.dim,
+        checkpoints=[CheckpointSummary(name=c.name, weight=c.weight, learning_rate=c.learning_rate)
+                     for c in manifest.checkpoints],
+        gradient_type=manifest.gradient_type,
+        index=manifest.index.kind if manifest.index is not None else None,
+    )
+
+
+def datastore_detail(name: str, manifest: Manifest) -> DatastoreDetail:
+    m = manifest
+    return DatastoreDetail(
+        **summary_fields(name, m), sources=m.counts.by_source, model=m.model.model_dump(),
+        lora=m.lora.model_dump(), projection=m.projection, tokens=m.tokens, created_at=m.created_at,
+        gradstore_version=m.gradstore_version,
+    )
 
 
 # ----------------------------------------------------------------------------------------- stats
@@ -258,25 +283,35 @@ def selection_summary(engine: SelectionEngine, selection: Selection, name: str, 
                       bins: int = DEFAULT_BINS) -> SelectionSummary:
     """Composition, score histogram with cut-off and per-subtask breakdown of a selection."""
     _, pool_sources = engine.ids_and_sources(selection.ranking)
-    pool_counts = Counter(pool_sources)
-    chosen_counts = Counter(selection.sources)
-    composition = [SourceShare(source=s, pool=pool_counts[s], selected=chosen_counts.get(s, 0))
-                   for s in sorted(pool_counts)]
-    pool_scores = histogram("score", selection.ranking_scores, bins)
-    edges = np.asarray(pool_scores.edges) if pool_scores.edges else None
-    selected_scores = histogram("score", selection.scores, bins, edges=edges)
+    return summarize(name, selection_id, pool=selection.pool, pool_sources=Counter(pool_sources),
+                     selected_sources=selection.sources, pool_scores=selection.ranking_scores,
+                     selected_scores=selection.scores, subtasks=selection.subtasks,
+                     targets=selection.table.counts.tolist(), subtask_scores=selection.subtask_scores, bins=bins)
+
+
+def summarize(name: str, selection_id: str | None, *, pool: int, pool_sources: dict[str, int],
+              selected_sources: Sequence[str], pool_scores, selected_scores, subtasks: list[str],
+              targets: list[int | None], subtask_scores, bins: int = DEFAULT_BINS) -> SelectionSummary:
+    """A :class:`SelectionSummary` from its parts (``pool_scores`` of every eligible example, or
+    None when unknown: the histogram then covers the selection alone)."""
+    chosen = Counter(selected_sources)
+    composition = [SourceShare(source=s, pool=pool_sources[s], selected=chosen.get(s, 0)) for s in sorted(pool_sources)]
+    selected_scores = np.asarray(selected_scores, dtype=np.float64)
+    pool_histogram = histogram("score", selected_scores if pool_scores is None else pool_scores, bins)
+    edges = np.asarray(pool_histogram.edges) if pool_histogram.edges else None
     return SelectionSummary(
-        datastore=name, selection_id=selection_id, total=len(selection), pool=selection.pool,
-        cutoff=float(selection.scores.min()) if len(selection) else None,
-        pool_scores=pool_scores, selected_scores=selected_scores, composition=composition,
-        subtasks=subtask_breakdown(selection.subtasks, selection.table.counts.tolist(), selection.subtask_scores))
+        datastore=name, selection_id=selection_id, total=len(selected_scores), pool=pool,
+        cutoff=float(selected_scores.min()) if len(selected_scores) else None,
+        pool_scores=pool_histogram, selected_scores=histogram("score", selected_scores, bins, edges=edges),
+        pool_scores_known=pool_scores is not None, composition=composition,
+        subtasks=subtask_breakdown(subtasks, targets, subtask_scores))
 
 
-def subtask_breakdown(subtasks: list[str], targets: list[int], subtask_scores: np.ndarray) -> list[SubtaskSummary]:
+def subtask_breakdown(subtasks: list[str], targets: list[int | None], subtask_scores) -> list[SubtaskSummary]:
     """Per subtask: its targets, the mean of its score over the selected examples, and how many
     selected examples score highest on it (ties to the first subtask)."""
     scores = np.asarray(subtask_scores, dtype=np.float64).reshape(-1, len(subtasks))
     best = np.bincount(scores.argmax(axis=1), minlength=len(subtasks)) if len(scores) else np.zeros(len(subtasks))
-    return [SubtaskSummary(name=s, targets=int(t), mean_score=float(scores[:, i].mean()) if len(scores) else None,
+    return [SubtaskSummary(name=s, targets=t, mean_score=float(scores[:, i].mean()) if len(scores) else None,
                            best_for=int(best[i]))
             for i, (s, t) in enumerate(zip(subtasks, targets))]

@@ -256,3 +256,73 @@ def test_start_and_cancel_a_job(page, service, root, tmp_path):
     page.click("form.job-form button[type=submit]")
     error = page.wait_for_selector("form.job-form .error")
     assert error.get_attribute("data-code") in ("invalid_name", "validation_error")
+
+
+# --------------------------------------------------------------------------------------- reports
+
+
+def run_cli(args, capsys):
+    from gradstore.cli import main
+
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return captured.out
+
+
+def open_offline(browser, report):
+    """The report in a context with the network off: any request but the file itself fails."""
+    context = browser.new_context(offline=True, viewport={"width": 1280, "height": 900})
+    requests = []
+    context.route("**/*", lambda route: (requests.append(route.request.url),
+                                         route.continue_() if route.request.url.startswith("file:") else route.abort()))
+    page = context.new_page()
+    errors = []
+    page.on("pageerror", lambda err: errors.append(str(err)))
+    page.goto(report.as_uri())
+    return context, page, requests, errors
+
+
+def test_selection_report_opens_offline(browser, service_root, tmp_path, capsys):
+    selection, scores, report = tmp_path / "selection.jsonl", tmp_path / "scores.parquet", tmp_path / "report.html"
+    out = run_cli(["select", service_root / "pool", "--targets-store", service_root / "targets", "--subtask-field",
+                   "task", "--k", 8, "--json", "--scores", scores], capsys)
+    selection.write_text(out)
+    expected = [json.loads(line)["id"] for line in out.splitlines()]
+    run_cli(["report", service_root / "pool", "--selection", selection, "--scores", scores, "--targets-store",
+             service_root / "targets", "-o", report], capsys)
+    context, page, requests, errors = open_offline(browser, report)
+    page.wait_for_selector("[data-view=selection]")
+    assert page.locator("tr.ranked").evaluate_all("rows => rows.map(r => r.dataset.id)") == expected
+    assert "Selected 8 of 40" in page.inner_text("[data-view=selection]")
+    assert page.locator("[data-chart=scores] canvas").count() == 1 and page.locator("[data-chart=map] canvas").count() == 1
+    page.click(f"tr.ranked[data-id='{expected[0]}']")
+    page.wait_for_selector(f".example[data-id='{expected[0]}'] .chat")
+    shot(page, tmp_path, "report-selection")
+    page.click("button.tab[data-tab=overview]")
+    page.wait_for_selector("[data-view=overview] canvas")
+    shot(page, tmp_path, "report-overview")
+    page.click("button.tab[data-tab=examples]")
+    page.fill("[data-view=examples] input.search", "more-1")
+    page.wait_for_function("document.querySelectorAll('.example-row').length === 3")
+    context.close()
+    assert requests == [report.as_uri()] and not errors
+
+
+def test_store_report_and_bad_selection_files(browser, service_root, tmp_path, capsys):
+    report = tmp_path / "store.html"
+    run_cli(["report", service_root / "pool", "-o", report], capsys)
+    context, page, requests, errors = open_offline(browser, report)
+    page.wait_for_selector("[data-view=overview] canvas")
+    assert page.locator("[data-chart=map] canvas").count() == 1
+    context.close()
+    assert requests == [report.as_uri()] and not errors
+    from gradstore.cli import main
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"rank": 1, "row": 0, "id": "ex-0", "source": "toy", "score": 0.5, "subtask_scores": {}}\n{"rank": 2}\n')
+    assert main(["report", str(service_root / "pool"), "--selection", str(bad), "-o", str(report)]) == 1
+    assert f"{bad}:2: not a selected example" in capsys.readouterr().err
+    bad.write_text('{"rank": 1, "row": 0, "id": "more-0", "source": "toy", "score": 0.5, "subtask_scores": {}}\n')
+    assert main(["report", str(service_root / "pool"), "--selection", str(bad), "-o", str(report)]) == 1
+    assert "is it a selection of this store?" in capsys.readouterr().err

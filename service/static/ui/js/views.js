@@ -57,7 +57,8 @@
 
   // -- charts -----------------------------------------------------------------------------------
 
-  const PALETTE = ["#4e79a7", "#f28e2b", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#ff9da7", "#9c755f", "#bab0ac"];
+  // Pool sources; the selection (red) and the targets (black) stand out from all of them.
+  const PALETTE = ["#4e79a7", "#59a14f", "#b07aa1", "#76b7b2", "#edc948", "#9c755f", "#bab0ac", "#86bcb6"];
 
   function histogramTitle(h) {
     return h.checkpoint ? `${h.name} · ${h.checkpoint}` : h.name;
@@ -282,7 +283,7 @@
     root.append(section("Composition per source: selection against the pool",
       table(["source", "pool", "selected", "pool share", "selected share", ""], composition, { class: "composition" })));
     root.append(section("Scores",
-      histogramChart(summary.pool_scores, { title: "score of every eligible example", overlay: summary.selected_scores, cutoff: summary.cutoff, width: 620, height: 220, name: "scores" })));
+      histogramChart(summary.pool_scores, { title: summary.pool_scores_known === false ? "score of the selected examples" : "score of every eligible example", overlay: summary.selected_scores, cutoff: summary.cutoff, width: 620, height: 220, name: "scores" })));
     root.append(section("Per subtask",
       table(["subtask", "targets", "mean score of the selection", "selected examples scoring highest on it"],
         summary.subtasks.map((s) => [s.name, fmt(s.targets), fmt(s.mean_score), fmt(s.best_for)]), { class: "subtasks" })));
