@@ -77,15 +77,16 @@ def read_pool_scores(path: Path):
 
 def build_report(store_path: Path, out: Path, selection: Path | None = None, scores: Path | None = None,
                  targets_store: Path | None = None, examples: int = DEFAULT_EXAMPLES,
-                 records: int = DEFAULT_RECORDS) -> Path:
-    """Write the report of ``store_path`` (and of a selection) to ``out``; returns ``out``."""
-    data = report_data(store_path, selection, scores, targets_store, examples, records)
+                 records: int = DEFAULT_RECORDS, targets=None) -> Path:
+    """Write the report of ``store_path`` (and of a selection) to ``out``; returns ``out``.
+    ``targets`` (a ``TargetSet``, instead of ``targets_store``) marks the targets on the map."""
+    data = report_data(store_path, selection, scores, targets_store, examples, records, targets)
     out.write_text(render_html(data), encoding="utf-8")
     return out
 
 
 def report_data(store_path: Path, selection: Path | None, scores: Path | None, targets_store: Path | None,
-                examples: int, records: int) -> dict:
+                examples: int, records: int, targets=None) -> dict:
     from gradstore.indexer.datastore import Datastore
     from gradstore.selection import SelectionEngine, TargetSet
     from gradstore.selection.overview import (datastore_detail, example_model, example_page, pool_map, store_stats,
@@ -119,7 +120,6 @@ def report_data(store_path: Path, selection: Path | None, scores: Path | None, t
     if odd is not None:
         raise ReportError(f"{selection}: rank {odd['rank']} has the subtasks {list(odd['subtask_scores'])}, rank 1 "
                           f"has {subtasks}: one selection has the same subtasks throughout")
-    targets = None
     if targets_store is not None:
         targets = TargetSet.from_datastore(Datastore.open(targets_store), None)
     shown = [with_scores(store, [example_model(store.example(item["row"]))])[0] for item in items[:records]]
