@@ -75,7 +75,7 @@
       el("p", {}, "This service needs an API key. It is kept for this browser session only and sent in the ",
         el("code", {}, config.api_key_header), " header."),
       err ? errorBox(err) : null,
-      input, el("button", { type: "submit" }, "Open"));
+      input, el("button", { type: "submit", class: "primary" }, "Open"));
     sessionStorage.removeItem(KEY_STORAGE);
     show(form);
     input.focus();
