@@ -122,7 +122,7 @@ def report_data(store_path: Path, selection: Path | None, scores: Path | None, t
                           f"has {subtasks}: one selection has the same subtasks throughout")
     if targets_store is not None:
         targets = TargetSet.from_datastore(Datastore.open(targets_store), None)
-    shown = [with_scores(store, [example_model(store.example(item["row"]))])[0] for item in items[:records]]
+    shown = with_scores(engine, [example_model(store.example(item["row"])) for item in items[:records]])
     summary = summarize(name, None, pool=store.num_examples, pool_sources=dict(store.manifest.counts.by_source),
                         selected_sources=[item["source"] for item in items],
                         pool_scores=None if scores is None else read_pool_scores(scores),

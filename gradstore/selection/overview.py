@@ -149,10 +149,12 @@ def example_page(engine: SelectionEngine, name: str, offset: int, limit: int, qu
     query = query or None
     items: list[Example] = []
     total = 0
+    starts = engine._shard_starts()  # cached by the engine: no footer read per page
+    sizes = np.diff(np.append(starts, store.num_examples))
     for shard in range(store.manifest.shards.count):
         path = examples_path(store.path, shard)
         if query is None:
-            size = pq.read_metadata(path).num_rows
+            size = int(sizes[shard])
             first, total = total, total + size
             if first + size <= offset or first >= offset + limit:
                 continue  # no row of the page in this shard: not read
@@ -167,7 +169,7 @@ def example_page(engine: SelectionEngine, name: str, offset: int, limit: int, qu
         stop = min(offset + limit - first, table.num_rows)
         if start < stop:
             items += [example_model(columns) for columns in table.slice(start, stop - start).to_pylist()]
-    with_scores(engine.store, items)
+    with_scores(engine, items)
     return ExamplePage(datastore=name, total=total, offset=offset, limit=limit, query=query, items=items)
 
 
@@ -179,15 +181,15 @@ def example_model(columns: dict) -> Example:
                    num_label_tokens=columns["num_label_tokens"], truncated=columns["truncated"])
 
 
-def with_scores(store, examples: list[Example]) -> list[Example]:
+def with_scores(engine: SelectionEngine, examples: list[Example]) -> list[Example]:
     """Fill each example's ``scores``: its stored example-level quality scores, then per
     checkpoint its loss, gradient norm and quality scores (only the shards holding the examples
     are read, without the feature column)."""
     if not examples:
         return examples
+    store = engine.store
     rows = np.array([example.row for example in examples], dtype=np.int64)
-    sizes = [pq.read_metadata(examples_path(store.path, s)).num_rows for s in range(store.manifest.shards.count)]
-    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+    starts = engine._shard_starts()
     shard_of = np.searchsorted(starts, rows, side="right") - 1
     sources = [(None, lambda shard: examples_path(store.path, shard))]
     sources += [(c, lambda shard, c=c: features_path(store.path, c, shard)) for c in store.checkpoint_names]

@@ -44,5 +44,5 @@ def get_datastore(store: StoreDep) -> DatastoreDetail:
 async def get_example(store: StoreDep, id: str) -> Example:
     row = await run_in_threadpool(store.store.row_of, id)
     columns = await run_in_threadpool(store.store.example, row)
-    return (await run_in_threadpool(with_scores, store.store, [example_model(columns)]))[0]
+    return (await run_in_threadpool(with_scores, store.engine, [example_model(columns)]))[0]
 
