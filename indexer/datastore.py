@@ -129,6 +129,7 @@ import mmap
 import os
 import re
 import shutil
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -147,7 +148,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .. import __version__
-from .errors import StoreError
+from .errors import FeatureNotStoredError, StoreError
 from .faiss_index import (
     ONDISK_KIND,
     build_index,
@@ -1107,6 +1108,11 @@ class Datastore:
         self._shard_sizes: list[int] | None = None
         # Where each raw features file's matrix begins, once its header was checked.
         self._raw_offsets: dict[tuple[str, int], int] = {}
+        # Columns kept once read (ids, source codes), for gathers; readers share a store.
+        self._cache_lock = threading.Lock()
+        self._ids: np.ndarray | None = None
+        self._source_codes: np.ndarray | None = None
+        self._source_names: list[str] | None = None
 
     @classmethod
     def open(cls, path: str | Path, verify: bool = False) -> "Datastore":
@@ -1168,6 +1174,79 @@ class Datastore:
         except KeyError:
             raise ExampleNotFoundError(f"{self.path}: no example with id {id!r}") from None
 
+    # -- gathers: the columns of given rows, in the given order -------------------------------
+
+    def ids(self) -> np.ndarray:
+        """Every example's id in row order (object array; read once, then kept)."""
+        with self._cache_lock:
+            if self._ids is None:
+                self._ids = np.array(self.examples(columns=["id"]).column("id").to_pylist(), dtype=object)
+            return self._ids
+
+    def source_codes(self) -> tuple[np.ndarray, list[str]]:
+        """Every example's source as an int32 code in row order, and the names the codes index."""
+        with self._cache_lock:
+            if self._source_codes is None:
+                encoded = self.examples(columns=["source"]).column("source").combine_chunks().dictionary_encode()
+                self._source_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
+                self._source_names = [str(s) for s in encoded.dictionary.to_pylist()]
+            return self._source_codes, self._source_names
+
+    def ids_and_sources(self, rows: Sequence[int] | np.ndarray) -> tuple[list[str], list[str]]:
+        """The ids and source names of ``rows``, in the given order."""
+        rows = self._checked_rows(rows)
+        codes, names = self.source_codes()
+        return self.ids()[rows].tolist(), [names[c] for c in codes[rows]]
+
+    def features_at(self, checkpoint: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """float16 ``(len(rows), k)``: one checkpoint's features of ``rows``, in the given order.
+
+        Gathered from the raw files' memory maps where the store has them; otherwise only the
+        Parquet row groups holding the rows are read (memory-mapped).
+        """
+        self._check_checkpoint(checkpoint)
+        rows = self._checked_rows(rows)
+        out = np.empty((len(rows), self.dim), dtype=np.float16)
+        for shard, where, local in self._by_shard(rows):
+            raw = self.raw_features(checkpoint, shard)
+            if raw is not None:
+                out[where] = raw[local]
+                continue
+            path = features_path(self.path, checkpoint, shard)
+            table, index = _read_row_groups_of(path, local, ["row", "feature"])
+            if not np.array_equal(table.column("row").to_numpy()[index], rows[where]):
+                raise StoreError(f"{path}: rows are not where the shard layout puts them")
+            feature = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, self.dim)
+            out[where] = feature[index]
+        return out
+
+    def records_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
+        """The stored JSON text of the records of ``rows``, in the given order."""
+        rows = self._checked_rows(rows)
+        texts: list[str | None] = [None] * len(rows)
+        for shard, where, local in self._by_shard(rows):
+            path = examples_path(self.path, shard)
+            table = pq.read_table(path, columns=["row", "record"], memory_map=True)
+            if not np.array_equal(table.column("row").to_numpy()[local], rows[where]):
+                raise StoreError(f"{path}: rows are not where the shard layout puts them")
+            for i, text in zip(where, table.column("record").take(pa.array(local)).to_pylist()):
+                texts[i] = text
+        return texts
+
+    def _checked_rows(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_examples):
+            raise ValueError(f"{self.path}: rows must be in 0..{self.num_examples - 1}")
+        return rows
+
+    def _by_shard(self, rows: np.ndarray) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """``(shard, positions in rows, rows local to the shard)`` for every shard holding some."""
+        starts = np.asarray(self._starts(), dtype=np.int64)
+        shard_of = np.searchsorted(starts, rows, side="right") - 1
+        for shard in np.unique(shard_of):
+            where = np.flatnonzero(shard_of == shard)
+            yield int(shard), where, rows[where] - starts[shard]
+
     def iter_features(self, checkpoint: str, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """``(rows int64, features float16 (n, k))`` batches in row order, shard by shard.
 
@@ -1223,6 +1302,32 @@ class Datastore:
         return pa.concat_tables([pq.read_table(features_path(self.path, checkpoint, s), columns=columns)
                                  for s in range(self.manifest.shards.count)])
 
+    @property
+    def score_names(self) -> list[str]:
+        """The per-example scores this store holds (see :meth:`scores`)."""
+        return ["loss", "grad_norm", "feature_norm"]
+
+    def scores(self, name: str, checkpoint: str | None = None) -> np.ndarray:
+        """float32 ``(N,)`` in row order: a per-checkpoint score of ``checkpoint``, or combined over
+        the checkpoints with the manifest's weights."""
+        if name not in self.score_names:
+            raise FeatureNotStoredError(f"{self.path}: no score {name!r} in this datastore (it has "
+                                        f"{', '.join(self.score_names)})")
+        names = [checkpoint] if checkpoint is not None else self.checkpoint_names
+        weights = [1.0] if checkpoint is not None else [float(w) for w in self.weights]
+        total = np.zeros(self.num_examples, dtype=np.float64)
+        for ckpt, weight in zip(names, weights):
+            total += weight * self.feature_stats(ckpt).column(name).to_numpy().astype(np.float64)
+        return total.astype(np.float32)
+
+    @property
+    def has_representations(self) -> bool:
+        return False
+
+    @property
+    def representation_dim(self) -> int | None:
+        return None
+
     def index(self, memory_mapped: bool = True) -> faiss.Index:
         """The FAISS index (id == row), read-only with its vectors memory-mapped unless
         ``memory_mapped`` is false (an ivf-ondisk index's lists are mapped from ``index.ivfdata``
@@ -1273,6 +1378,21 @@ class Datastore:
     def _keep_shard_sizes(self, sizes: list[int]) -> None:
         self._shard_sizes = sizes
         self._shard_starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int).tolist()
+
+
+def _read_row_groups_of(path: Path, local: np.ndarray, columns: list[str]) -> tuple[pa.Table, np.ndarray]:
+    """Only the row groups of the Parquet file ``path`` that hold the (shard-local) rows
+    ``local``, memory-mapped, and where each of those rows is in the table read."""
+    parquet = pq.ParquetFile(path, memory_map=True)
+    sizes = np.array([parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
+    group_starts = np.cumsum(sizes) - sizes
+    group_of = np.searchsorted(group_starts, local, side="right") - 1
+    groups = np.unique(group_of)
+    # Where each group read begins in the table of just those groups.
+    read_start = np.zeros(len(sizes), dtype=np.int64)
+    read_start[groups] = np.cumsum(sizes[groups]) - sizes[groups]
+    table = parquet.read_row_groups(groups.tolist(), columns=columns)
+    return table, read_start[group_of] + (local - group_starts[group_of])
 
 
 def _footer(path: Path) -> pq.FileMetaData:

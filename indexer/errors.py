@@ -10,6 +10,7 @@ user can fix the input without reading gradstore's code.
     ├── CheckpointError        a checkpoint directory is incomplete or inconsistent
     │   └── OptimizerStateError  optimizer state missing, unreadable or not matching the LoRA params
     ├── StoreError             a datastore is missing, incomplete or corrupt
+    │   └── FeatureNotStoredError  a feature asked for is not in this store (it was indexed without it)
     └── JobError               an indexing job cannot start or resume as asked
 """
 
@@ -47,6 +48,11 @@ class OptimizerStateError(CheckpointError):
 
 class StoreError(IndexerError):
     """A datastore is missing, incomplete or corrupt."""
+
+
+class FeatureNotStoredError(StoreError):
+    """A feature (representations, a score) that this store was indexed without; the message says
+    how to add it."""
 
 
 class JobError(IndexerError):

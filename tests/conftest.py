@@ -183,3 +183,65 @@ def sgd_job_request(corpus, model, **overrides):
                   gradient_type="sgd", lora_r=4, lora_alpha=8, proj_dim=DIM, max_length=64, device="cpu")
     fields.update(overrides)
     return IndexJobRequest(**fields)
+
+
+# ---------------------------------------------------------------- selection: real stores from warmup checkpoints
+
+
+SELECTION_WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
+SELECTION_SUBTASKS = ("math", "words", "geo")
+SELECTION_DIM = 256
+
+
+def word_chat_records(n, seed, prefix, subtasks=None):
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        prompt = " ".join(rng.choice(SELECTION_WORDS, size=int(rng.integers(2, 12))))
+        answer = " ".join(rng.choice(SELECTION_WORDS, size=int(rng.integers(1, 8))))
+        record = {"id": f"{prefix}-{i}", "dataset": prefix,
+                  "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+        if subtasks:
+            record["subtask"] = subtasks[i % len(subtasks)]
+        records.append(record)
+    return records
+
+
+def build_test_store(out, model, corpus, checkpoints, gradient_type: str, **overrides):
+    """A store of ``corpus`` built by a real indexing job with the selection tests' settings."""
+    from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.job import IndexJob, IndexJobConfig
+    from gradstore.indexer.model import LoraSpec
+    from gradstore.indexer.projection import ProjectionSpec
+
+    settings = dict(corpus=[CorpusSource.parse(str(p)) for p in corpus], model=model, out=out,
+                    checkpoints=checkpoints, gradient_type=gradient_type, lora=LoraSpec(r=4, alpha=8),
+                    projection=ProjectionSpec(dim=SELECTION_DIM, seed=0), max_length=64, shard_size=16,
+                    max_tokens_per_batch=256, device="cpu", index="flat", progress=False)
+    settings.update(overrides)
+    IndexJob(IndexJobConfig(**settings), log=lambda *_: None).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def selection_stores(tmp_path_factory, tiny_model_dirs):
+    """A 2-checkpoint adam pool (two sources) and an sgd target store with subtasks."""
+    from gradstore.indexer.checkpoints import CheckpointSpec
+    from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.warmup import WarmupConfig, run_warmup
+
+    root = tmp_path_factory.mktemp("engine")
+    toy = write_jsonl(root / "toy.jsonl", word_chat_records(30, seed=0, prefix="toy"))
+    more = write_jsonl(root / "more.jsonl", word_chat_records(18, seed=1, prefix="more"))
+    targets = write_jsonl(root / "targets.jsonl",
+                          word_chat_records(7, seed=2, prefix="t", subtasks=SELECTION_SUBTASKS))
+    run = root / "run"
+    run_warmup(WarmupConfig(corpus=[CorpusSource.parse(str(toy))], model=tiny_model_dirs["gpt2"], out=run,
+                            fraction=0.5, epochs=2, learning_rate=1e-3, lora_r=4, lora_alpha=8, batch_size=4,
+                            max_length=64, progress=False), log=lambda *_: None)
+    checkpoints = [CheckpointSpec.parse(str(run / name)) for name in ("epoch-1", "epoch-2")]
+    pool = build_test_store(root / "pool", tiny_model_dirs["gpt2"], [toy, more], checkpoints, "adam")
+    target = build_test_store(root / "target", tiny_model_dirs["gpt2"], [targets], checkpoints, "sgd")
+    return {"pool": pool, "target": target, "corpus": [toy, more], "targets": targets}
+
+

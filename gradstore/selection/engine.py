@@ -1,8 +1,11 @@
-"""The selection engine: LESS scores of a datastore's examples for target examples, and selections.
+"""The selection engine: scores of a datastore's examples, strategies run over them, selections.
 
-Used in-process by ``gradstore select`` and by the REST service; it needs numpy and pyarrow, and
-uses torch's kernels for the scan when torch is installed (see :mod:`gradstore.selection.scan`);
-target *records* are turned into vectors by :mod:`gradstore.selection.featurizer`.
+Used in-process by ``gradstore select`` and ``gradstore eval`` and by the REST service; it needs
+numpy and pyarrow, and uses torch's kernels for the scan when torch is installed (see
+:mod:`gradstore.selection.scan`); target *records* are turned into vectors by
+:mod:`gradstore.selection.featurizer`. :meth:`SelectionEngine.select` runs any registered
+strategy (:mod:`gradstore.selection.strategies`); the scoring below is what the ``less`` and
+``rds`` strategies use.
 
 Scoring
 =======
@@ -14,6 +17,9 @@ projected (sgd) gradient ``g_c(t)`` at the same checkpoints. The score of ``x`` 
 
 over the chosen checkpoints (all by default), with the manifest's checkpoint weights or weights
 given per query, normalised to sum to 1 over the chosen checkpoints.
+
+Representation scores (``rds``) are the same scan over one feature space, the stored
+representation vectors, against the targets' representations: ``s(x, t) = cos(r(x), r(t))``.
 
 Aggregation over targets
 ========================
@@ -37,15 +43,19 @@ per-target scores ``(targets, batch)`` are reduced at once to the per-subtask me
 maximum over targets, so what persists is ``O(N × subtasks)`` (plus ``O(N)`` for the maximum),
 never ``O(N × targets)``.
 
+* ``round_robin`` (``rds``): subtasks take turns, each adding its best example (by its mean)
+  not yet taken.
+
 Selection
 =========
-The pool is every example, or those of the chosen ``sources``. Examples are ranked by aggregated
-score, descending, ties broken by row, ascending (``np.lexsort``), so a selection is a pure
-function of the scores. The budget is ``k`` examples or ``ceil(fraction × pool)``. Walking the
-ranking, a candidate is skipped when its source already has ``per_source_cap`` selected examples,
+The pool is every example, or those of the chosen ``sources``, narrowed by the quality filters
+(see :mod:`gradstore.selection.options`). The strategy scores the pool, or orders it. Scored
+examples are ranked by score, descending, ties broken by row, ascending (``np.lexsort``), so a
+selection is a pure function of the scores. The budget is ``k`` examples or
+``ceil(fraction × pool)``. Walking the ranking (or the strategy's order), a candidate is skipped when its source already has ``per_source_cap`` selected examples,
 or when its similarity to an already selected example exceeds ``dedup_threshold``; the similarity
-of two training examples is ``Σ_c w_c · cos(f_c(x), f_c(y))`` with the query's checkpoints and
-weights. Deduplication reads the candidates' features in blocks and keeps the selected examples'
+of two training examples is ``Σ_c w_c · cos(f_c(x), f_c(y))`` with the checkpoints and weights
+the strategy used (the manifest's for strategies that use no gradients). Deduplication reads the candidates' features in blocks and keeps the selected examples'
 features (``selected × k × checkpoints`` float16) in memory.
 
 Errors in a query raise :class:`SelectionError` (a ``ValueError``) naming what is wrong; a
@@ -58,78 +68,38 @@ import json
 import math
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from pydantic import ValidationError
 
-from gradstore.indexer.datastore import Datastore, examples_path, features_path
-from gradstore.indexer.errors import StoreError
+from gradstore.indexer.datastore import Datastore
+from gradstore.indexer.errors import FeatureNotStoredError, StoreError
 from gradstore.indexer.faiss_index import normalized_weights
 
+from .context import SelectionContext, StrategyResult
 from .errors import SelectionError
-from .targets import TargetSet, check_origin, store_origin
+from .options import EXPORT_FORMATS, SelectionOptions
 from .scan import ScanKernel, default_backend, restore_torch_threads, single_threaded_worker
 from .scan import scan_threads as default_scan_threads
+from .strategies import get_strategy, strategy_names
+from .targets import TargetSet, check_origin, store_origin
 
 AGGREGATIONS = ("less", "max", "mean")
-EXPORT_FORMATS = ("jsonl", "parquet")
+# Per-checkpoint scores stored beside each feature (combined over checkpoints by weight).
+_FEATURE_SCORES = ("loss", "grad_norm", "feature_norm")
 # Rows per scoring batch are chosen so the batches of all scan workers together stay near this
 # size in float32 (decoded Parquet batches are half that; memory-mapped ones cost nothing).
 _BATCH_BYTES = 64 << 20
 # Candidates read per deduplication block, and per chunk of selected vectors compared at once.
 _DEDUP_BLOCK_MIN, _DEDUP_BLOCK_MAX = 256, 4096
 _DEDUP_CHUNK = 4096
-
-
-# ------------------------------------------------------------------------------------- options
-
-
-@dataclass
-class SelectionOptions:
-    """What to select: aggregation, budget (exactly one of ``k`` and ``fraction``), filters."""
-
-    aggregation: str = "less"
-    k: int | None = None
-    fraction: float | None = None
-    sources: list[str] | None = None
-    per_source_cap: int | None = None
-    dedup_threshold: float | None = None
-    checkpoints: list[str] | None = None
-    weights: dict[str, float] | None = None
-
-    def validate(self) -> None:
-        if self.aggregation not in AGGREGATIONS:
-            raise SelectionError(f"unknown aggregation {self.aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
-        if (self.k is None) == (self.fraction is None):
-            raise SelectionError("give exactly one of k or fraction")
-        if self.k is not None and (not _is_int(self.k) or self.k < 1):
-            raise SelectionError(f"k must be a positive integer, got {self.k!r}")
-        if self.fraction is not None and not (_is_number(self.fraction) and 0 < self.fraction <= 1):
-            raise SelectionError(f"fraction must be in (0, 1], got {self.fraction!r}")
-        if self.per_source_cap is not None and (not _is_int(self.per_source_cap) or self.per_source_cap < 1):
-            raise SelectionError(f"per_source_cap must be a positive integer, got {self.per_source_cap!r}")
-        threshold = self.dedup_threshold
-        if threshold is not None and not (_is_number(threshold) and -1 < threshold <= 1):
-            raise SelectionError(f"dedup_threshold must be in (-1, 1], got {threshold!r}")
-        if self.sources is not None and (isinstance(self.sources, str) or not self.sources):
-            raise SelectionError(f"sources must be a non-empty list of source names, got {self.sources!r}")
-
-    def budget(self, pool: int) -> int:
-        """``k``, or ``ceil(fraction × pool)`` computed in decimal (0.07 × 100 is 7, not 8)."""
-        if self.k is not None:
-            return min(self.k, pool)
-        return min(pool, math.ceil(Decimal(repr(float(self.fraction))) * pool))
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _is_number(value: Any) -> bool:
@@ -147,7 +117,7 @@ class Scores:
     best: np.ndarray         # float32 (N,): maximum score over all targets
     subtasks: list[str]      # S names, in order of first appearance among the targets
     counts: np.ndarray       # int64 (S,): targets per subtask
-    checkpoints: list[str]   # checkpoints used
+    checkpoints: list[str]   # checkpoints used (none for representation scores)
     weights: np.ndarray      # their weights (sum 1)
 
     def aggregate(self, aggregation: str) -> np.ndarray:
@@ -161,24 +131,53 @@ class Scores:
             return self.per_subtask @ share
         raise SelectionError(f"unknown aggregation {aggregation!r}: expected one of {', '.join(AGGREGATIONS)}")
 
+    def result(self, aggregation: str) -> StrategyResult:
+        """These scores aggregated, as a strategy's answer."""
+        return StrategyResult(scores=self.aggregate(aggregation), per_subtask=self.per_subtask,
+                              subtasks=self.subtasks, checkpoints=self.checkpoints,
+                              weights=[float(w) for w in self.weights], report={"aggregation": aggregation})
+
+    def round_robin(self, pool: np.ndarray) -> StrategyResult:
+        """The pool ordered by turns: subtask ``s`` (in order of first appearance) adds its
+        highest-scoring example (by its mean) not yet taken, then the next subtask does."""
+        rankings = [rank(pool, self.per_subtask[:, s]) for s in range(len(self.subtasks))]
+        taken = np.zeros(len(self.per_subtask), dtype=bool)
+        order, order_scores, cursors = [], [], [0] * len(rankings)
+        while len(order) < len(pool):
+            for s, ranking in enumerate(rankings):
+                while cursors[s] < len(ranking) and taken[ranking[cursors[s]]]:
+                    cursors[s] += 1
+                if cursors[s] == len(ranking):
+                    continue
+                row = int(ranking[cursors[s]])
+                taken[row] = True
+                order.append(row)
+                order_scores.append(self.per_subtask[row, s])
+        return StrategyResult(order=np.asarray(order, dtype=np.int64),
+                              order_scores=np.asarray(order_scores, dtype=np.float32),
+                              per_subtask=self.per_subtask, subtasks=self.subtasks,
+                              checkpoints=self.checkpoints, weights=[float(w) for w in self.weights],
+                              report={"aggregation": "round_robin"})
+
 
 @dataclass
 class Selection:
     """A ranked selection: row ``rows[i]`` has rank ``i + 1``."""
 
     rows: np.ndarray            # int64 (n,)
-    scores: np.ndarray          # float32 (n,), aggregated
-    subtask_scores: np.ndarray  # float32 (n, S), mean score per subtask
+    scores: np.ndarray          # float32 (n,): the strategy's score (or order score) of each
+    subtask_scores: np.ndarray  # float32 (n, S), mean score per subtask (S = 0 without targets)
     subtasks: list[str]
     ids: list[str]
     sources: list[str]
-    pool: int                   # examples eligible after the source filter
-    aggregation: str
-    checkpoints: list[str]
+    pool: int                   # examples eligible after the source and quality filters
+    strategy: dict              # the strategy's name and options, as given
+    checkpoints: list[str]      # gradient checkpoints used (scoring or deduplication)
     weights: list[float]
-    ranking: np.ndarray = field(repr=False)          # int64: the whole pool ranked by score
-    ranking_scores: np.ndarray = field(repr=False)   # float32: their aggregated scores
-    table: Scores = field(repr=False)                # every example's scores
+    ranking: np.ndarray = field(repr=False)          # int64: the whole pool ranked (or ordered)
+    ranking_scores: np.ndarray = field(repr=False)   # float32: their scores
+    per_subtask: np.ndarray | None = field(default=None, repr=False)  # float32 (N, S), row order
+    report: dict = field(default_factory=dict)       # the strategy's report, the pool's filtering
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -207,11 +206,6 @@ class SelectionEngine:
         self.scan_threads = scan_threads or default_scan_threads()
         self.scan_backend = scan_backend or default_backend()
         ScanKernel(1, self.scan_backend)  # refuses an unknown backend now rather than mid-scan
-        self._lock = threading.Lock()
-        self._ids: np.ndarray | None = None
-        self._source_codes: np.ndarray | None = None
-        self._source_names: list[str] | None = None
-        self._starts: np.ndarray | None = None
 
     # -- checkpoints and targets ------------------------------------------------------------
 
@@ -274,9 +268,50 @@ class SelectionEngine:
 
     def scores(self, targets: TargetSet, checkpoints: Sequence[str] | None = None,
                weights: Mapping[str, float] | None = None) -> Scores:
-        """Every example's per-subtask mean score and maximum score over the targets (streamed)."""
+        """Every example's per-subtask mean LESS score and maximum score over the targets (streamed)."""
         names, w = self.resolve_checkpoints(checkpoints, weights)
         self.check_targets(targets, names)
+        used = [(name, weight) for name, weight in zip(names, w) if weight > 0]
+
+        def streams(shard: int, batch_rows: int) -> list[Iterator]:
+            return [self.store.shard_features(name, shard, batch_rows, writable=True) for name, _ in used]
+
+        # (T, k) per checkpoint, the weight folded in: query @ feature = w_c · cos(f_c, g_c).
+        queries = [np.float32(weight) * targets.vectors[name] for name, weight in used]
+        per_subtask, best, subtasks, counts = self._target_scores(targets, queries, streams, self.store.dim,
+                                                                  [name for name, _ in used])
+        return Scores(per_subtask, best, subtasks, counts, names, w)
+
+    def representation_scores(self, targets: TargetSet) -> Scores:
+        """Every example's per-subtask mean and maximum cosine of its representation vector with
+        the targets' (the ``rds`` strategy; streamed like :meth:`scores`)."""
+        if not isinstance(targets, TargetSet):
+            raise SelectionError(f"targets must be a TargetSet, got {type(targets).__name__}")
+        if not self.store.has_representations:
+            raise SelectionError(f"{self.store.path}: this datastore has no representation vectors (it was "
+                                 f"indexed without them); re-index it with representations to use strategy 'rds'")
+        dim = self.store.representation_dim
+        if targets.representations is None:
+            raise SelectionError("the targets have no representation vectors: give target records or a target "
+                                 "datastore indexed with representations")
+        if targets.representations.shape[1] != dim:
+            raise SelectionError(f"target representations have dimension {targets.representations.shape[1]}, "
+                                 f"the datastore's have {dim}")
+        if targets.origin is not None and targets.origin.get("model_sha256") != self.store.manifest.model.sha256:
+            raise SelectionError("the target representations come from another model than the datastore's; compute "
+                                 "them with this datastore's model")
+
+        def streams(shard: int, batch_rows: int) -> list[Iterator]:
+            return [self.store.shard_representations(shard, batch_rows, writable=True)]
+
+        per_subtask, best, subtasks, counts = self._target_scores(
+            targets, [targets.representations], streams, dim, ["representations"])
+        return Scores(per_subtask, best, subtasks, counts, [], np.zeros(0, dtype=np.float32))
+
+    def _target_scores(self, targets: TargetSet, queries: list[np.ndarray],
+                       streams: Callable[[int, int], list[Iterator]], dim: int, names: list[str]):
+        """Per-subtask means ``(N, S)`` and maxima ``(N,)`` over the targets of
+        ``Σ_space queries_space @ features_space.T``, with the subtask names and counts."""
         subtasks = targets.subtask_names()
         code_of = {name: i for i, name in enumerate(subtasks)}
         codes = np.array([code_of[s] for s in targets.subtasks], dtype=np.int64)
@@ -284,13 +319,11 @@ class SelectionEngine:
         # Targets ordered by subtask, so a subtask's scores are adjacent columns (np.add.reduceat).
         order = np.argsort(codes, kind="stable")
         first_of_subtask = np.searchsorted(codes[order], np.arange(len(subtasks)))
-        used = [(name, weight) for name, weight in zip(names, w) if weight > 0]
-        # (T, k) per checkpoint, the weight folded in: query @ feature = w_c · cos(f_c, g_c).
-        queries = [np.ascontiguousarray(np.float32(weight) * targets.vectors[name][order]) for name, weight in used]
+        queries = [np.ascontiguousarray(query[order]) for query in queries]
         n = self.store.num_examples
         per_subtask = np.zeros((n, len(subtasks)), dtype=np.float32)
         best = np.zeros(n, dtype=np.float32)
-        share = max(self.store.dim, targets.num_targets) * 4 * self.scan_threads
+        share = max(dim, targets.num_targets) * 4 * self.scan_threads
         batch_rows = max(1, min(65536, _BATCH_BYTES // share))
 
         def reduce(rows: np.ndarray, total: np.ndarray) -> None:  # total: (T, rows)
@@ -298,18 +331,20 @@ class SelectionEngine:
             per_subtask[rows] = (sums / counts.astype(np.float32)[:, None]).T
             best[rows] = total.max(axis=0)
 
-        self._scan([name for name, _ in used], queries, batch_rows, reduce)
-        return Scores(per_subtask, best, subtasks, counts, names, w)
+        self._scan(names, queries, lambda shard: streams(shard, batch_rows), dim, reduce)
+        return per_subtask, best, subtasks, counts
 
-    def _scan(self, names: list[str], queries: list[np.ndarray], batch_rows: int, reduce) -> None:
-        """``reduce(rows, Σ_c queries_c @ features_c.T)`` (targets × rows) for every row batch of
-        the store, the shards shared out between worker threads (rows of calls never overlap)."""
+    def _scan(self, names: list[str], queries: list[np.ndarray], streams: Callable[[int], list[Iterator]],
+              dim: int, reduce) -> None:
+        """``reduce(rows, Σ_i queries_i @ features_i.T)`` (targets × rows) for every row batch of
+        the store, the shards shared out between worker threads (rows of calls never overlap);
+        ``streams(shard)`` gives each feature space's ``(rows, features)`` batches of a shard."""
         kernels = threading.local()
 
         def scan_shard(shard: int) -> None:
             if not hasattr(kernels, "kernel"):
-                kernels.kernel = ScanKernel(self.store.dim, self.scan_backend)
-            for rows, total in self._shard_scores(shard, names, queries, batch_rows, kernels.kernel):
+                kernels.kernel = ScanKernel(dim, self.scan_backend)
+            for rows, total in self._shard_scores(shard, names, queries, streams(shard), kernels.kernel):
                 reduce(rows, total)
 
         pool = ThreadPoolExecutor(self.scan_threads, thread_name_prefix="gradstore-scan",
@@ -321,11 +356,10 @@ class SelectionEngine:
             pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the shards not begun
             restore_torch_threads()
 
-    def _shard_scores(self, shard: int, names: list[str], queries: list[np.ndarray], batch_rows: int,
+    def _shard_scores(self, shard: int, names: list[str], queries: list[np.ndarray], streams: list[Iterator],
                       kernel: ScanKernel):
-        """``(rows, Σ_c queries_c @ features_c.T)`` per row batch of a shard, one checkpoint's batch
-        at a time."""
-        streams = [self.store.shard_features(name, shard, batch_rows, writable=True) for name in names]
+        """``(rows, Σ_i queries_i @ features_i.T)`` per row batch of a shard, one feature space's
+        batch at a time."""
         for rows, feature in streams[0]:
             total = np.zeros((queries[0].shape[0], len(rows)), dtype=np.float32)
             kernel.add_products(feature, queries[0], total)
@@ -343,32 +377,78 @@ class SelectionEngine:
                 raise StoreError(f"{self.store.path}: shard {shard}: checkpoint {name!r} has more feature rows "
                                  f"than {names[0]!r}")
 
+    def score_values(self, name: str, checkpoint: str | None = None) -> np.ndarray:
+        """float32 ``(N,)``, row order: a stored per-example score (see ``Datastore.scores``)."""
+        if checkpoint is not None and checkpoint not in self.store.checkpoint_names:
+            raise SelectionError(f"unknown checkpoint {checkpoint!r}: the datastore has {self.store.checkpoint_names}")
+        try:
+            return np.asarray(self.store.scores(name, checkpoint), dtype=np.float32)
+        except FeatureNotStoredError as err:  # a question the store cannot answer, not a damaged store
+            raise SelectionError(str(err)) from None
+
     # -- selection ----------------------------------------------------------------------------
 
-    def select(self, targets: TargetSet, options: SelectionOptions) -> Selection:
-        """Score, rank the pool and select under the budget, caps and deduplication of ``options``."""
-        if not isinstance(options, SelectionOptions):
-            raise SelectionError(f"options must be SelectionOptions, got {type(options).__name__}")
-        options.validate()
-        pool = self.pool(options.sources)  # checks the source names before any scoring
-        table = self.scores(targets, options.checkpoints, options.weights)
-        aggregated = table.aggregate(options.aggregation)
-        ranking = rank(pool, aggregated)
+    def select(self, targets: TargetSet | None, options: SelectionOptions | Mapping) -> Selection:
+        """Run the strategy of ``options`` on the pool left by its filters, then take the budget
+        under its caps and deduplication (see the module docstring)."""
+        options = selection_options(options)
+        strategy = get_strategy(options.strategy.name)
+        if strategy.needs_targets == "none" and targets is not None:
+            raise SelectionError(f"strategy {strategy.name!r} does not use targets; leave them out")
+        if strategy.needs_targets == "required" and targets is None:
+            raise SelectionError(f"strategy {strategy.name!r} needs targets: give target records, a target "
+                                 f"datastore or target vectors")
+        pool, report = self.filtered_pool(options)
         budget = options.budget(len(pool))
-        weights = dict(zip(table.checkpoints, table.weights))
+        result = strategy().run(SelectionContext(self, targets, pool, budget), options.strategy)
+        ranking, ranking_scores = self._ranked(result, pool)
+        names, weights = (result.checkpoints, np.asarray(result.weights, dtype=np.float32)) if result.checkpoints \
+            else self.resolve_checkpoints()
         if options.dedup_threshold is not None:
-            rows = self._greedy_dedup(ranking, budget, options.per_source_cap, options.dedup_threshold, weights)
+            chosen = self._greedy_dedup(ranking, budget, options.per_source_cap, options.dedup_threshold,
+                                        dict(zip(names, weights)))
         elif options.per_source_cap is not None:
-            rows = self._capped(ranking, budget, options.per_source_cap)
+            chosen = self._capped(ranking, budget, options.per_source_cap)
         else:
-            rows = ranking[:budget]
-        rows = np.asarray(rows, dtype=np.int64)
+            chosen = ranking[:budget]
+        rows = np.asarray(chosen, dtype=np.int64)
+        position = np.empty(self.store.num_examples, dtype=np.int64)
+        position[ranking] = np.arange(len(ranking))
+        per_subtask = result.per_subtask
+        subtask_scores = per_subtask[rows] if per_subtask is not None else np.zeros((len(rows), 0), np.float32)
         ids, sources = self.ids_and_sources(rows)
-        return Selection(rows=rows, scores=aggregated[rows], subtask_scores=table.per_subtask[rows],
-                         subtasks=table.subtasks, ids=ids, sources=sources, pool=len(pool),
-                         aggregation=options.aggregation, checkpoints=table.checkpoints,
-                         weights=[float(x) for x in table.weights], ranking=ranking,
-                         ranking_scores=aggregated[ranking], table=table)
+        return Selection(rows=rows, scores=ranking_scores[position[rows]], subtask_scores=subtask_scores,
+                         subtasks=list(result.subtasks), ids=ids, sources=sources, pool=len(pool),
+                         strategy=options.strategy.model_dump(mode="json"), checkpoints=list(names),
+                         weights=[float(x) for x in weights], ranking=ranking, ranking_scores=ranking_scores,
+                         per_subtask=per_subtask, report={**report, **result.report})
+
+    def filtered_pool(self, options: SelectionOptions) -> tuple[np.ndarray, dict]:
+        """The rows of ``options.sources`` (all when None) that pass its quality filters, and a
+        report of each filter's threshold and the pool left. Quantiles are inclusive, so every
+        filter keeps at least one example."""
+        pool = self.pool(options.sources)
+        steps = []
+        for item in options.filters or []:
+            values = self.score_values(item.score, item.checkpoint)[pool]
+            threshold = float(np.quantile(values, item.quantile))
+            pool = pool[values >= threshold] if item.keep == "above" else pool[values <= threshold]
+            steps.append({**item.model_dump(mode="json"), "threshold": threshold, "pool": int(len(pool))})
+        return pool, ({"filters": steps} if steps else {})
+
+    def _ranked(self, result: StrategyResult, pool: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The pool ranked by the result's scores, or the result's order (checked to be pool rows,
+        each once), with the score of each ranked row."""
+        if result.order is None:
+            scores = np.asarray(result.scores, dtype=np.float32)
+            if scores.shape != (self.store.num_examples,):
+                raise ValueError(f"a strategy gave {scores.shape} scores for {self.store.num_examples} examples")
+            ranking = rank(pool, scores)
+            return ranking, scores[ranking]
+        order = np.asarray(result.order, dtype=np.int64)
+        if len(np.unique(order)) != len(order) or not np.isin(order, pool).all():
+            raise ValueError("a strategy ordered rows outside the pool, or a row twice")
+        return order, np.asarray(result.order_scores, dtype=np.float32)
 
     def pool(self, sources: Sequence[str] | None = None) -> np.ndarray:
         """Rows (ascending) of the examples of ``sources`` (all examples when None)."""
@@ -437,61 +517,20 @@ class SelectionEngine:
             kept.extend(int(r) for r in block[picked])
         return np.asarray(kept, dtype=np.int64)
 
-    # -- reading rows -------------------------------------------------------------------------
+    # -- reading rows (the datastore's gathers, with the query's errors) ---------------------
 
     def features_at(self, checkpoint: str, rows: Sequence[int] | np.ndarray) -> np.ndarray:
-        """float16 ``(len(rows), k)``: one checkpoint's features of ``rows``, in the given order.
-
-        Gathered from the raw files' memory maps where the store has them; otherwise only the
-        Parquet row groups holding the rows are read (memory-mapped).
-        """
+        """float16 ``(len(rows), k)``: one checkpoint's features of ``rows``, in the given order."""
         if checkpoint not in self.store.checkpoint_names:
             raise SelectionError(f"unknown checkpoint {checkpoint!r}: the datastore has {self.store.checkpoint_names}")
-        rows = self._checked_rows(rows)
-        out = np.empty((len(rows), self.store.dim), dtype=np.float16)
-        for shard, where, local in self._by_shard(rows):
-            raw = self.store.raw_features(checkpoint, shard)
-            if raw is not None:
-                out[where] = raw[local]
-                continue
-            path = features_path(self.store.path, checkpoint, shard)
-            parquet = pq.ParquetFile(path, memory_map=True)
-            sizes = np.array([parquet.metadata.row_group(g).num_rows for g in range(parquet.num_row_groups)])
-            group_starts = np.cumsum(sizes) - sizes
-            group_of = np.searchsorted(group_starts, local, side="right") - 1
-            groups = np.unique(group_of)
-            # Where each group read begins in the table of just those groups.
-            read_start = np.zeros(len(sizes), dtype=np.int64)
-            read_start[groups] = np.cumsum(sizes[groups]) - sizes[groups]
-            table = parquet.read_row_groups(groups.tolist(), columns=["row", "feature"])
-            index = read_start[group_of] + (local - group_starts[group_of])
-            found = table.column("row").to_numpy()[index]
-            if not np.array_equal(found, rows[where]):
-                raise StoreError(f"{path}: rows are not where the shard layout puts them")
-            feature = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, self.store.dim)
-            out[where] = feature[index]
-        return out
+        return self.store.features_at(checkpoint, self._checked_rows(rows))
 
     def records_at(self, rows: Sequence[int] | np.ndarray) -> list[str]:
         """The stored JSON text of the records of ``rows``, in the given order."""
-        rows = self._checked_rows(rows)
-        texts: list[str | None] = [None] * len(rows)
-        for shard, where, local in self._by_shard(rows):
-            table = pq.read_table(examples_path(self.store.path, shard), columns=["row", "record"], memory_map=True)
-            found = table.column("row").to_numpy()[local]
-            if not np.array_equal(found, rows[where]):
-                raise StoreError(f"{examples_path(self.store.path, shard)}: rows are not where the shard layout "
-                                 f"puts them")
-            records = table.column("record").take(pa.array(local)).to_pylist()
-            for i, text in zip(where, records):
-                texts[i] = text
-        return texts
+        return self.store.records_at(self._checked_rows(rows))
 
     def ids_and_sources(self, rows: Sequence[int] | np.ndarray) -> tuple[list[str], list[str]]:
-        rows = self._checked_rows(rows)
-        ids = self._example_ids()
-        codes, names = self._sources()
-        return ids[rows].tolist(), [names[c] for c in codes[rows]]
+        return self.store.ids_and_sources(self._checked_rows(rows))
 
     def _checked_rows(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -499,38 +538,9 @@ class SelectionEngine:
             raise SelectionError(f"rows must be in 0..{self.store.num_examples - 1}")
         return rows
 
-    def _by_shard(self, rows: np.ndarray):
-        """``(shard, positions in rows, rows local to the shard)`` for every shard holding some."""
-        starts = self._shard_starts()
-        shard_of = np.searchsorted(starts, rows, side="right") - 1
-        for shard in np.unique(shard_of):
-            where = np.flatnonzero(shard_of == shard)
-            yield int(shard), where, rows[where] - starts[shard]
-
-    def _shard_starts(self) -> np.ndarray:
-        with self._lock:
-            if self._starts is None:
-                counts = [pq.read_metadata(examples_path(self.store.path, s)).num_rows
-                          for s in range(self.store.manifest.shards.count)]
-                self._starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-            return self._starts
-
-    def _example_ids(self) -> np.ndarray:
-        with self._lock:
-            if self._ids is None:
-                column = self.store.examples(columns=["id"]).column("id")
-                self._ids = np.array(column.to_pylist(), dtype=object)
-            return self._ids
-
     def _sources(self) -> tuple[np.ndarray, list[str]]:
         """Per-row source codes (int32) and the source names they index."""
-        with self._lock:
-            if self._source_codes is None:
-                column = self.store.examples(columns=["source"]).column("source").combine_chunks()
-                encoded = column.dictionary_encode()
-                self._source_codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int32)
-                self._source_names = [str(s) for s in encoded.dictionary.to_pylist()]
-            return self._source_codes, self._source_names
+        return self.store.source_codes()
 
     # -- output -------------------------------------------------------------------------------
 
@@ -572,14 +582,42 @@ class SelectionEngine:
             "source": pa.array(sources, pa.string()),
             "score": pa.array(selection.ranking_scores.astype(np.float32)),
         }
-        per_subtask = selection.table.per_subtask[ranking]
-        for i, name in enumerate(selection.subtasks):
-            columns[f"score_{name}"] = pa.array(np.ascontiguousarray(per_subtask[:, i]))
+        if selection.per_subtask is not None:
+            per_subtask = selection.per_subtask[ranking]
+            for i, name in enumerate(selection.subtasks):
+                columns[f"score_{name}"] = pa.array(np.ascontiguousarray(per_subtask[:, i]))
         table = pa.table(columns)
         return _atomic_write(Path(path), lambda tmp: pq.write_table(table, tmp))
 
 
 # ------------------------------------------------------------------------------------ helpers
+
+
+def selection_options(options: SelectionOptions | Mapping) -> SelectionOptions:
+    """``options`` as a validated :class:`SelectionOptions` (a mapping is validated; a model is
+    validated again, so one built with ``model_construct`` or changed after creation is checked);
+    what is wrong becomes a :class:`SelectionError` naming the field."""
+    if isinstance(options, SelectionOptions):
+        options = options.model_dump(exclude_unset=True)
+    elif not isinstance(options, Mapping):
+        raise SelectionError(f"options must be SelectionOptions or a mapping, got {type(options).__name__}")
+    try:
+        return SelectionOptions.model_validate(dict(options))
+    except ValidationError as err:
+        raise SelectionError(describe_validation_error(err)) from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """One line per error: ``where: what`` (``strategy.score: Field required``)."""
+    parts = []
+    for item in err.errors():
+        loc = list(item["loc"])
+        if len(loc) > 1 and loc[0] == "strategy" and loc[1] in strategy_names():
+            del loc[1]  # the union member's tag, which the strategy's name already says
+        where = ".".join(str(part) for part in loc)
+        message = item["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(parts)
 
 
 def rank(rows: np.ndarray, scores: np.ndarray) -> np.ndarray:

@@ -15,68 +15,21 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradstore.indexer.checkpoints import CheckpointSpec
-from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.datastore import (Datastore, FeatureBatch, examples_table, finalize_store, publish_store,
                                          write_shard)
 from gradstore.indexer.errors import StoreError
-from gradstore.indexer.job import IndexJob, IndexJobConfig
-from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
 from gradstore.selection import engine as engine_module
 from gradstore.selection import scan as scan_module
 from gradstore.selection import SelectionEngine, SelectionError, SelectionOptions, TargetSet
 
-WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
-SUBTASKS = ("math", "words", "geo")
-DIM = 256
-
-
-def chat_records(n, seed, prefix, subtasks=None):
-    rng = np.random.default_rng(seed)
-    records = []
-    for i in range(n):
-        prompt = " ".join(rng.choice(WORDS, size=int(rng.integers(2, 12))))
-        answer = " ".join(rng.choice(WORDS, size=int(rng.integers(1, 8))))
-        record = {"id": f"{prefix}-{i}", "dataset": prefix,
-                  "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-        if subtasks:
-            record["subtask"] = subtasks[i % len(subtasks)]
-        records.append(record)
-    return records
-
-
-def write_jsonl(path: Path, records) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def build_store(out: Path, model: Path, corpus: list[Path], checkpoints, gradient_type: str, **overrides) -> Path:
-    settings = dict(corpus=[CorpusSource.parse(str(p)) for p in corpus], model=model, out=out,
-                    checkpoints=checkpoints, gradient_type=gradient_type, lora=LoraSpec(r=4, alpha=8),
-                    projection=ProjectionSpec(dim=DIM, seed=0), max_length=64, shard_size=16,
-                    max_tokens_per_batch=256, device="cpu", index="flat", progress=False)
-    settings.update(overrides)
-    IndexJob(IndexJobConfig(**settings), log=lambda *_: None).run()
-    return out
-
+from conftest import SELECTION_DIM as DIM
+from conftest import SELECTION_SUBTASKS as SUBTASKS
+from conftest import build_test_store as build_store
 
 @pytest.fixture(scope="module")
-def stores(tmp_path_factory, tiny_model_dirs):
-    """A 2-checkpoint adam pool (two sources) and an sgd target store with subtasks."""
-    from gradstore.indexer.warmup import WarmupConfig, run_warmup
-
-    root = tmp_path_factory.mktemp("engine")
-    toy = write_jsonl(root / "toy.jsonl", chat_records(30, seed=0, prefix="toy"))
-    more = write_jsonl(root / "more.jsonl", chat_records(18, seed=1, prefix="more"))
-    targets = write_jsonl(root / "targets.jsonl", chat_records(7, seed=2, prefix="t", subtasks=SUBTASKS))
-    run = root / "run"
-    run_warmup(WarmupConfig(corpus=[CorpusSource.parse(str(toy))], model=tiny_model_dirs["gpt2"], out=run,
-                            fraction=0.5, epochs=2, learning_rate=1e-3, lora_r=4, lora_alpha=8, batch_size=4,
-                            max_length=64, progress=False), log=lambda *_: None)
-    checkpoints = [CheckpointSpec.parse(str(run / name)) for name in ("epoch-1", "epoch-2")]
-    pool = build_store(root / "pool", tiny_model_dirs["gpt2"], [toy, more], checkpoints, "adam")
-    target = build_store(root / "target", tiny_model_dirs["gpt2"], [targets], checkpoints, "sgd")
-    return {"pool": pool, "target": target, "corpus": [toy, more], "targets": targets}
+def stores(selection_stores):
+    return selection_stores
 
 
 @pytest.fixture(scope="module")
@@ -485,24 +438,34 @@ def test_target_vectors_are_validated(engine):
 
 def test_bad_options_name_what_is_wrong(engine, targets):
     known = r"\['epoch-1', 'epoch-2'\]"
-    cases = [
-        (SelectionOptions(), "exactly one of k or fraction"),
-        (SelectionOptions(k=3, fraction=0.1), "exactly one of k or fraction"),
-        (SelectionOptions(k=0), "k must be a positive integer"),
-        (SelectionOptions(fraction=1.5), r"fraction must be in \(0, 1\]"),
-        (SelectionOptions(k=3, aggregation="median"), "unknown aggregation 'median'"),
-        (SelectionOptions(k=3, checkpoints=["epoch-9"]), rf"unknown checkpoint 'epoch-9': the datastore has {known}"),
-        (SelectionOptions(k=3, weights={"epoch-9": 1.0, "epoch-1": 1.0}), rf"unknown checkpoint 'epoch-9'.*{known}"),
-        (SelectionOptions(k=3, weights={"epoch-1": 1.0}), "no weight for checkpoint 'epoch-2'"),
-        (SelectionOptions(k=3, weights={"epoch-1": -1.0, "epoch-2": 1.0}), "'epoch-1' must be a finite number >= 0"),
-        (SelectionOptions(k=3, weights={"epoch-1": 0.0, "epoch-2": 0.0}), "not all 0"),
-        (SelectionOptions(k=3, sources=["dolly"]), r"unknown source 'dolly': the datastore has \['toy', 'more'\]"),
-        (SelectionOptions(k=3, per_source_cap=0), "per_source_cap must be a positive integer"),
-        (SelectionOptions(k=3, dedup_threshold=1.5), r"dedup_threshold must be in \(-1, 1\]"),
+    cases = [  # options as a mapping, as the REST body and the CLI give them
+        ({}, "exactly one of k or fraction"),
+        ({"k": 3, "fraction": 0.1}, "exactly one of k or fraction"),
+        ({"k": 0}, "k: Input should be greater than or equal to 1"),
+        ({"fraction": 1.5}, "fraction: Input should be less than or equal to 1"),
+        ({"k": 3, "aggregation": "median"}, r"strategy.aggregation: Input should be 'less', 'max' or 'mean'"),
+        ({"k": 3, "strategy": "median"}, r"strategy: Input tag 'median' .* 'less', 'rds', 'quality', 'random'"),
+        ({"k": 3, "strategy": {"name": "quality", "sharpness": 2}}, "strategy.sharpness: Extra inputs"),
+        ({"k": 3, "strategy": "rds", "aggregation": "max"}, "aggregation: options of the less strategy"),
+        ({"k": 3, "checkpoints": ["epoch-9"]}, rf"unknown checkpoint 'epoch-9': the datastore has {known}"),
+        ({"k": 3, "weights": {"epoch-9": 1.0, "epoch-1": 1.0}}, rf"unknown checkpoint 'epoch-9'.*{known}"),
+        ({"k": 3, "weights": {"epoch-1": 1.0}}, "no weight for checkpoint 'epoch-2'"),
+        ({"k": 3, "weights": {"epoch-1": -1.0, "epoch-2": 1.0}}, "'epoch-1' must be a finite number >= 0"),
+        ({"k": 3, "weights": {"epoch-1": 0.0, "epoch-2": 0.0}}, "not all 0"),
+        ({"k": 3, "sources": ["dolly"]}, r"unknown source 'dolly': the datastore has \['toy', 'more'\]"),
+        ({"k": 3, "per_source_cap": 0}, "per_source_cap: Input should be greater than or equal to 1"),
+        ({"k": 3, "dedup_threshold": 1.5}, "dedup_threshold: Input should be less than or equal to 1"),
+        ({"k": 3, "filters": [{"score": "loss", "keep": "middle", "quantile": 0.5}]}, "filters.0.keep"),
+        ({"k": 3, "filters": [{"score": "loss", "keep": "above", "quantile": 1.5}]}, "filters.0.quantile"),
+        ({"k": 3, "strategy": "random"}, "strategy 'random' does not use targets"),
     ]
     for options, message in cases:
         with pytest.raises(SelectionError, match=message):
             engine.select(targets, options)
+    with pytest.raises(SelectionError, match="strategy 'less' needs targets"):
+        engine.select(None, {"k": 3})
+    with pytest.raises(SelectionError, match=r"no score 'sparkle' in this datastore \(it has loss, grad_norm"):
+        engine.select(None, {"k": 3, "strategy": {"name": "quality", "score": "sparkle"}})
 
 
 def test_missing_subtask_field_names_the_example(stores):
