@@ -5,9 +5,9 @@ Every function here reads a store through :class:`~gradstore.selection.engine.Se
 ``gradstore.client.models``, so the REST routes (``stats``, ``examples``, ``map``, selection
 ``summary``) and ``gradstore report`` give the same numbers from the same code.
 
-- :func:`store_stats`: examples per source and histograms of token length, and per checkpoint of
-  loss, gradient norm and each stored quality score (:data:`QUALITY_SCORES`, whichever the store
-  has, in its feature or example files).
+- :func:`store_stats`: examples per source and histograms of token length and, per checkpoint, of
+  every per-example score the store holds (``Datastore.score_names``: loss, gradient norm,
+  feature norm and the quality scores such as ``nuclear_norm``, ``effective_rank``, ``vog``).
 - :func:`example_page`: a page of stored examples in row order, optionally only those whose id or
   record text contains a query (case-insensitive); read shard by shard, so memory stays bounded
   by one shard's examples whatever the store's size.
@@ -51,11 +51,6 @@ from .engine import Selection, SelectionEngine
 from .errors import SelectionError
 from .targets import TargetSet
 
-#: Per-example quality scores a store may keep as columns (feature files, per checkpoint, or
-#: example files); each one it has gets a histogram.
-QUALITY_SCORES = ("nuclear_norm", "effective_rank", "vog")
-#: Per-checkpoint columns of the feature files that always get a histogram.
-FEATURE_COLUMNS = ("loss", "grad_norm")
 DEFAULT_BINS = 30
 EXAMPLE_COLUMNS = ["row", "id", "source", "record", "num_tokens", "num_label_tokens", "truncated"]
 
@@ -115,28 +110,17 @@ def store_stats(engine: SelectionEngine, name: str, bins: int = DEFAULT_BINS) ->
     """Examples per source and the histograms named in the module docstring."""
     store = engine.store
     shards = range(store.manifest.shards.count)
-    example_schema = pq.read_schema(examples_path(store.path, 0))
-    example_scores = [s for s in QUALITY_SCORES if s in example_schema.names]
-    examples = _read_columns([examples_path(store.path, s) for s in shards], ["num_tokens", *example_scores])
-    histograms = [histogram("num_tokens", examples.column("num_tokens").to_numpy(), bins)]
-    histograms += [histogram(score, _floats(examples.column(score)), bins) for score in example_scores]
-    scores = list(example_scores)
-    for checkpoint in store.checkpoint_names:
-        schema = pq.read_schema(features_path(store.path, checkpoint, 0))
-        wanted = [c for c in (*FEATURE_COLUMNS, *QUALITY_SCORES) if c in schema.names]
-        table = _read_columns([features_path(store.path, checkpoint, s) for s in shards], wanted)
-        histograms += [histogram(column, _floats(table.column(column)), bins, checkpoint) for column in wanted]
-        scores += [c for c in wanted if c in QUALITY_SCORES and c not in scores]
+    tokens = _read_columns([examples_path(store.path, s) for s in shards], ["num_tokens"]).column("num_tokens")
+    histograms = [histogram("num_tokens", tokens.to_numpy(), bins)]
+    for score in store.score_names:
+        histograms += [histogram(score, store.scores(score, checkpoint), bins, checkpoint)
+                       for checkpoint in store.checkpoint_names]
     return DatastoreStats(datastore=name, examples=store.num_examples, sources=dict(store.manifest.counts.by_source),
-                          histograms=histograms, scores=scores)
+                          histograms=histograms, scores=list(store.score_names))
 
 
 def _read_columns(paths: list, columns: list[str]) -> pa.Table:
     return pa.concat_tables([pq.read_table(path, columns=columns, memory_map=True) for path in paths])
-
-
-def _floats(column: pa.ChunkedArray) -> np.ndarray:
-    return column.to_numpy(zero_copy_only=False).astype(np.float64)
 
 
 # -------------------------------------------------------------------------------------- examples
@@ -149,7 +133,7 @@ def example_page(engine: SelectionEngine, name: str, offset: int, limit: int, qu
     query = query or None
     items: list[Example] = []
     total = 0
-    starts = engine._shard_starts()  # cached by the engine: no footer read per page
+    starts = np.asarray(store._starts(), dtype=np.int64)  # kept by the store: no footer read per page
     sizes = np.diff(np.append(starts, store.num_examples))
     for shard in range(store.manifest.shards.count):
         path = examples_path(store.path, shard)
@@ -182,24 +166,19 @@ def example_model(columns: dict) -> Example:
 
 
 def with_scores(engine: SelectionEngine, examples: list[Example]) -> list[Example]:
-    """Fill each example's ``scores``: its stored example-level quality scores, then per
-    checkpoint its loss, gradient norm and quality scores (only the shards holding the examples
-    are read, without the feature column)."""
+    """Fill each example's ``scores``: per checkpoint, the store's per-example scores kept in its
+    feature files (only the shards holding the examples are read, without the feature column)."""
     if not examples:
         return examples
     store = engine.store
     rows = np.array([example.row for example in examples], dtype=np.int64)
-    starts = engine._shard_starts()
+    starts = np.asarray(store._starts(), dtype=np.int64)
     shard_of = np.searchsorted(starts, rows, side="right") - 1
-    sources = [(None, lambda shard: examples_path(store.path, shard))]
-    sources += [(c, lambda shard, c=c: features_path(store.path, c, shard)) for c in store.checkpoint_names]
-    for checkpoint, path_of in sources:
-        names = pq.read_schema(path_of(0)).names
-        wanted = [c for c in ((*FEATURE_COLUMNS, *QUALITY_SCORES) if checkpoint else QUALITY_SCORES) if c in names]
-        if not wanted:
-            continue
+    for checkpoint in store.checkpoint_names:
+        names = pq.read_schema(features_path(store.path, checkpoint, 0)).names
+        wanted = [score for score in store.score_names if score in names]
         for shard in np.unique(shard_of):
-            table = pq.read_table(path_of(int(shard)), columns=wanted, memory_map=True)
+            table = pq.read_table(features_path(store.path, checkpoint, int(shard)), columns=wanted, memory_map=True)
             for i in np.flatnonzero(shard_of == shard):
                 local = int(rows[i] - starts[shard])
                 for column in wanted:
@@ -288,7 +267,7 @@ def selection_summary(engine: SelectionEngine, selection: Selection, name: str, 
     return summarize(name, selection_id, pool=selection.pool, pool_sources=Counter(pool_sources),
                      selected_sources=selection.sources, pool_scores=selection.ranking_scores,
                      selected_scores=selection.scores, subtasks=selection.subtasks,
-                     targets=selection.table.counts.tolist(), subtask_scores=selection.subtask_scores, bins=bins)
+                     targets=[None] * len(selection.subtasks), subtask_scores=selection.subtask_scores, bins=bins)
 
 
 def summarize(name: str, selection_id: str | None, *, pool: int, pool_sources: dict[str, int],
@@ -310,8 +289,10 @@ def summarize(name: str, selection_id: str | None, *, pool: int, pool_sources: d
 
 
 def subtask_breakdown(subtasks: list[str], targets: list[int | None], subtask_scores) -> list[SubtaskSummary]:
-    """Per subtask: its targets, the mean of its score over the selected examples, and how many
+    """Per subtask: its targets (when known), the mean of its score over the selected examples, and how many
     selected examples score highest on it (ties to the first subtask)."""
+    if not subtasks:  # a strategy without targets
+        return []
     scores = np.asarray(subtask_scores, dtype=np.float64).reshape(-1, len(subtasks))
     best = np.bincount(scores.argmax(axis=1), minlength=len(subtasks)) if len(scores) else np.zeros(len(subtasks))
     return [SubtaskSummary(name=s, targets=t, mean_score=float(scores[:, i].mean()) if len(scores) else None,

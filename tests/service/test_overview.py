@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
+from gradstore.indexer.datastore import Datastore
 from gradstore.service.app import create_app
 from gradstore.service.settings import Settings
 
@@ -56,8 +57,9 @@ def test_stats_histograms_match_the_parquet_columns(client, service_root):
         assert sum(histogram["counts"]) == histogram["count"] == 40
         assert histogram["counts"] == np.histogram(loss.astype(np.float64), bins=7)[0].tolist()
         assert ("grad_norm", checkpoint) in by_key
-    assert stats["scores"] == [name for name in ("nuclear_norm", "effective_rank", "vog")
-                               if any(h["name"] == name for h in stats["histograms"])]
+    names = Datastore.open(store).score_names
+    assert stats["scores"] == names and "loss" in names
+    assert {key for key in by_key if key[1] is not None} == {(n, c) for n in names for c in ("epoch-1", "epoch-2")}
 
 
 def test_stats_errors(client):
@@ -173,11 +175,19 @@ def test_selection_summary(client):
     assert sum(summary["pool_scores"]["counts"]) == 40 and sum(summary["selected_scores"]["counts"]) == 10
     assert summary["selected_scores"]["edges"] == summary["pool_scores"]["edges"]
     subtasks = {s["name"]: s for s in summary["subtasks"]}
-    assert set(subtasks) == {"task-0", "task-1"} and all(s["targets"] == 3 for s in subtasks.values())
+    assert set(subtasks) == {"task-0", "task-1"}
     for name, s in subtasks.items():
         assert s["mean_score"] == pytest.approx(np.mean([i["subtask_scores"][name] for i in items]), abs=1e-6)
     assert sum(s["best_for"] for s in subtasks.values()) == 10
     error(client.get(f"/v1/datastores/pool/selections/{'0' * 64}/summary", headers=AUTH), 410, "selection_expired")
+
+
+def test_summary_of_a_selection_without_targets(client):
+    page = ok(client.post("/v1/datastores/pool/select", headers=AUTH,
+                          json={"strategy": {"name": "quality", "score": "loss", "order": "low"}, "k": 5}))
+    summary = ok(client.get(f"/v1/datastores/pool/selections/{page['selection_id']}/summary", headers=AUTH))
+    assert summary["subtasks"] == [] and summary["total"] == 5
+    assert summary["cutoff"] == pytest.approx(min(item["score"] for item in page["items"]))
 
 
 # ------------------------------------------------------------------------------------------ UI

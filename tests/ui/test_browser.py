@@ -213,6 +213,36 @@ def test_run_a_selection_for_target_records_and_download_the_export(page, servic
     assert [json.loads(line)["id"] for line in saved.read_text().splitlines()] == ranked
 
 
+def test_strategy_picker_runs_a_target_free_strategy_with_a_filter(page, service, tmp_path):
+    enter_key(page, service.url)
+    page.wait_for_selector("table.datastores")
+    page.goto(f"{service.url}/ui/#/ds/pool/select")
+    page.wait_for_selector("form.select-form")
+    names = page.locator("select[name=strategy] option").all_inner_texts()
+    response = page.request.get(f"{service.url}/v1/strategies", headers={"X-API-Key": KEY})
+    assert names == [s["name"] for s in response.json()["strategies"]] and "quality" in names
+    page.select_option("select[name=strategy]", "quality")
+    assert page.locator("fieldset:has(textarea[name=targets])").is_hidden()  # quality needs no targets
+    page.select_option("select[name=opt-score]", "loss")
+    page.select_option("select[name=opt-order]", "low")
+    page.select_option("select[name=budget-kind]", "k")
+    page.fill("input[name=budget]", "5")
+    page.click("text=add a filter")
+    page.select_option("select[name=filter-score]", "grad_norm")
+    page.fill("input[name=filter-quantile]", "0.5")
+    page.click("form.select-form button[type=submit]")
+    page.wait_for_selector("[data-view=selection]")
+    body = {"strategy": {"name": "quality", "score": "loss", "order": "low"}, "k": 5,
+            "filters": [{"score": "grad_norm", "keep": "below", "quantile": 0.5}]}
+    expected = page.request.post(f"{service.url}/v1/datastores/pool/select", data=body,
+                                 headers={"X-API-Key": KEY}).json()
+    ranked = page.locator("tr.ranked").evaluate_all("rows => rows.map(r => r.dataset.id)")
+    assert ranked == [item["id"] for item in expected["items"]] and len(ranked) == 5
+    assert f"Selected 5 of {expected['pool']}" in page.inner_text("[data-view=selection]")
+    assert expected["pool"] < 40  # the filter left part of the pool
+    shot(page, tmp_path, "selection-quality")
+
+
 def test_bad_targets_show_their_error(page, service, tmp_path):
     enter_key(page, service.url)
     page.wait_for_selector("table.datastores")

@@ -149,20 +149,35 @@
     }
   }
 
-  /* A form for a JSON schema's properties; returns [element, read() -> options object]. */
-  function optionsForm(schema) {
+  /* A form for a strategy's options (its JSON schema's properties but the const `name`);
+   * `choices` offers values for free-text properties the page knows (stored scores,
+   * checkpoints). Returns [element, read() -> options object]; empty fields are left out. */
+  function optionsForm(schema, choices) {
     const fields = [];
     const box = el("div", { class: "options" });
     for (const [key, prop] of Object.entries((schema && schema.properties) || {})) {
+      if (prop.const !== undefined) continue;
+      const variants = prop.anyOf || [prop];
+      const main = variants.find((v) => v.type !== "null") || {};
+      const type = main.type;
+      const values = main.enum || (type === "string" && choices[key]) || null;
+      const optional = variants.some((v) => v.type === "null");
+      const initial = prop.default === null || prop.default === undefined ? "" : prop.default;
       let input;
-      const type = Array.isArray(prop.type) ? prop.type.find((t) => t !== "null") : prop.type;
-      const choices = prop.enum || (prop.anyOf || []).flatMap((p) => p.enum || []);
-      if (choices.length) input = el("select", { name: `opt-${key}` }, choices.map((c) => el("option", { value: c, selected: c === prop.default }, c)));
-      else if (type === "boolean") input = el("input", { type: "checkbox", name: `opt-${key}`, checked: prop.default === true });
-      else if (type === "integer" || type === "number") input = el("input", { type: "number", name: `opt-${key}`, step: type === "integer" ? 1 : "any", value: prop.default ?? "", min: prop.minimum, max: prop.maximum });
-      else input = el("input", { type: "text", name: `opt-${key}`, value: prop.default === undefined || prop.default === null ? "" : (Array.isArray(prop.default) ? prop.default.join(",") : prop.default) });
-      fields.push([key, type, input, prop]);
-      box.append(el("label", { title: prop.description || "" }, `${prop.title || key} `, input));
+      if (values) {
+        input = el("select", { name: `opt-${key}` }, optional ? el("option", { value: "" }, "(default)") : null,
+          values.map((c) => el("option", { value: c, selected: c === initial }, c)));
+      } else if (type === "boolean") {
+        input = el("input", { type: "checkbox", name: `opt-${key}`, checked: initial === true });
+      } else if (type === "integer" || type === "number") {
+        input = el("input", { type: "number", name: `opt-${key}`, step: type === "integer" ? 1 : "any", value: initial, min: main.minimum, max: main.maximum });
+      } else {
+        const hint = type === "array" ? "a,b" : type === "object" ? "a=0.7,b=0.3" : "";
+        const text = Array.isArray(initial) ? initial.join(",") : typeof initial === "object" ? "" : initial;
+        input = el("input", { type: "text", name: `opt-${key}`, value: text, placeholder: hint });
+      }
+      fields.push([key, type, input]);
+      box.append(el("label", { title: prop.description || "" }, `${key.replace(/_/g, " ")} `, input));
     }
     const read = () => {
       const out = {};
@@ -170,8 +185,13 @@
         if (input.type === "checkbox") out[key] = input.checked;
         else if (input.value === "") continue;
         else if (type === "integer" || type === "number") out[key] = Number(input.value);
-        else if (type === "array") out[key] = input.value.split(",").map((s) => s.trim()).filter(Boolean);
-        else out[key] = input.value;
+        else if (type === "array") out[key] = input.value.split(",").map((v) => v.trim()).filter(Boolean);
+        else if (type === "object") {
+          out[key] = Object.fromEntries(input.value.split(",").filter((v) => v.trim()).map((pair) => {
+            const [name, value] = pair.split("=");
+            return [name.trim(), Number(value)];
+          }));
+        } else out[key] = input.value;
       }
       return out;
     };
@@ -208,7 +228,7 @@
     const onStrategy = () => {
       const s = chosen();
       strategyInfo.textContent = `${s.summary || ""}${s.cost ? ` (${s.cost})` : ""}${s.needs_targets ? ` · targets: ${s.needs_targets}` : ""}`;
-      const [box, read] = optionsForm(s.options_schema);
+      const [box, read] = optionsForm(s.options_schema, { score: stats.scores, checkpoint: detail.checkpoints.map((c) => c.name) });
       optionsBox.replaceChildren(box);
       readOptions = read;
       targetsBox.hidden = s.needs_targets === "none";
