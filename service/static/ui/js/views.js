@@ -284,7 +284,7 @@
       table(["source", "pool", "selected", "pool share", "selected share", ""], composition, { class: "composition" })));
     root.append(section("Scores",
       histogramChart(summary.pool_scores, { title: summary.pool_scores_known === false ? "score of the selected examples" : "score of every eligible example", overlay: summary.selected_scores, cutoff: summary.cutoff, width: 620, height: 220, name: "scores" })));
-    root.append(section("Per subtask",
+    if (summary.subtasks.length) root.append(section("Per subtask",
       table(["subtask", "targets", "mean score of the selection", "selected examples scoring highest on it"],
         summary.subtasks.map((s) => [s.name, fmt(s.targets), fmt(s.mean_score), fmt(s.best_for)]), { class: "subtasks" })));
     if (result.map) root.append(section("Map", mapChart(result.map)));
