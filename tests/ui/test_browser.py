@@ -314,11 +314,16 @@ def open_offline(browser, report):
 
 
 def test_selection_report_opens_offline(browser, service_root, tmp_path, capsys):
+    from gradstore.indexer.datastore import Datastore
+    from gradstore.selection import SelectionEngine, TargetSet
+
     selection, scores, report = tmp_path / "selection.jsonl", tmp_path / "scores.parquet", tmp_path / "report.html"
-    out = run_cli(["select", service_root / "pool", "--targets-store", service_root / "targets", "--subtask-field",
-                   "task", "--k", 8, "--json", "--scores", scores], capsys)
-    selection.write_text(out)
-    expected = [json.loads(line)["id"] for line in out.splitlines()]
+    # What `gradstore select --targets-store targets --subtask-field task --k 8 --json --scores` writes.
+    engine = SelectionEngine(Datastore.open(service_root / "pool"))
+    chosen = engine.select(TargetSet.from_datastore(Datastore.open(service_root / "targets"), "task"), {"k": 8})
+    selection.write_text("".join(json.dumps(item, ensure_ascii=False) + "\n" for item in chosen.items()))
+    engine.write_scores(chosen, scores)
+    expected = list(chosen.ids)
     run_cli(["report", service_root / "pool", "--selection", selection, "--scores", scores, "--targets-store",
              service_root / "targets", "-o", report], capsys)
     context, page, requests, errors = open_offline(browser, report)
