@@ -52,6 +52,9 @@ from .errors import SelectionError
 from .targets import TargetSet
 
 DEFAULT_BINS = 30
+#: Scores a store keeps once per example (in its example files), not per checkpoint
+#: (``Datastore.scores(name)`` takes no checkpoint for them).
+EXAMPLE_SCORES = ("vog",)
 EXAMPLE_COLUMNS = ["row", "id", "source", "record", "num_tokens", "num_label_tokens", "truncated"]
 
 
@@ -113,8 +116,9 @@ def store_stats(engine: SelectionEngine, name: str, bins: int = DEFAULT_BINS) ->
     tokens = _read_columns([examples_path(store.path, s) for s in shards], ["num_tokens"]).column("num_tokens")
     histograms = [histogram("num_tokens", tokens.to_numpy(), bins)]
     for score in store.score_names:
+        checkpoints = [None] if score in EXAMPLE_SCORES else store.checkpoint_names
         histograms += [histogram(score, store.scores(score, checkpoint), bins, checkpoint)
-                       for checkpoint in store.checkpoint_names]
+                       for checkpoint in checkpoints]
     return DatastoreStats(datastore=name, examples=store.num_examples, sources=dict(store.manifest.counts.by_source),
                           histograms=histograms, scores=list(store.score_names))
 
@@ -166,19 +170,24 @@ def example_model(columns: dict) -> Example:
 
 
 def with_scores(engine: SelectionEngine, examples: list[Example]) -> list[Example]:
-    """Fill each example's ``scores``: per checkpoint, the store's per-example scores kept in its
-    feature files (only the shards holding the examples are read, without the feature column)."""
+    """Fill each example's ``scores``: the store's scores kept in its example files (``vog``), then
+    per checkpoint those in its feature files (only the shards holding the examples are read,
+    without the feature column)."""
     if not examples:
         return examples
     store = engine.store
     rows = np.array([example.row for example in examples], dtype=np.int64)
     starts = np.asarray(store._starts(), dtype=np.int64)
     shard_of = np.searchsorted(starts, rows, side="right") - 1
-    for checkpoint in store.checkpoint_names:
-        names = pq.read_schema(features_path(store.path, checkpoint, 0)).names
+    files = [(None, lambda shard: examples_path(store.path, shard))]
+    files += [(c, lambda shard, c=c: features_path(store.path, c, shard)) for c in store.checkpoint_names]
+    for checkpoint, path_of in files:
+        names = pq.read_schema(path_of(0)).names
         wanted = [score for score in store.score_names if score in names]
+        if not wanted:
+            continue
         for shard in np.unique(shard_of):
-            table = pq.read_table(features_path(store.path, checkpoint, int(shard)), columns=wanted, memory_map=True)
+            table = pq.read_table(path_of(int(shard)), columns=wanted, memory_map=True)
             for i in np.flatnonzero(shard_of == shard):
                 local = int(rows[i] - starts[shard])
                 for column in wanted:

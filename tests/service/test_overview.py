@@ -59,7 +59,11 @@ def test_stats_histograms_match_the_parquet_columns(client, service_root):
         assert ("grad_norm", checkpoint) in by_key
     names = Datastore.open(store).score_names
     assert stats["scores"] == names and "loss" in names
-    assert {key for key in by_key if key[1] is not None} == {(n, c) for n in names for c in ("epoch-1", "epoch-2")}
+    assert set(by_key) == {("num_tokens", None)} | {(n, None) if n == "vog" else (n, c) for n in names
+                                                    for c in ("epoch-1", "epoch-2")}
+    if "vog" in names:
+        vog = pq.read_table(store / "examples", columns=["vog"]).column("vog").to_numpy().astype(np.float64)
+        assert by_key["vog", None]["counts"] == np.histogram(vog[np.isfinite(vog)], bins=7)[0].tolist()
 
 
 def test_stats_errors(client):
