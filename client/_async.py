@@ -14,6 +14,7 @@ import httpx
 
 from ._base import TERMINAL_JOB_STATUSES, BaseClient, Call, TargetsLike, export_file_name
 from .errors import APIError, InvalidResponseError, JobTimeoutError
+from .models import DatastoreStats, ExamplePage, MapResponse, SelectionSummary
 from .models import (
     DatastoreDetail,
     DatastoreSummary,
@@ -286,3 +287,27 @@ class AsyncClient(BaseClient):
     async def ready(self) -> Readiness:
         """Readiness (``GET /readyz``): the body also when the service answers 503 (not ready)."""
         return await self._request(self._ready())
+
+    # -- overview ----------------------------------------------------------------------------------
+
+    async def get_stats(self, name: str, *, bins: int | None = None) -> DatastoreStats:
+        """Examples per source and histograms of token length, loss, gradient norm and the stored
+        quality scores (``GET /v1/datastores/{name}/stats``)."""
+        return await self._request(self._get_stats(name, bins))
+
+    async def list_examples(self, name: str, *, offset: int = 0, limit: int = 20,
+                      query: str | None = None) -> ExamplePage:
+        """A page of stored examples in row order; with ``query``, of those whose id or record
+        text contains it (case-insensitive)."""
+        return await self._request(self._list_examples(name, offset, limit, query))
+
+    async def pool_map(self, name: str, *, sample: int = 2000, seed: int = 0, rows: Sequence[int] = (),
+                 targets: TargetsLike | None = None) -> MapResponse:
+        """2-D PCA coordinates of a seeded sample of the pool, with ``rows`` and ``targets`` placed
+        on the same axes (``POST /v1/datastores/{name}/map``)."""
+        return await self._request(self._pool_map(name, sample=sample, seed=seed, rows=rows, targets=targets))
+
+    async def get_selection_summary(self, name: str, selection_id: str, *, bins: int | None = None) -> SelectionSummary:
+        """Composition per source, the pool's score histogram with the cut-off and the per-subtask
+        breakdown of a cached selection."""
+        return await self._request(self._get_selection_summary(name, selection_id, bins))

@@ -61,6 +61,7 @@ from .models import (
     Targets,
     TargetVectors,
 )
+from .models import DatastoreStats, ExamplePage, MapRequest, MapResponse, SelectionSummary
 
 logger = logging.getLogger("gradstore.client")
 
@@ -392,6 +393,34 @@ class BaseClient:
     @staticmethod
     def _ready() -> Call[Readiness]:
         return Call("GET", "/readyz", _parse(Readiness), answers=frozenset({503}))
+
+    # -- overview ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _get_stats(name: str, bins: int | None) -> Call[DatastoreStats]:
+        return Call("GET", f"/v1/datastores/{_segment(name, 'name')}/stats", _parse(DatastoreStats),
+                    params=None if bins is None else {"bins": bins})
+
+    @staticmethod
+    def _list_examples(name: str, offset: int, limit: int, query: str | None) -> Call[ExamplePage]:
+        params: dict[str, Any] = {"offset": offset, "limit": limit}
+        if query:
+            params["q"] = query
+        return Call("GET", f"/v1/datastores/{_segment(name, 'name')}/examples", _parse(ExamplePage), params=params)
+
+    @staticmethod
+    def _pool_map(name: str, *, sample: int, seed: int, rows: Sequence[int],
+                  targets: TargetsLike | None) -> Call[MapResponse]:
+        request = MapRequest(sample=sample, seed=seed, rows=[int(row) for row in rows],
+                             targets=None if targets is None else to_targets(targets))
+        return Call("POST", f"/v1/datastores/{_segment(name, 'name')}/map", _parse(MapResponse),
+                    json=_body(request))
+
+    @staticmethod
+    def _get_selection_summary(name: str, selection_id: str, bins: int | None) -> Call[SelectionSummary]:
+        return Call("GET", f"/v1/datastores/{_segment(name, 'name')}/selections/"
+                           f"{_segment(selection_id, 'selection_id')}/summary", _parse(SelectionSummary),
+                    params=None if bins is None else {"bins": bins})
 
 
 # -- export file names -----------------------------------------------------------------------------

@@ -101,6 +101,14 @@ class Example(_Response):
     num_tokens: int
     num_label_tokens: int
     truncated: bool
+    scores: list[ExampleScore] = Field(default_factory=list, description="the example's stored per-example "
+                                       "values: loss, grad_norm and quality scores, per checkpoint")
+
+
+class ExampleScore(_Response):
+    name: str
+    checkpoint: str | None = None
+    value: float | None = Field(None, description="null for NaN or infinity")
 
 
 # -- targets ---------------------------------------------------------------------------------------
@@ -320,3 +328,99 @@ class StoreState(_Response):
 class Readiness(_Response):
     ready: bool
     datastores: list[StoreState]
+
+
+# -- overview: stats, example pages, the pool map, selection summaries ------------------------------
+
+
+class Histogram(_Response):
+    """Counts of finite values in equal-width bins (``edges`` has one more entry than ``counts``);
+    NaN and infinite values are counted in ``missing``."""
+
+    name: str = Field(description="the column: num_tokens, loss, grad_norm, a quality score, or score")
+    checkpoint: str | None = Field(None, description="the checkpoint, for per-checkpoint columns")
+    edges: list[float]
+    counts: list[int]
+    count: int = Field(description="finite values binned")
+    missing: int = 0
+    min: float | None = None
+    max: float | None = None
+    mean: float | None = None
+
+
+class DatastoreStats(_Response):
+    datastore: str
+    examples: int
+    sources: dict[str, int] = Field(description="examples per corpus source")
+    histograms: list[Histogram]
+    scores: list[str] = Field(description="the quality score columns the store has")
+
+
+class ExamplePage(_Response):
+    datastore: str
+    total: int = Field(description="examples matching the query (all, without one)")
+    offset: int
+    limit: int
+    query: str | None = None
+    items: list[Example]
+
+
+class MapRequest(_Model):
+    """A 2-D PCA map of a seeded sample of the pool, with rows and targets placed on it."""
+
+    sample: int = Field(2000, ge=2, description="pool examples to sample (all when the pool is smaller)")
+    seed: int = Field(0, ge=0, le=(1 << 32) - 1)
+    rows: list[int] = Field(default_factory=list, description="rows to place on the map too (e.g. a selection)")
+    targets: Targets | None = Field(None, description="targets to place on the map")
+
+
+class MapPoints(_Response):
+    x: list[float]
+    y: list[float]
+    rows: list[int] | None = None
+    sources: list[str] | None = None
+    subtasks: list[str] | None = None
+
+
+class MapResponse(_Response):
+    datastore: str
+    examples: int = Field(description="examples in the datastore")
+    explained_variance: list[float] = Field(description="share of the sample's variance along each axis")
+    sample: MapPoints
+    rows: MapPoints
+    targets: MapPoints | None = None
+
+
+class SourceShare(_Response):
+    source: str
+    pool: int = Field(description="eligible examples of this source")
+    selected: int
+
+
+class SubtaskSummary(_Response):
+    name: str
+    targets: int | None = Field(None, description="target examples of this subtask (null when unknown)")
+    mean_score: float | None = Field(None, description="mean subtask score of the selected examples")
+    best_for: int = Field(description="selected examples that score highest on this subtask")
+
+
+class SelectionSummary(_Response):
+    datastore: str
+    selection_id: str | None = None
+    total: int
+    pool: int
+    cutoff: float | None = Field(None, description="the lowest selected score")
+    pool_scores: Histogram = Field(description="scores of the whole eligible pool (of the selection alone when "
+                                               "pool_scores_known is false)")
+    pool_scores_known: bool = True
+    selected_scores: Histogram = Field(description="scores of the selection, in the same bins")
+    composition: list[SourceShare]
+    subtasks: list[SubtaskSummary]
+
+
+class UIConfig(_Response):
+    """What the web UI needs before it has a key (``GET /ui/config.json``, no key needed)."""
+
+    auth_required: bool
+    api_key_header: str
+    version: str

@@ -689,7 +689,7 @@ def _lora_targets(text: str | None) -> tuple[str, ...] | str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from gradstore import __version__
+    from gradstore import __version__, report
 
     parser = argparse.ArgumentParser(
         prog="gradstore",
@@ -704,6 +704,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_select_parser(subparsers)
     _add_serve_parser(subparsers)
     _add_eval_parser(subparsers)
+    report.add_parser(subparsers)
     return parser
 
 

@@ -8,19 +8,22 @@
 3. Warmup: LoRA training on a random fraction of the corpus, one checkpoint per epoch with its
    optimizer state and average learning rate (``gradstore.indexer.warmup``).
 4. Index the corpus (``adam`` gradients at every warmup checkpoint) into a datastore.
-5. Start ``gradstore serve`` on loopback and ask it, through the Python SDK, for 5 % of the
+5. Start ``gradstore serve`` on loopback (its web UI at ``/ui/``) and ask it, through the Python SDK, for 5 % of the
    corpus with every strategy of the comparison (``less``, ``rds``, ``quality`` by effective
    rank, ``random``, ``gio``, ``diversity``; the service computes the targets' ``sgd`` gradients
    and representations with the datastore's own model and checkpoints); print the LESS
    selection with each strategy's precision: the share of selected examples from the target's
-   family vs. its base rate.
+   family vs. its base rate, and write ``gradstore report`` of the LESS selection (``report.html``:
+   opens offline).
 6. Measure the selections (``gradstore.evaluate``): fine-tune a fresh LoRA on each strategy's 5 %
    (three seeds each; ``random`` draws a subset per seed) and on the whole corpus (one seed, one
    epoch), evaluate each and the base model on 100 held-out examples of the target task, and
    print held-out loss, exact-match accuracy and precision per strategy.
 
 Everything is written under ``demo-output/`` (override with ``--out``); the base model is reused
-when it is already there and was built with the same recipe.
+when it is already there and was built with the same recipe. The demo ends by printing the
+report's path and how to open the web UI; with ``--serve`` it then serves the demo's datastores
+with the web UI until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -140,6 +143,9 @@ def index_corpus(corpus_file: Path, model_dir: Path, run_dir: Path, out: Path) -
     return out
 
 
+API_KEY = "demo-key"
+
+
 def select_through_service(root: Path, store: str, targets: list[dict], fraction: float, out: Path,
                            strategies: list[dict], seeds: list[int]) -> dict[str, dict[int, list]]:
     """Start ``gradstore serve`` and select with each strategy through the SDK: per strategy label
@@ -149,11 +155,10 @@ def select_through_service(root: Path, store: str, targets: list[dict], fraction
     from gradstore.selection.strategies import strategy_label
     from gradstore.service.process import ServiceProcess
 
-    api_key = "demo-key"
     selections: dict[str, dict[int, list]] = {}
-    with ServiceProcess(root, api_key=api_key, log_file=out / "service.log") as service:
-        log(f"service listening on {service.url} (log: {out / 'service.log'})")
-        with Client(service.url, api_key=api_key, timeout=300) as client:
+    with ServiceProcess(root, api_key=API_KEY, log_file=out / "service.log") as service:
+        log(f"service listening on {service.url} (log: {out / 'service.log'}; web UI: {service.url}/ui/)")
+        with Client(service.url, api_key=API_KEY, timeout=300) as client:
             needs = {info.name: info.needs_targets for info in client.list_strategies()}
             for spec in strategies:
                 uses = targets if needs[spec["name"]] != "none" else None
@@ -162,6 +167,39 @@ def select_through_service(root: Path, store: str, targets: list[dict], fraction
                           for seed, options in draws.items()}
                 selections[strategy_label(spec)] = {seed: picked[seed if seed in picked else None] for seed in seeds}
     return selections
+
+
+def write_report(store_dir: Path, targets: list[dict], selected, fraction: float, out: Path) -> Path:
+    """``out/report.html``: ``gradstore report`` of the service's selection (``out/selection.jsonl``,
+    as ``gradstore select --json`` writes it), with the pool's scores (``out/scores.parquet``,
+    as ``gradstore select --scores``, recomputed in-process for the same request) and the targets."""
+    from gradstore.indexer.datastore import Datastore
+    from gradstore.report import build_report
+    from gradstore.selection import SelectionEngine, SelectionOptions, TargetFeaturizer
+
+    selection_file = out / "selection.jsonl"
+    selection_file.write_text("".join(item.model_dump_json() + "\n" for item in selected))
+    store = Datastore.open(store_dir)
+    engine = SelectionEngine(store)
+    target_set = TargetFeaturizer(store, device="cpu").featurize(targets, None)
+    local = engine.select(target_set, SelectionOptions(fraction=fraction))
+    if [item["id"] for item in local.items()] != [item.id for item in selected]:
+        log("warning: the in-process selection differs from the service's; the report's score histogram is "
+            "the in-process one")
+    scores = engine.write_scores(local, out / "scores.parquet")
+    return build_report(store_dir, out / "report.html", selection=selection_file, scores=scores, targets=target_set)
+
+
+def serve_until_interrupted(root: Path, out: Path) -> None:
+    """``gradstore serve`` over the demo's stores until Ctrl-C, printing the web UI's address."""
+    from gradstore.service.process import ServiceProcess
+
+    with ServiceProcess(root, api_key=API_KEY, log_file=out / "service.log") as service:
+        print(f"\nweb UI: {service.url}/ui/  (API key: {API_KEY}); serving until Ctrl-C", flush=True)
+        try:
+            service.process.wait()
+        except KeyboardInterrupt:
+            print("stopping the service", flush=True)
 
 
 def measure_selections(corpus: list[dict], selections: dict[str, dict[int, list]], target: str, model_dir: Path,
@@ -200,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=STRATEGIES,
                         help="strategies to compare, as gradstore eval --strategies takes them")
     parser.add_argument("--no-eval", action="store_true", help="stop after the selection (no fine-tuning)")
+    parser.add_argument("--serve", action="store_true",
+                        help="at the end, serve the demo's datastores with the web UI until Ctrl-C")
     args = parser.parse_args(argv)
     # Idle OpenMP threads sleep instead of spinning: on a small machine shared with other work,
     # spinning threads of the demo and its service fight each other and every other process for
@@ -261,12 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     for label, by_seed in selections.items():
         shares = [family_share([by_id[item.id] for item in by_seed[seed]], "dataset", args.target) for seed in seeds]
         print(f"  {label:<28} {sum(shares) / len(shares):6.1%}  ({len(by_seed[seeds[0]])} examples)")
+    report = write_report(stores / "corpus", targets, selections["less"][seeds[0]], args.fraction, out) \
+        if "less" in selections else None
+    if report is not None:
+        log(f"report of the LESS selection: {report}")
     if not args.no_eval:
         log(f"measuring the selections: fine-tuning on each strategy's {args.fraction:.0%} ({len(seeds)} seed(s) "
             f"each) and on the full corpus")
         measure_selections(corpus, selections, args.target, model_dir, out, args.fraction, seeds)
         log(f"comparison written to {out / 'comparison.json'}")
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
+    if report is not None:
+        print(f"report of the LESS selection (opens offline): {report}")
+    if args.serve:
+        serve_until_interrupted(stores, out)
+    else:
+        print(f"web UI: run `gradstore serve --root {stores} --api-key {API_KEY}` and open http://127.0.0.1:8080/ui/ "
+              f"(or `python -m gradstore.demo --serve` to end serving it)")
     return 0
 
 

@@ -30,7 +30,7 @@ from .errors import (
 from .jobs import JobManager
 from .metrics import Metrics, MetricsMiddleware
 from .registry import DatastoreRegistry, SelectionCache
-from .routers import datastores, health, influence, select, similar, strategies
+from .routers import datastores, examples, health, influence, pool_map, select, similar, stats, strategies, summary, ui
 from .routers.jobs import router as jobs_router
 from .settings import Settings
 
@@ -108,11 +108,12 @@ def _limit(schema: dict, keyword: str, value: int) -> None:
 
 def _include_routers(app: FastAPI, settings: Settings) -> None:
     app.include_router(health.router)
+    app.include_router(ui.router)
     auth = [Depends(api_key_auth(settings.api_key_header))]
     # Every /v1 route may answer these; the routers document their own (datastore names, limits, bodies).
     errors = error_responses(401, 422, 500)
     for router in (datastores.router, select.router, strategies.router, influence.router, similar.router,
-                   jobs_router):
+                   jobs_router, examples.router, stats.router, pool_map.router, summary.router):
         app.include_router(router, dependencies=auth, responses=errors)
 
 

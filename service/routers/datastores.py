@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
-from gradstore.client.models import CheckpointSummary, DatastoreDetail, DatastoreList, DatastoreSummary, Example
-from gradstore.indexer.datastore import Manifest
+from gradstore.client.models import DatastoreDetail, DatastoreList, DatastoreSummary, Example
+from gradstore.selection.overview import datastore_detail, example_model, summary_fields, with_scores
 
 from ..deps import RegistryDep, StoreDep
 from ..errors import ServiceError, error_responses
@@ -32,28 +30,13 @@ def _summaries(registry: DatastoreRegistry) -> list[DatastoreSummary]:
             manifest = registry.manifest(name)
         except ServiceError:
             continue  # unreadable stores are reported by /readyz
-        summaries.append(DatastoreSummary(**_summary_fields(name, manifest)))
+        summaries.append(DatastoreSummary(**summary_fields(name, manifest)))
     return summaries
-
-
-def _summary_fields(name: str, manifest: Manifest) -> dict:
-    return dict(
-        name=name, examples=manifest.counts.examples, dim=manifest.features.dim,
-        checkpoints=[CheckpointSummary(name=c.name, weight=c.weight, learning_rate=c.learning_rate)
-                     for c in manifest.checkpoints],
-        gradient_type=manifest.gradient_type,
-        index=manifest.index.kind if manifest.index is not None else None,
-    )
 
 
 @router.get("/{name}", response_model=DatastoreDetail, summary="Describe a datastore", responses=STORE_ERRORS)
 def get_datastore(store: StoreDep) -> DatastoreDetail:
-    m = store.manifest
-    return DatastoreDetail(
-        **_summary_fields(store.name, m), sources=m.counts.by_source, model=m.model.model_dump(),
-        lora=m.lora.model_dump(), projection=m.projection, tokens=m.tokens, created_at=m.created_at,
-        gradstore_version=m.gradstore_version,
-    )
+    return datastore_detail(store.name, store.manifest)
 
 
 @router.get("/{name}/examples/{id:path}", response_model=Example, summary="One stored example by id",
@@ -61,11 +44,5 @@ def get_datastore(store: StoreDep) -> DatastoreDetail:
 async def get_example(store: StoreDep, id: str) -> Example:
     row = await run_in_threadpool(store.store.row_of, id)
     columns = await run_in_threadpool(store.store.example, row)
-    return example_model(columns)
+    return (await run_in_threadpool(with_scores, store.engine, [example_model(columns)]))[0]
 
-
-def example_model(columns: dict) -> Example:
-    """The wire form of a stored example: the record parsed back from its JSON text."""
-    return Example(row=columns["row"], id=columns["id"], source=columns["source"],
-                   record=json.loads(columns["record"]), num_tokens=columns["num_tokens"],
-                   num_label_tokens=columns["num_label_tokens"], truncated=columns["truncated"])
