@@ -20,12 +20,13 @@ down to single examples.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .batching import default_batching
 from .checkpoints import CheckpointSpec, resolve_weights
 from .errors import JobError
 from .extras import ExtraFeatures, GradientVariance, l2_normalized
@@ -54,8 +55,8 @@ class FeaturizerSettings:
     projection: ProjectionSpec = field(default_factory=ProjectionSpec)
     max_length: int = 2048
     template: str = "auto"
-    max_tokens_per_batch: int = 16384
-    max_batch_size: int = 64
+    max_tokens_per_batch: int | None = None  # None: the device's default (batching.default_batching)
+    max_batch_size: int | None = None  # None: the device's default
     dtype: str = "fp32"
     device: torch.device | str = "auto"
     extras: ExtraFeatures = field(default_factory=ExtraFeatures)
@@ -109,8 +110,12 @@ class ExampleFeaturizer:
     def load(self, device: torch.device | None = None) -> None:
         """Load the tokenizer, formatter, model with its LoRA, projection and checkpoints, on
         ``device`` (default: the settings' device)."""
-        s = self.settings
-        self.device = device if device is not None else resolve_device(str(s.device))
+        self.device = device if device is not None else resolve_device(str(self.settings.device))
+        tokens, examples = default_batching(self.device.type)
+        self.settings = s = replace(
+            self.settings,
+            max_tokens_per_batch=tokens if self.settings.max_tokens_per_batch is None else self.settings.max_tokens_per_batch,
+            max_batch_size=examples if self.settings.max_batch_size is None else self.settings.max_batch_size)
         self.tokenizer = load_tokenizer(s.tokenizer or s.model)
         self.formatter = Formatter(self.tokenizer, s.max_length, s.template)
         base = load_base_model(s.model, s.dtype, self.device)

@@ -7,7 +7,8 @@ The job runs in four phases:
    job here, before any compute, or are skipped and reported with ``on_bad_record="skip"``.
 2. **Compute**: rank ``r`` of ``W`` takes shards ``r, r+W, …`` (on the GPU of its ``LOCAL_RANK``
    with ``--device cuda``). :class:`~gradstore.indexer.featurize.ExampleFeaturizer` computes a
-   shard's outputs: examples sorted by length and packed into batches under a token budget; for
+   shard's outputs: examples sorted by length and packed into batches under a token budget and an
+   example count (the device's defaults unless given: :mod:`gradstore.indexer.batching`); for
    each batch and checkpoint the per-example LoRA gradients are transformed
    (sgd/sign/adam/less), projected, normalised and kept, with the extras of
    :mod:`gradstore.indexer.extras` (representation vectors, gradient spectra, VoG) from the same
@@ -33,13 +34,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
+from .batching import default_batching
 from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate
 from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skipped_report
 from .datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, FeatureBatch, completed_shards,
@@ -47,7 +49,7 @@ from .datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, FeatureBatc
 from .errors import BadRecordError, JobError, StoreError
 from .extras import ExtraFeatures
 from .featurize import Computed, ExampleFeaturizer, FeaturizerSettings
-from .formatting import Encoded
+from .formatting import Encoded, Formatter
 from .model import LoraSpec, lora_description, resolve_device
 from .optimizer_state import find_optimizer_file
 from .projection import ProjectionSpec
@@ -71,8 +73,8 @@ class IndexJobConfig:
     projection: ProjectionSpec = field(default_factory=ProjectionSpec)
     max_length: int = 2048
     template: str = "auto"
-    max_tokens_per_batch: int = 16384
-    max_batch_size: int = 64
+    max_tokens_per_batch: int | None = None  # None: the device's default (batching.default_batching)
+    max_batch_size: int | None = None  # None: the device's default
     shard_size: int = 1024
     dtype: str = "fp32"
     device: str = "auto"
@@ -96,10 +98,20 @@ class IndexJobConfig:
         if len(set(names)) != len(names):
             raise JobError(f"checkpoint names must be unique, got {names}; name them with NAME=DIR")
         for positive in ("max_length", "max_tokens_per_batch", "max_batch_size", "shard_size"):
-            if getattr(self, positive) < 1:
+            if getattr(self, positive) is not None and getattr(self, positive) < 1:
                 raise JobError(f"{positive} must be positive, got {getattr(self, positive)}")
         if self.out.exists() and not self.overwrite:
             raise JobError(f"{self.out} already exists; pass --overwrite to replace it")
+
+    def with_device_batching(self, device_type: str) -> "IndexJobConfig":
+        """This config with each batch limit left as ``None`` set to ``device_type``'s default
+        (:func:`~gradstore.indexer.batching.default_batching`). The job batches with the result and
+        records it in the manifest and in its resume fingerprint (beside the device type), so a
+        resumed job batches exactly as the interrupted one did."""
+        tokens, examples = default_batching(device_type)
+        given_tokens, given_examples = self.max_tokens_per_batch, self.max_batch_size
+        return replace(self, max_tokens_per_batch=tokens if given_tokens is None else given_tokens,
+                       max_batch_size=examples if given_examples is None else given_examples)
 
     @property
     def work_dir(self) -> Path:
@@ -282,8 +294,10 @@ class IndexJob:
     # -- set-up --------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the compute core: tokenizer, formatter, model with its LoRA, projection, checkpoints."""
+        """Resolve the device and its batch limits (:meth:`IndexJobConfig.with_device_batching`); load
+        the compute core: tokenizer, formatter, model with its LoRA, projection, checkpoints."""
         device = rank_device(resolve_device(self.config.device))
+        self.config = self.config.with_device_batching(device.type)
         if device.type == "cuda":
             torch.cuda.set_device(device)  # libraries that allocate on "the" GPU use this one
         self.featurizer = ExampleFeaturizer(self.config.featurizer_settings(device), log=self.log)
@@ -391,6 +405,7 @@ class IndexJob:
         write_progress_file(report, "prepare")
         _init_distributed(self.world_size)
         self.load()
+        cfg = self.config  # with the device's batch limits
         prepared = prepare(cfg, self.formatter)
         finalised = self._open_work_dir(self._fingerprint(prepared))
         num_shards = math.ceil(prepared.num_rows / cfg.shard_size)

@@ -132,8 +132,8 @@ class TargetFeaturizer:
             projection=ProjectionSpec.from_dict(m.projection),
             max_length=int(m.tokenizer.get("max_length", IndexJobConfig.max_length)),
             template=template,
-            max_tokens_per_batch=int(job.get("max_tokens_per_batch", IndexJobConfig.max_tokens_per_batch)),
-            max_batch_size=int(job.get("max_batch_size", IndexJobConfig.max_batch_size)),
+            # The store's batch limits; a store that records none gets the target device's defaults.
+            max_tokens_per_batch=job.get("max_tokens_per_batch"), max_batch_size=job.get("max_batch_size"),
             dtype=m.model.dtype, device=device,
             extras=ExtraFeatures(representations=representations, gradient_spectra=False, vog=False),
         )
