@@ -242,9 +242,16 @@ class AsyncClient(BaseClient):
         """A job's current state."""
         return await self._request(self._get_job(id))
 
-    async def list_jobs(self) -> list[Job]:
-        """Every job the service knows."""
-        return await self._request(self._list_jobs())
+    async def list_jobs(self, *, page_size: int | None = None) -> list[Job]:
+        """Every job the service knows, newest first: every page of ``GET /v1/jobs``, of
+        ``page_size`` jobs each (default: the service's)."""
+        jobs, cursor = [], None
+        while True:
+            page = await self._request(self._list_jobs(cursor, page_size))
+            jobs += page.jobs
+            if page.next_cursor is None or page.next_cursor == cursor:
+                return jobs
+            cursor = page.next_cursor
 
     async def cancel_job(self, id: str) -> Job:
         """Ask the service to cancel a job; returns its state."""

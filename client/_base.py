@@ -376,8 +376,10 @@ class BaseClient:
         return Call("GET", f"/v1/jobs/{_segment(id, 'id')}", _parse(Job))
 
     @staticmethod
-    def _list_jobs() -> Call[list[Job]]:
-        return Call("GET", "/v1/jobs", lambda r: JobList.model_validate_json(r.content).jobs)
+    def _list_jobs(cursor: str | None = None, limit: int | None = None) -> Call[JobList]:
+        """One page of jobs; ``list_jobs`` follows ``next_cursor``."""
+        params = {name: value for name, value in (("cursor", cursor), ("limit", limit)) if value is not None}
+        return Call("GET", "/v1/jobs", _parse(JobList), params=params or None)
 
     @staticmethod
     def _cancel_job(id: str) -> Call[Job]:

@@ -235,9 +235,16 @@ class Client(BaseClient):
         """A job's current state."""
         return self._request(self._get_job(id))
 
-    def list_jobs(self) -> list[Job]:
-        """Every job the service knows."""
-        return self._request(self._list_jobs())
+    def list_jobs(self, *, page_size: int | None = None) -> list[Job]:
+        """Every job the service knows, newest first: every page of ``GET /v1/jobs``, of
+        ``page_size`` jobs each (default: the service's)."""
+        jobs, cursor = [], None
+        while True:
+            page = self._request(self._list_jobs(cursor, page_size))
+            jobs += page.jobs
+            if page.next_cursor is None or page.next_cursor == cursor:
+                return jobs
+            cursor = page.next_cursor
 
     def cancel_job(self, id: str) -> Job:
         """Ask the service to cancel a job; returns its state."""

@@ -14,12 +14,28 @@ like this module) plus targets and paging.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gradstore.selection.options import ExportFormat, QualityFilter, SelectionOptions  # noqa: F401 (re-exported)
+from gradstore.selection.options import exactly_one_schema as _exactly_one
 from gradstore.selection.strategies.less import Aggregation  # noqa: F401 (re-exported)
+# A datastore name: a plain folder name under the service root, 1-128 letters, digits and ._-,
+# starting with a letter or digit, without ".." (so never a path). The service and the schema
+# read this one definition.
+DATASTORE_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]*(\.[A-Za-z0-9_-]+)*\.?$"
+DATASTORE_NAME_MAX_LENGTH = 128
+# Where a job computes: what ``gradstore index --device`` takes.
+DEVICE_PATTERN = r"^(auto|cpu|mps|cuda|cuda:[0-9]{1,2})$"
+# A path on the service host as a job names it: no NUL (no file name holds one) and no line break
+# (the job's corpus list has one entry per line), at most 4096 characters, 255 per name (what
+# Linux can open); whether it exists and lies in an allowed folder is for the service to say.
+HOST_PATH = {"pattern": r"^([^/\x00\n\r]{0,255}/)*[^/\x00\n\r]{0,255}$", "min_length": 1, "max_length": 4096}
+
+
+# Jobs per page of ``GET /v1/jobs``.
+JOB_PAGE_DEFAULT, JOB_PAGE_MAX = 100, 1000
 
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 GradientType = Literal["sgd", "sign", "adam", "less"]
@@ -103,7 +119,7 @@ class TargetRecords(_Model):
 class TargetDatastore(_Model):
     """Targets from another datastore (built by the indexer with ``sgd`` gradients)."""
 
-    datastore: str
+    datastore: str = Field(pattern=DATASTORE_NAME_PATTERN, min_length=1, max_length=DATASTORE_NAME_MAX_LENGTH)
     subtask_field: str | None = None
 
 
@@ -202,6 +218,8 @@ class InfluenceResponse(_Response):
 
 
 class SimilarRequest(_Model):
+    model_config = ConfigDict(json_schema_extra=_exactly_one("id", {"type": "string"}, "vectors", {"type": "object"}))
+
     id: str | None = Field(None, description="a training example id of this datastore")
     vectors: dict[str, list[float]] | None = Field(None, description="or one vector per checkpoint")
     k: int = Field(10, ge=1)
@@ -222,15 +240,31 @@ class SimilarResponse(_Response):
 # -- jobs ------------------------------------------------------------------------------------------
 
 
+PathText = Annotated[str, Field(**HOST_PATH)]
+
+# What the service refuses whatever the files: run and checkpoints together, and adam / less
+# (the default) without either.
+_JOB_RULES = {"allOf": [
+    {"not": {"required": ["run", "checkpoints"],
+             "properties": {"run": {"type": "string"}, "checkpoints": {"type": "array", "minItems": 1}}}},
+    {"anyOf": [{"required": ["gradient_type"], "properties": {"gradient_type": {"enum": ["sgd", "sign"]}}},
+               {"required": ["run"], "properties": {"run": {"type": "string"}}},
+               {"required": ["checkpoints"], "properties": {"checkpoints": {"type": "array", "minItems": 1}}}]},
+]}
+
+
 class IndexJobRequest(_Model):
     """An indexing job; paths are on the service host, inside its allowed input folders."""
 
-    datastore: str = Field(description="name of the datastore to create under the service root")
-    corpus: list[str] = Field(min_length=1, description="corpus files ([NAME=]PATH)")
-    model: str
-    tokenizer: str | None = None
-    checkpoints: list[str] = Field(default_factory=list, description="[NAME=]DIR[:WEIGHT]")
-    run: str | None = Field(None, description="a warmup run folder, instead of checkpoints")
+    model_config = ConfigDict(json_schema_extra=_JOB_RULES)
+
+    datastore: str = Field(pattern=DATASTORE_NAME_PATTERN, min_length=1, max_length=DATASTORE_NAME_MAX_LENGTH,
+                           description="name of the datastore to create under the service root")
+    corpus: list[PathText] = Field(min_length=1, max_length=1_000_000, description="corpus files ([NAME=]PATH)")
+    model: PathText
+    tokenizer: PathText | None = None
+    checkpoints: list[PathText] = Field(default_factory=list, max_length=256, description="[NAME=]DIR[:WEIGHT]")
+    run: PathText | None = Field(None, description="a warmup run folder, instead of checkpoints")
     gradient_type: GradientType = "adam"
     # Upper bounds far above any real job, so that absurd values are refused here, not in the worker.
     proj_dim: int = Field(8192, ge=1, le=1 << 20)
@@ -239,7 +273,7 @@ class IndexJobRequest(_Model):
     lora_r: int = Field(8, ge=1, le=1 << 16)
     lora_alpha: float = 16.0
     on_bad_record: Literal["error", "skip"] = "error"
-    device: str = "auto"
+    device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     overwrite: bool = False
 
@@ -264,7 +298,10 @@ class Job(_Response):
 
 
 class JobList(_Response):
+    """One page of jobs, newest first; ``next_cursor`` fetches the next (null on the last page)."""
+
     jobs: list[Job]
+    next_cursor: str | None = None
 
 
 # -- health ----------------------------------------------------------------------------------------

@@ -47,9 +47,11 @@ def _add_index_parser(subparsers) -> None:
                     "Re-running the same command resumes an interrupted job.",
     )
     io = p.add_argument_group("inputs and output")
-    io.add_argument("--corpus", action="append", required=True, metavar="[NAME=]PATH",
+    io.add_argument("--corpus", action="append", default=[], metavar="[NAME=]PATH",
                     help="corpus file (JSONL, Parquet) or datasets save_to_disk folder; repeat for several "
                          "sources; NAME defaults to the file stem")
+    io.add_argument("--corpus-list", type=Path, metavar="FILE",
+                    help="a file of --corpus entries, one [NAME=]PATH per line (for more than a command line holds)")
     io.add_argument("--model", required=True, type=Path, help="local folder of a Hugging Face causal LM")
     io.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model folder)")
     io.add_argument("--out", required=True, type=Path, help="datastore folder to create")
@@ -71,6 +73,10 @@ def _add_index_parser(subparsers) -> None:
     ck.add_argument("--lora-alpha", type=float, default=16.0, help="alpha of a fresh LoRA")
     ck.add_argument("--lora-targets", default=None,
                     help="comma-separated target modules of a fresh LoRA (default: PEFT's for the model)")
+    ck.add_argument("--trust-pickled-checkpoints", action="store_true",
+                    help="load optimizer files that torch.load(weights_only=True) refuses by unpickling them in "
+                         "full: this RUNS ANY CODE THE FILE HOLDS, as your user; only for files you made or trust "
+                         "(off by default; `gradstore convert-optimizer` makes a file that needs no such trust)")
     ck.add_argument("--proj-dim", type=int, default=8192, help="projection dimension k")
     ck.add_argument("--projection", default="sjlt", choices=["sjlt", "rademacher"],
                     help="sjlt: sparse sign projection, cost independent of k, same error variance as dense; "
@@ -133,6 +139,14 @@ def _run_index(args) -> int:
     from gradstore.indexer.projection import ProjectionSpec
 
     targets = _split_targets(args.lora_targets)
+    corpus = list(args.corpus)
+    if args.corpus_list is not None:
+        try:
+            corpus += [line for line in args.corpus_list.read_text().splitlines() if line.strip()]
+        except OSError as err:
+            raise SystemExit(f"gradstore index: cannot read --corpus-list {args.corpus_list}: {err.strerror}") from None
+    if not corpus:
+        raise SystemExit("gradstore index: give the corpus with --corpus or --corpus-list")
     checkpoints = [CheckpointSpec.parse(spec) for spec in args.checkpoint]
     if args.run is not None:
         from gradstore.indexer.warmup import read_run_manifest
@@ -141,7 +155,7 @@ def _run_index(args) -> int:
             raise SystemExit("gradstore index: give --run or --checkpoint, not both")
         checkpoints = read_run_manifest(args.run)
     config = IndexJobConfig(
-        corpus=[CorpusSource.parse(spec) for spec in args.corpus],
+        corpus=[CorpusSource.parse(spec) for spec in corpus],
         model=args.model, out=args.out, tokenizer=args.tokenizer,
         checkpoints=checkpoints,
         lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, init_seed=args.seed),
@@ -156,7 +170,7 @@ def _run_index(args) -> int:
                              gradient_spectra=not args.no_gradient_spectra, vog=not args.no_vog),
         on_bad_record=args.on_bad_record,
         overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
-        progress_file=args.progress_file,
+        progress_file=args.progress_file, trust_pickled_checkpoints=args.trust_pickled_checkpoints,
     )
     try:
         summary = IndexJob(config, log=lambda line: print(line, file=sys.stderr)).run()
@@ -231,6 +245,31 @@ def _run_warmup(args) -> int:
     print(f"warmup run written to {result.out}: {len(result.checkpoints)} checkpoints, "
           f"average learning rates {', '.join(f'{lr:.3g}' for lr in result.average_learning_rates)}")
     print(f"next: gradstore index --run {result.out} --model {args.model} --corpus ... --out STORE")
+    return 0
+
+
+def _add_convert_optimizer_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "convert-optimizer", help="rewrite an optimizer state so that it loads without running code",
+        description="Rewrite an optimizer.pt / optimizer.bin that torch.load(weights_only=True) refuses (it "
+                    "holds Python objects besides tensors and numbers) as a file that loads safely: tensors, "
+                    "numbers, strings and containers are kept, NumPy values converted, other objects dropped. "
+                    "IN is unpickled in full, which RUNS ANY CODE IT HOLDS: run this only on a file you made or "
+                    "trust, then give the jobs OUT.")
+    p.add_argument("source", type=Path, metavar="IN", help="optimizer state file to convert")
+    p.add_argument("dest", type=Path, metavar="OUT", help="file to write (e.g. CHECKPOINT/optimizer.pt)")
+    p.set_defaults(handler=_run_convert_optimizer)
+
+
+def _run_convert_optimizer(args) -> int:
+    from gradstore.indexer.optimizer_state import convert_optimizer_file
+
+    if args.dest.resolve() == args.source.resolve():
+        raise SystemExit("gradstore convert-optimizer: OUT must differ from IN (keep the original until OUT works)")
+    dropped = convert_optimizer_file(args.source, args.dest)
+    for where in dropped:
+        print(f"dropped {where}: not tensors, numbers or strings", file=sys.stderr)
+    print(f"optimizer state written to {args.dest}")
     return 0
 
 
@@ -315,6 +354,10 @@ def _add_select_parser(subparsers) -> None:
     p.add_argument("--per-source-cap", type=int, metavar="N", help="at most N examples per source")
     p.add_argument("--dedup-threshold", type=float, metavar="X",
                    help="skip a candidate whose gradient similarity to an already selected example exceeds X")
+    p.add_argument("--diversity-weight", type=float, metavar="LAMBDA",
+                   help="re-rank by maximal marginal relevance: each pick maximises score - LAMBDA x its largest "
+                        "similarity to the picks so far (ranked strategies; not with --per-source-cap or "
+                        "--dedup-threshold)")
     p.add_argument("--export", type=Path, metavar="OUT.jsonl|OUT.parquet",
                    help="write the selected records, in their original form and rank order")
     p.add_argument("--scores", type=Path, metavar="OUT.parquet",
@@ -441,7 +484,8 @@ def _run_select(args) -> int:
     store = Datastore.open(args.store)
     engine = SelectionEngine(store)
     fields = {"strategy": _strategy_from_args(args), "k": args.k, "fraction": args.fraction, "sources": args.sources,
-              "filters": args.filters, "per_source_cap": args.per_source_cap, "dedup_threshold": args.dedup_threshold}
+              "filters": args.filters, "per_source_cap": args.per_source_cap, "dedup_threshold": args.dedup_threshold,
+              "diversity_weight": args.diversity_weight}
     options = selection_options({key: value for key, value in fields.items() if value is not None})
     # Refuse a bad query before computing any target gradient.
     engine.filtered_pool(options)
@@ -655,6 +699,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     _add_warmup_parser(subparsers)
     _add_index_parser(subparsers)
+    _add_convert_optimizer_parser(subparsers)
     _add_info_parser(subparsers)
     _add_select_parser(subparsers)
     _add_serve_parser(subparsers)

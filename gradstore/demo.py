@@ -8,14 +8,16 @@
 3. Warmup: LoRA training on a random fraction of the corpus, one checkpoint per epoch with its
    optimizer state and average learning rate (``gradstore.indexer.warmup``).
 4. Index the corpus (``adam`` gradients at every warmup checkpoint) into a datastore.
-5. Start ``gradstore serve`` on loopback and ask it, through the Python SDK, for the top 5 % of
-   the corpus for the target examples (the service computes their ``sgd`` gradients with the
-   datastore's own model and checkpoints); print the selection with its precision: the share of
-   selected examples from the target's family vs. its base rate.
-6. Measure the selection (``gradstore.evaluate``): fine-tune a fresh LoRA on the selected 5 %, on
-   a random 5 % of the same size (three seeds each) and on the whole corpus (one seed, one
+5. Start ``gradstore serve`` on loopback and ask it, through the Python SDK, for 5 % of the
+   corpus with every strategy of the comparison (``less``, ``rds``, ``quality`` by effective
+   rank, ``random``, ``gio``, ``diversity``; the service computes the targets' ``sgd`` gradients
+   and representations with the datastore's own model and checkpoints); print the LESS
+   selection with each strategy's precision: the share of selected examples from the target's
+   family vs. its base rate.
+6. Measure the selections (``gradstore.evaluate``): fine-tune a fresh LoRA on each strategy's 5 %
+   (three seeds each; ``random`` draws a subset per seed) and on the whole corpus (one seed, one
    epoch), evaluate each and the base model on 100 held-out examples of the target task, and
-   print held-out loss and exact-match accuracy per arm with the selection's precision.
+   print held-out loss, exact-match accuracy and precision per strategy.
 
 Everything is written under ``demo-output/`` (override with ``--out``); the base model is reused
 when it is already there and was built with the same recipe.
@@ -37,6 +39,8 @@ FINETUNE = dict(epochs=5, learning_rate=5e-3, lora_r=8, lora_alpha=16, lora_drop
                 batch_size=8, max_length=128)
 FULL_EPOCHS = 1
 HELDOUT_EXAMPLES = 100
+# The strategies the demo compares (gradstore eval --strategies syntax).
+STRATEGIES = "less,rds,quality:effective_rank,random,gio,diversity"
 
 
 def log(message: str) -> None:
@@ -136,37 +140,50 @@ def index_corpus(corpus_file: Path, model_dir: Path, run_dir: Path, out: Path) -
     return out
 
 
-def select_through_service(root: Path, store: str, targets: list[dict], fraction: float, out: Path):
-    """Start ``gradstore serve`` and select through the SDK; returns the selected items."""
+def select_through_service(root: Path, store: str, targets: list[dict], fraction: float, out: Path,
+                           strategies: list[dict], seeds: list[int]) -> dict[str, dict[int, list]]:
+    """Start ``gradstore serve`` and select with each strategy through the SDK: per strategy label
+    and seed, the selected items (a seeded strategy, ``random``, draws once per seed)."""
     from gradstore.client import Client
+    from gradstore.evaluate import seeded_by_run
+    from gradstore.selection.strategies import strategy_label
     from gradstore.service.process import ServiceProcess
 
     api_key = "demo-key"
+    selections: dict[str, dict[int, list]] = {}
     with ServiceProcess(root, api_key=api_key, log_file=out / "service.log") as service:
         log(f"service listening on {service.url} (log: {out / 'service.log'})")
         with Client(service.url, api_key=api_key, timeout=300) as client:
-            return client.select_all(store, targets, fraction=fraction)
+            needs = {info.name: info.needs_targets for info in client.list_strategies()}
+            for spec in strategies:
+                uses = targets if needs[spec["name"]] != "none" else None
+                draws = {seed: {**spec, "seed": seed} for seed in seeds} if seeded_by_run(spec) else {None: spec}
+                picked = {seed: client.select_all(store, uses, strategy=options, fraction=fraction)
+                          for seed, options in draws.items()}
+                selections[strategy_label(spec)] = {seed: picked[seed if seed in picked else None] for seed in seeds}
+    return selections
 
 
-def measure_selection(corpus: list[dict], selected_ids: list[str], target: str, model_dir: Path, out: Path,
-                      fraction: float, seeds: list[int]):
-    """Fine-tune on the selection, on random subsets and on the whole corpus; print the table."""
+def measure_selections(corpus: list[dict], selections: dict[str, dict[int, list]], target: str, model_dir: Path,
+                       out: Path, fraction: float, seeds: list[int]):
+    """Fine-tune on each strategy's selection and on the whole corpus; print the table."""
     from gradstore.evaluate import format_table, run_comparison, to_json
     from gradstore.indexer.demo_corpus import generate_heldout, write_jsonl
     from gradstore.indexer.finetune import FinetuneSettings
 
     by_id = {record["id"]: record for record in corpus}
-    selected = [by_id[i] for i in selected_ids]
+    chosen = {label: {seed: [by_id[item.id] for item in items] for seed, items in by_seed.items()}
+              for label, by_seed in selections.items()}
     heldout = generate_heldout(target, HELDOUT_EXAMPLES)
     write_jsonl(heldout, out / f"heldout-{target}.jsonl")
-    result = run_comparison(corpus, selected, heldout, model_dir, model_dir, settings=FinetuneSettings(**FINETUNE),
+    result = run_comparison(corpus, chosen, heldout, model_dir, model_dir, settings=FinetuneSettings(**FINETUNE),
                             seeds=seeds, full_seeds=seeds[:1], full_epochs=FULL_EPOCHS, max_new_tokens=16,
                             family_field="dataset", target_family=target, device="cpu", log=log)
     result.fraction = fraction
     (out / "comparison.json").write_text(to_json(result))
-    print(f"\nFine-tuned on the LESS selection, a random subset of the same size and the full corpus; "
-          f"evaluated on {len(heldout)} held-out '{target}' examples (loss: mean answer-token loss; accuracy: "
-          f"exact match of the greedy answer):\n")
+    print(f"\nFine-tuned on each strategy's {fraction:.0%} and on the full corpus; evaluated on {len(heldout)} "
+          f"held-out '{target}' examples (loss: mean answer-token loss; accuracy: exact match of the greedy "
+          f"answer; precision: share of the selection from '{target}'):\n")
     print(format_table(result))
     return result
 
@@ -179,7 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fraction", type=float, default=0.05, help="share of the corpus to select")
     parser.add_argument("--pretrain-steps", type=int, default=1500)
     parser.add_argument("--seeds", default="0,1,2",
-                        help="fine-tuning seeds of the selected and random arms (the full corpus uses the first)")
+                        help="fine-tuning seeds of every strategy's arm (the full corpus uses the first)")
+    parser.add_argument("--strategies", default=STRATEGIES,
+                        help="strategies to compare, as gradstore eval --strategies takes them")
     parser.add_argument("--no-eval", action="store_true", help="stop after the selection (no fine-tuning)")
     args = parser.parse_args(argv)
     # Idle OpenMP threads sleep instead of spinning: on a small machine shared with other work,
@@ -187,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     # the cores (training steps were measured 10-20x slower). Read when torch loads, so set first.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    from gradstore.evaluate import family_share
+    from gradstore.evaluate import family_share, parse_strategy
     from gradstore.indexer.corpus import CorpusSource
     from gradstore.indexer.demo_corpus import FAMILIES, generate_corpus, generate_targets, write_jsonl
     from gradstore.indexer.warmup import WarmupConfig, run_warmup
@@ -200,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
     if not seeds or len(set(seeds)) != len(seeds):
         parser.error(f"--seeds must be distinct integers, at least one, got {args.seeds!r}")
+    try:
+        strategies = [parse_strategy(spec) for spec in args.strategies.split(",") if spec.strip()]
+    except ValueError as err:
+        parser.error(f"--strategies: {err}")
     start = time.perf_counter()
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -221,22 +244,27 @@ def main(argv: list[str] | None = None) -> int:
     stores.mkdir(exist_ok=True)
     index_corpus(corpus_file, model_dir, run_dir, stores / "corpus")
 
-    log(f"selecting the top {args.fraction:.0%} for {len(targets)} '{args.target}' target examples "
-        "through the REST service and the Python SDK")
-    selected = select_through_service(stores, "corpus", targets, args.fraction, out)
+    log(f"selecting {args.fraction:.0%} for {len(targets)} '{args.target}' target examples with "
+        f"{len(strategies)} strategies through the REST service and the Python SDK")
+    selections = select_through_service(stores, "corpus", targets, args.fraction, out, strategies, seeds)
+    shown = "less" if "less" in selections else next(iter(selections))
+    selected = selections[shown][seeds[0]]
     by_id = {record["id"]: record for record in corpus}
-    precision = family_share([by_id[item.id] for item in selected], "dataset", args.target)
     base_rate = family_share(corpus, "dataset", args.target)
     prompts = {record["id"]: record["messages"][0]["content"] for record in corpus}
-    print(f"\nTop {len(selected)} of {len(corpus)} examples ({args.fraction:.0%}) for target '{args.target}':")
+    print(f"\nThe first of {len(selected)} examples ({args.fraction:.0%} of {len(corpus)}) for target "
+          f"'{args.target}', by {shown}:")
     for item in selected[:10]:
         print(f"  {item.rank:>2}. {item.score:+.4f}  {item.id:<24} {prompts[item.id][:60]!r}")
-    print(f"\nselection precision {precision:.1%} vs base rate {base_rate:.1%} "
-          f"({precision / max(base_rate, 1e-9):.1f}x) after {time.perf_counter() - start:.0f} s")
+    print(f"\nprecision (share from '{args.target}', base rate {base_rate:.1%}) after "
+          f"{time.perf_counter() - start:.0f} s:")
+    for label, by_seed in selections.items():
+        shares = [family_share([by_id[item.id] for item in by_seed[seed]], "dataset", args.target) for seed in seeds]
+        print(f"  {label:<28} {sum(shares) / len(shares):6.1%}  ({len(by_seed[seeds[0]])} examples)")
     if not args.no_eval:
-        log(f"measuring the selection: fine-tuning on the selected {args.fraction:.0%}, a random {args.fraction:.0%} "
-            f"({len(seeds)} seed(s) each) and the full corpus")
-        measure_selection(corpus, [item.id for item in selected], args.target, model_dir, out, args.fraction, seeds)
+        log(f"measuring the selections: fine-tuning on each strategy's {args.fraction:.0%} ({len(seeds)} seed(s) "
+            f"each) and on the full corpus")
+        measure_selections(corpus, selections, args.target, model_dir, out, args.fraction, seeds)
         log(f"comparison written to {out / 'comparison.json'}")
     print(f"\nfinished in {time.perf_counter() - start:.0f} s")
     return 0

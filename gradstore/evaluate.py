@@ -91,7 +91,7 @@ class ComparisonResult:
 
     arms: dict[str, ArmResult]  # base, then the strategies in the order given, then full
     pool: int  # records in the pool
-    selected: int  # records in each selection
+    selected: int  # records of the budget (a strategy that stops early selects fewer: see each arm)
     fraction: float | None
     heldout: int  # held-out records evaluated
     selected_ids: dict[str, dict[int, list[str]]]  # per strategy arm and seed, the selected ids
@@ -239,7 +239,8 @@ def run_comparison(pool: Sequence[dict], selections: Mapping[str, Mapping[int, S
     """Fine-tune and evaluate every arm for selections already made (see the module docstring).
 
     ``pool``: every record of the corpus; ``selections``: per arm label and seed, the records
-    that arm fine-tunes on with that seed (subsets of the pool, all of one size); ``heldout``:
+    that arm fine-tunes on with that seed (subsets of the pool: one budget, but a strategy that
+    stops early, ``gio``, may select fewer); ``heldout``:
     the target task's held-out records, with ``"answer"``.
     """
     from gradstore.indexer.errors import JobError
@@ -262,7 +263,7 @@ def run_comparison(pool: Sequence[dict], selections: Mapping[str, Mapping[int, S
     tokenizer_dir = tokenizer_dir or model_dir
     tokenizer = load_tokenizer(tokenizer_dir)
     torch_device = resolve_device(device)
-    size = len(next(iter(next(iter(selections.values())).values())))
+    size = max(len(records) for by_seed in selections.values() for records in by_seed.values())
 
     def measure(model, label: str) -> tuple[float, float]:
         result = evaluate(model, tokenizer, heldout, max_length=settings.max_length, batch_size=eval_batch_size,
@@ -331,17 +332,16 @@ def _check_selections(selections: Mapping[str, Mapping[int, Sequence[dict]]], po
 
     if not selections or not pool:
         raise JobError("nothing to compare: give at least one selection and a non-empty pool")
-    sizes = set()
     for label, by_seed in selections.items():
         if label in (BASE_ARM, FULL_ARM):
             raise JobError(f"{label!r} names a built-in arm; name the selection otherwise")
         missing = [seed for seed in seeds if seed not in by_seed]
         if missing:
             raise JobError(f"selection {label!r} has no subset for seed {missing[0]}")
-        sizes.update(len(by_seed[seed]) for seed in seeds)
-    if 0 in sizes or len(sizes) != 1 or max(sizes) > len(pool):
-        raise JobError(f"selections of sizes {sorted(sizes)} from a pool of {len(pool)}: expected non-empty "
-                       f"selections of one size, no larger than the pool")
+        sizes = sorted({len(by_seed[seed]) for seed in seeds})
+        if sizes[0] == 0 or sizes[-1] > len(pool):
+            raise JobError(f"selection {label!r} has {sizes[0] if sizes[0] == 0 else sizes[-1]} records, the pool "
+                           f"{len(pool)}: expected a non-empty subset of the pool")
 
 
 def family_share(records: Sequence[dict], family_field: str, target_family: str) -> float:

@@ -14,13 +14,21 @@ each epoch by its average learning rate, so nobody copies numbers by hand:
 
 Weights are normalised to sum to one. An explicit weight (``DIR:WEIGHT`` on the command line)
 overrides the recorded one; mixing explicit and missing weights is an error.
+
+Pickled files (``optimizer.pt``, ``optimizer.bin``, ``adapter_model.bin``) are read by
+:func:`load_torch_file` with ``torch.load(weights_only=True)``, which rebuilds tensors, numbers,
+strings and containers and refuses every other Python object, so a file cannot run code when it is
+read. A file that needs more is refused with its reason and how to convert it; only the
+``gradstore index --trust-pickled-checkpoints`` command line unpickles it in full.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,13 +71,57 @@ class CheckpointSpec:
         raise CheckpointError(f"{self.path}: no adapter weights (looked for {', '.join(ADAPTER_WEIGHTS)})")
 
     def validate(self) -> None:
+        """The folder holds an adapter config and weights; ``.bin`` weights load without code
+        (PEFT reads them with ``torch.load`` itself; checked here so that a file it would refuse,
+        whatever its version, is refused with the reason and the fix)."""
         if self.path is None:
             return
         if not self.path.is_dir():
             raise CheckpointError(f"checkpoint {self.path} is not a directory")
         if not (self.path / ADAPTER_CONFIG).is_file():
             raise CheckpointError(f"{self.path}: no {ADAPTER_CONFIG}; is this a PEFT adapter checkpoint?")
-        self.adapter_weights  # noqa: B018 - raises when missing
+        weights = self.adapter_weights
+        if weights.suffix == ".bin":
+            load_torch_file(weights, fix="save the adapter as adapter_model.safetensors "
+                                         "(PeftModel.save_pretrained(..., safe_serialization=True))")
+
+
+TRUST_FLAG = "--trust-pickled-checkpoints"
+
+
+def load_torch_file(path: Path, *, fix: str, trust_pickle: bool = False,
+                    error: type[CheckpointError] = CheckpointError):
+    """``torch.load(path)`` on CPU with ``weights_only=True``; raises ``error`` naming the file,
+    why it does not load and ``fix`` (how its owner converts it).
+
+    ``trust_pickle`` (the CLI's :data:`TRUST_FLAG` only; the service never sets it) loads a file
+    that the safe loader refuses with ``weights_only=False``, which runs any code the file holds.
+    """
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickling_reason(exc)
+        if not trust_pickle:
+            raise error(f"{path}: refused: torch.load(weights_only=True) cannot read it ({reason}), and "
+                        f"weights_only=False would run code stored in the file; {fix}") from None
+    except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, ...: one line naming the file
+        raise error(f"{path}: cannot be read as a torch file: {type(exc).__name__}: {exc}") from None
+    warnings.warn(f"{path}: loading with weights_only=False, which runs any code the file holds",
+                  stacklevel=2)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001
+        raise error(f"{path}: cannot be read as a torch file: {type(exc).__name__}: {exc}") from None
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The one line of torch's weights-only refusal that says what the file holds."""
+    text = str(exc)
+    found = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\. Please use|\n\n|$)", text, re.S)
+    reason = " ".join((found.group(1) if found else text).split())
+    return reason[:300] or "an object weights_only=True does not rebuild"
 
 
 def recorded_learning_rate(path: Path | None) -> float | None:

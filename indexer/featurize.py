@@ -56,10 +56,13 @@ class FeaturizerSettings:
     max_length: int = 2048
     template: str = "auto"
     max_tokens_per_batch: int | None = None  # None: the device's default (batching.default_batching)
-    max_batch_size: int | None = None  # None: the device's default
+    max_batch_size: int | None = None
     dtype: str = "fp32"
     device: torch.device | str = "auto"
     extras: ExtraFeatures = field(default_factory=ExtraFeatures)
+    # Unpickle optimizer state in full (runs code from the file): gradstore index
+    # --trust-pickled-checkpoints only; the service and target featurisation never set it.
+    trust_pickled_checkpoints: bool = False
 
     def effective_checkpoints(self) -> list[CheckpointSpec]:
         """The checkpoints to featurise: the given ones, or one fresh LoRA."""
@@ -111,11 +114,12 @@ class ExampleFeaturizer:
         """Load the tokenizer, formatter, model with its LoRA, projection and checkpoints, on
         ``device`` (default: the settings' device)."""
         self.device = device if device is not None else resolve_device(str(self.settings.device))
+        # Batch limits left as None take the device's defaults, now that the device is known.
         tokens, examples = default_batching(self.device.type)
+        given = self.settings
         self.settings = s = replace(
-            self.settings,
-            max_tokens_per_batch=tokens if self.settings.max_tokens_per_batch is None else self.settings.max_tokens_per_batch,
-            max_batch_size=examples if self.settings.max_batch_size is None else self.settings.max_batch_size)
+            given, max_tokens_per_batch=tokens if given.max_tokens_per_batch is None else given.max_tokens_per_batch,
+            max_batch_size=examples if given.max_batch_size is None else given.max_batch_size)
         self.tokenizer = load_tokenizer(s.tokenizer or s.model)
         self.formatter = Formatter(self.tokenizer, s.max_length, s.template)
         base = load_base_model(s.model, s.dtype, self.device)
@@ -138,7 +142,8 @@ class ExampleFeaturizer:
             if optimizer_file is None:
                 raise JobError(f"{spec.path}: gradient type {gradient_type!r} needs the optimizer "
                                "state (optimizer.pt or optimizer.bin), none found")
-            states = load_optimizer_state(optimizer_file, self.grads.param_shapes)
+            states = load_optimizer_state(optimizer_file, self.grads.param_shapes,
+                                          trust_pickle=self.settings.trust_pickled_checkpoints)
         lora_weights = initial
         if spec.path is not None:
             load_checkpoint_weights(self.peft_model, spec)  # validates config compatibility

@@ -87,6 +87,9 @@ class IndexJobConfig:
     restart: bool = False
     progress: bool = True
     progress_file: Path | None = None  # rank 0 keeps a JSON progress report here (see _Progress)
+    # Unpickle optimizer files that weights_only=True refuses (runs their code): the CLI's explicit
+    # --trust-pickled-checkpoints only; the service never sets it.
+    trust_pickled_checkpoints: bool = False
 
     def validate(self) -> None:
         if self.gradient_type not in GRADIENT_TYPES:
@@ -128,7 +131,8 @@ class IndexJobConfig:
             gradient_type=self.gradient_type, projection=self.projection, max_length=self.max_length,
             template=self.template, max_tokens_per_batch=self.max_tokens_per_batch,
             max_batch_size=self.max_batch_size, dtype=self.dtype,
-            device=self.device if device is None else device, extras=self.extras)
+            device=self.device if device is None else device, extras=self.extras,
+            trust_pickled_checkpoints=self.trust_pickled_checkpoints)
 
     def check_writable(self, with_work_dir: bool = True) -> None:
         """Fail before any compute when the job could not write its work directory or publish
@@ -294,8 +298,8 @@ class IndexJob:
     # -- set-up --------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Resolve the device and its batch limits (:meth:`IndexJobConfig.with_device_batching`); load
-        the compute core: tokenizer, formatter, model with its LoRA, projection, checkpoints."""
+        """Resolve the device and its batch limits (:meth:`IndexJobConfig.with_device_batching`), then
+        load the compute core: tokenizer, formatter, model with its LoRA, projection, checkpoints."""
         device = rank_device(resolve_device(self.config.device))
         self.config = self.config.with_device_batching(device.type)
         if device.type == "cuda":

@@ -1,5 +1,10 @@
 """Loading a causal LM from a local path and putting LoRA adapters on it.
 
+Nothing loaded here runs code from the files: models and tokenizers are loaded with
+``trust_remote_code=False`` (a folder whose ``config.json`` asks for its own code through
+``auto_map`` is refused), weights from safetensors or with ``torch.load(weights_only=True)``
+(transformers' and PEFT's default, and ``CheckpointSpec.validate`` checks ``.bin`` adapters first).
+
 The base model is loaded once per job; each checkpoint's adapter weights are then swapped into the
 same PEFT model, so a job with four checkpoints does not reload the base model four times. A job
 without checkpoints attaches a fresh LoRA (rank, alpha, target modules, seeded initialisation).
@@ -8,6 +13,7 @@ without checkpoints attaches a fresh LoRA (rank, alpha, target modules, seeded i
 from __future__ import annotations
 
 import json
+import pickle
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -46,8 +52,8 @@ def load_tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError) as exc:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise ModelError(f"cannot load a tokenizer from {path}: {exc}") from exc
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # padding is masked; any id will do
@@ -60,8 +66,9 @@ def load_base_model(path: str | Path, dtype: str, device: torch.device) -> torch
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: expected one of {sorted(DTYPES)}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True)
-    except (OSError, ValueError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=DTYPES[dtype], local_files_only=True,
+                                                     trust_remote_code=False)
+    except (OSError, ValueError, pickle.UnpicklingError) as exc:
         raise ModelError(f"cannot load a causal LM from {path}: {exc}") from exc
     model.requires_grad_(False)
     return model.to(device).eval()
@@ -86,7 +93,7 @@ def attach_lora(model: torch.nn.Module, checkpoints: list[CheckpointSpec], fresh
         try:
             with _quiet_peft():
                 peft_model = PeftModel.from_pretrained(model, str(first.path), is_trainable=True)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as exc:
             raise CheckpointError(f"{first.path}: cannot load the LoRA adapter: {exc}") from exc
     else:
         config = LoraConfig(r=fresh.r, lora_alpha=fresh.alpha, lora_dropout=0.0,

@@ -11,6 +11,11 @@ trainable LoRA parameter. Two on-disk layouts are understood:
 * Name-keyed ``optimizer.bin`` (accelerate / FSDP full state dicts): ``state`` is keyed by
   parameter names that may carry wrapper prefixes (``module.``, ``_fsdp_wrapped_module.``).
 
+Files are read with ``torch.load(weights_only=True)`` (``checkpoints.load_torch_file``): one
+that holds other Python objects is refused, since unpickling them runs code from the file.
+:func:`convert_optimizer_file` (``gradstore convert-optimizer``, for the file's owner) rewrites
+such a file as one that loads safely.
+
 Canonical parameter names drop PEFT's ``base_model.model.`` prefix and the adapter-name segment,
 so that names do not depend on how the model was wrapped or what the adapter was called.
 """
@@ -27,6 +32,7 @@ from typing import Any
 
 import torch
 
+from .checkpoints import load_torch_file
 from .errors import OptimizerStateError
 
 OPTIMIZER_FILE_NAMES = ("optimizer.pt", "optimizer.bin")
@@ -153,20 +159,61 @@ def _layout_hint(checkpoint_dir: Path) -> str:
     return ""
 
 
-def _torch_load(path: Path) -> Any:
-    """``torch.load`` on CPU, safely first; unsafe unpickling only when the safe load fails."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as safe_error:  # noqa: BLE001 - any failure of the safe loader falls back
-        warnings.warn(
-            f"{path}: cannot be loaded with weights_only=True ({safe_error}); loading it with "
-            "weights_only=False, which runs pickled code: only do this for checkpoints you trust",
-            stacklevel=3,
-        )
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise OptimizerStateError(f"{path}: cannot load the optimizer state: {error}") from error
+CONVERT_HINT = ("convert it with `gradstore convert-optimizer IN OUT` (run by the file's owner, who trusts it) "
+                "and use the converted file")
+
+
+def _torch_load(path: Path, trust_pickle: bool) -> Any:
+    """``torch.load`` on CPU with ``weights_only=True`` (see ``checkpoints.load_torch_file``)."""
+    return load_torch_file(path, fix=CONVERT_HINT, trust_pickle=trust_pickle, error=OptimizerStateError)
+
+
+def convert_optimizer_file(source: Path, dest: Path) -> list[str]:
+    """Rewrite the optimizer state ``source`` as ``dest``, which ``weights_only=True`` loads.
+
+    ``source`` is unpickled in full (``weights_only=False``), which runs any code it holds: only for
+    a file its owner trusts. Tensors, numbers, strings, booleans, None and lists, tuples and dicts
+    of them are kept; NumPy arrays and scalars become tensors and numbers; any other object is
+    dropped. Returns where the dropped objects were (``param_groups[0].extra``).
+    """
+    saved = load_torch_file(Path(source), fix=CONVERT_HINT, trust_pickle=True, error=OptimizerStateError)
+    dropped: list[str] = []
+    clean = _plain(saved, "", dropped)
+    _split_state_dict(Path(source), clean)
+    torch.save(clean, dest)
+    load_torch_file(Path(dest), fix=CONVERT_HINT, error=OptimizerStateError)  # what the indexer will do
+    return dropped
+
+
+def _plain(value: Any, where: str, dropped: list[str]) -> Any:
+    """``value`` with only what ``weights_only=True`` rebuilds (see :func:`convert_optimizer_file`)."""
+    import numpy as np
+
+    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+        return value
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(np.array(value))
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Mapping):
+        return {key: _plain(item, f"{where}.{key}" if where else str(key), dropped)
+                for key, item in value.items() if _keep(item, f"{where}.{key}" if where else str(key), dropped)}
+    if isinstance(value, (list, tuple)):
+        items = [_plain(item, f"{where}[{i}]", dropped) for i, item in enumerate(value)]
+        return tuple(items) if isinstance(value, tuple) else items
+    dropped.append(where)
+    return None
+
+
+def _keep(value: Any, where: str, dropped: list[str]) -> bool:
+    """Whether a dict entry is kept: an object that is not plain data is dropped with its key."""
+    import numpy as np
+
+    plain = (type(None), bool, int, float, str, torch.Tensor, np.ndarray, np.generic, Mapping, list, tuple)
+    if isinstance(value, plain):
+        return True
+    dropped.append(where)
+    return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,15 +222,16 @@ def _torch_load(path: Path) -> Any:
 
 
 def load_optimizer_state(path: Path, params: "OrderedDict[str, torch.Size]", *,
-                         adapter_name: str = "default") -> dict[str, AdamParamState]:
+                         adapter_name: str = "default", trust_pickle: bool = False) -> dict[str, AdamParamState]:
     """Adam state of every trainable LoRA parameter, keyed by canonical name.
 
     ``path`` is an optimizer file or a checkpoint directory holding one. ``params`` maps canonical
     names to shapes in ``named_parameters()`` order. Raises ``OptimizerStateError`` when the file
-    is missing or unreadable, or its states do not match ``params`` one to one.
+    is missing or unreadable (a file that ``weights_only=True`` does not load is refused unless
+    ``trust_pickle``), or its states do not match ``params`` one to one.
     """
     path = _resolve_optimizer_file(path)
-    saved = _torch_load(path)
+    saved = _torch_load(path, trust_pickle)
     state, groups = _split_state_dict(path, saved)
     if all(isinstance(key, str) for key in state):
         keyed, group_of = _map_name_keyed(path, state, groups, adapter_name)

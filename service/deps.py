@@ -176,7 +176,7 @@ async def resolve_targets(spec: Targets, store: StoreHandle, registry: Datastore
     """
     if isinstance(spec, TargetRecords):
         check_limit("targets", len(spec.records), settings.max_targets)
-        check_records(spec.records)
+        check_records(spec.records, settings.max_target_record_chars)
         featurizer = await run_in_threadpool(store.featurizer)
         return await run_in_threadpool(featurizer.featurize, spec.records, spec.subtask_field)
     if isinstance(spec, TargetDatastore):
@@ -213,14 +213,36 @@ def check_weight_sum(weights: dict[str, float] | None, checkpoints: list[str] | 
                             {"field": "weights"})
 
 
-def check_records(records: list[dict]) -> None:
-    """Target records must be corpus records: checked before the store's model (possibly many
-    GB) is loaded to featurise them."""
+def check_records(records: list[dict], max_chars: int) -> None:
+    """Target records must be corpus records of at most ``max_chars`` characters of text: checked
+    before the store's model (possibly many GB) is loaded and before anything is tokenised (a
+    6 MB record takes seconds to tokenise, then is truncated to the store's maximum length)."""
     for index, record in enumerate(records):
+        chars = text_chars(record)
+        if chars > max_chars:
+            raise ServiceError(400, "limit_exceeded", f"targets.records[{index}]: {chars} characters of text "
+                               f"exceed the limit of {max_chars} per target record",
+                               {"limit": "max_target_record_chars", "value": chars, "max": max_chars,
+                                "field": f"targets.records[{index}]"})
         try:
             validate_record(record, f"targets.records[{index}]")
         except BadRecordError as err:
             raise invalid_query(str(err), {"field": f"targets.records[{index}]"}) from None
+
+
+def text_chars(value: Any) -> int:
+    """Characters in every string (keys included) of a parsed JSON value, walked without recursion."""
+    total, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += sum(len(key) for key in item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return total
 
 
 def check_checkpoints(names, store: StoreHandle) -> None:

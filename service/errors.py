@@ -5,7 +5,8 @@ Routes raise :class:`ServiceError` with an HTTP status and a stable machine-read
 (422 ``validation_error``), a body that cannot be parsed at all (400 ``bad_request``), unknown
 routes and methods (404 ``not_found``, 405 ``method_not_allowed``), datastore errors (503
 ``datastore_unavailable``, 404 ``example_not_found``), engine errors (422 ``invalid_query``) and
-unexpected exceptions (500 ``internal_error``, logged, never echoed to the client).
+unexpected exceptions: 503 ``datastore_unavailable`` when a served store's files turn out damaged
+(the registry re-checks them), else 500 ``internal_error`` (logged, never echoed to the client).
 :data:`ERROR_STATUSES` lists every status with its codes; :func:`error_responses` documents them
 in the OpenAPI schema. Error bodies are rendered as ASCII JSON, so an echoed input that is not
 valid Unicode (a lone surrogate such as ``"\\ud800"``) cannot break the error response itself.
@@ -22,6 +23,7 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradstore.client.models import ErrorBody
 from gradstore.indexer.datastore import ExampleNotFoundError
@@ -49,10 +51,12 @@ _HTTP_CODES = {
 # Every error status the API answers, with the codes it uses (the OpenAPI descriptions).
 ERROR_STATUSES = {
     400: "bad input the schema cannot express: `invalid_name`, `limit_exceeded`, `invalid_cursor`, "
-         "`invalid_selection_id`, `path_not_allowed`, `invalid_job`, `bad_request` (a body that cannot be parsed)",
+         "`invalid_selection_id`, `invalid_job`, `bad_request` (a body that cannot be parsed)",
     401: "`unauthorized`: the API key is missing or unknown",
-    404: "`datastore_not_found`, `example_not_found`, `job_not_found`, `not_found` (no such route)",
-    409: "`conflict`: the datastore exists or has an active job, or the job has finished",
+    403: "`path_not_allowed`: a job input lies outside the folders allowed for job inputs",
+    404: "`datastore_not_found`, `example_not_found`, `job_not_found`, `input_not_found` (a job input "
+         "path names no file), `not_found` (no such route)",
+    409: "`conflict`: the datastore exists, has an active job or its path is a link, or the job has finished",
     410: "`selection_expired`: the selection is no longer cached; repeat the select request",
     413: "`payload_too_large`: the body is larger than the service's limit",
     415: "`unsupported_media_type`: the body is not JSON (`Content-Type: application/json`)",
@@ -176,9 +180,59 @@ async def _selection_error(request: Request, exc: SelectionError) -> JSONRespons
     return error_response(422, "invalid_query", _strip_root(request, str(exc)))
 
 
+class UnexpectedErrorMiddleware:
+    """Pure ASGI middleware, innermost: an exception no handler took becomes its error response
+    here (:func:`_internal_error`), so the connection stays usable. The ``Exception`` handler
+    answers the same but from Starlette's outermost middleware, which re-raises to the server,
+    and uvicorn then drops the connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _internal_error(Request(scope), exc)
+            await response(scope, receive, send)
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    unavailable = await _damaged_store(request)
+    if unavailable is not None:  # a store's files changed under it (truncated, removed): not a bug
+        log.warning("%s %s: %s (%s: %s)", request.method, request.url.path, unavailable.message,
+                    type(exc).__name__, exc)
+        return error_response(unavailable.status, unavailable.code, unavailable.message, unavailable.detail)
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error_response(500, "internal_error", "internal server error; see the service log")
+
+
+async def _damaged_store(request: Request) -> ServiceError | None:
+    """The 503 of a served store whose files no longer check (``DatastoreRegistry.recheck``),
+    the request's own store first."""
+    from fastapi.concurrency import run_in_threadpool
+
+    registry = getattr(request.app.state, "registry", None)
+    if registry is None:
+        return None
+    name = request.path_params.get("name")
+    try:
+        return await run_in_threadpool(registry.recheck, [name] if isinstance(name, str) else [])
+    except Exception:  # noqa: BLE001 - the original error is what gets reported
+        log.exception("re-checking the datastores failed")
+        return None
 
 
 def _short(text: str, limit: int = 200) -> str:

@@ -6,13 +6,18 @@ queue, the history and the progress of every job survive a restart of the servic
 :class:`JobManager` validates submissions (:meth:`JobManager.submit`), and one worker thread runs
 the queued jobs one at a time, oldest first. Each job is a subprocess::
 
-    python -m gradstore.cli index --corpus=... --model=... --out=<root>/<name> --no-progress
-        --progress-file=<root>/.gradstore/jobs/<id>/progress.json
+    python -m gradstore.cli index --corpus-list=<root>/.gradstore/jobs/<id>/corpus.txt --model=...
+        --out=<root>/<name> --no-progress --progress-file=<root>/.gradstore/jobs/<id>/progress.json
 
-with stdout and stderr appended to ``<root>/.gradstore/jobs/<id>/index.log``. The worker polls
-the process and its progress file, and records the outcome: ``succeeded``, ``failed`` (the error
-is the end of the log), or ``cancelled`` (:meth:`JobManager.cancel`: SIGTERM, then SIGKILL after
-a grace period; the job's partial work is discarded).
+(the corpus entries in a file, one per line, so that no number of them overflows a command
+line), with stdout and stderr appended to ``<root>/.gradstore/jobs/<id>/index.log``. The
+indexer gets the parent-death signal (Linux ``PR_SET_PDEATHSIG``): a service that dies, even by
+SIGKILL, takes its indexer with it. The worker polls the process and its progress file (reset
+for each attempt), and records the outcome: ``succeeded``, ``failed``, or ``cancelled``
+(:meth:`JobManager.cancel`: SIGTERM, then SIGKILL after a grace period). A failed or cancelled
+job's partial work is discarded. A failed job's ``error`` is the indexer's one-line explanation
+(``error: ...``), the service root left out of paths; an indexer that died with a traceback gets
+a message naming the exception type, and the traceback goes to the service log.
 
 Every job is resumable, because the indexer is: a job interrupted at any point and run again with
 the same command keeps its finished shards. So:
@@ -30,13 +35,18 @@ Several service processes may share a root (for instance ``uvicorn --workers N``
 queue, and an exclusive lock (``<root>/.gradstore/jobs.lock``) makes exactly one of them run jobs;
 the others take over when it exits. Cancellation works from any of them (through the database).
 
-Job input paths (corpus, model, tokenizer, checkpoints, warmup run) must resolve, symlinks
-followed, inside one of ``settings.job_input_roots``; relative paths are taken relative to the
-service root.
+Submissions are validated in full before anything runs (:meth:`JobManager.submit`; the request
+model already checks names, the device and the sizes): job input paths (corpus, model,
+tokenizer, checkpoints, warmup run) must exist and resolve, symlinks followed, inside one of
+``settings.job_input_roots`` (relative paths are taken relative to the service root); the output
+``<root>/<name>`` and its work folder ``<root>/.<name>.partial`` must not be symbolic links or
+files, so a job writes nowhere but in its own folder under the root. Files that a job reads are
+never unpickled in full (``--trust-pickled-checkpoints`` is refused in ``index_args``).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
@@ -56,8 +66,10 @@ from pathlib import Path
 from typing import Any
 
 from gradstore.client.models import IndexJobRequest, Job, JobProgress
+from gradstore.indexer.checkpoints import TRUST_FLAG
 
 from .errors import ServiceError
+from .registry import check_name
 
 try:  # POSIX; elsewhere every process runs jobs (do not run several on one root there)
     import fcntl
@@ -72,9 +84,11 @@ LOCK_FILE = "jobs.lock"
 JOBS_DIR = "jobs"
 PROGRESS_FILE = "progress.json"
 LOG_FILE = "index.log"
+CORPUS_LIST_FILE = "corpus.txt"
+JOB_CURSOR_PATTERN = r"^[1-9][0-9]{0,17}$"  # the row id the next page starts before
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 MAX_ATTEMPTS = 3
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 ACTIVE = ("queued", "running")
 TERMINAL = ("succeeded", "failed", "cancelled")
 ERROR_LINES = 12
@@ -153,9 +167,23 @@ class JobStore:
 
     def all(self) -> list[dict[str, Any]]:
         """Every job, newest first."""
+        return self.page(None, -1)[0]
+
+    def page(self, before: int | None, limit: int) -> tuple[list[dict[str, Any]], int | None]:
+        """Up to ``limit`` jobs (all for -1) older than row ``before``, newest first, and the row
+        id to continue before (None at the end)."""
+        query, params = "SELECT rowid AS _row, * FROM jobs", []
+        if before is not None:
+            query, params = query + " WHERE rowid < ?", [before]
         with self._lock:
-            rows = self._conn.execute("SELECT * FROM jobs ORDER BY rowid DESC").fetchall()
-        return [dict(row) for row in rows]
+            rows = [dict(row) for row in self._conn.execute(query + " ORDER BY rowid DESC LIMIT ?",
+                                                            [*params, limit if limit < 0 else limit + 1])]
+        more = 0 <= limit < len(rows)
+        rows = rows[:limit] if more else rows
+        last = rows[-1]["_row"] if more else None
+        for row in rows:
+            del row["_row"]
+        return rows, last
 
     def with_status(self, *statuses: str) -> list[dict[str, Any]]:
         """Jobs in these states, oldest first."""
@@ -206,6 +234,9 @@ class JobManager:
         self.root = Path(settings.root).resolve()
         self.input_roots = [Path(p).resolve() for p in (settings.job_input_roots or [self.root])]
         self.index_args = [str(arg) for arg in index_args]
+        if any(arg.partition("=")[0] == TRUST_FLAG for arg in self.index_args):
+            # A job's files come from clients: the service never unpickles them in full.
+            raise ValueError(f"{TRUST_FLAG} is not allowed in the service's index arguments")
         self.max_attempts = max_attempts
         self.poll_interval = poll_interval
         self.kill_grace = kill_grace
@@ -246,9 +277,10 @@ class JobManager:
         self._release_lead()
 
     def submit(self, request: IndexJobRequest) -> Job:
-        """Validate and queue a job; 400 ``invalid_name`` / ``path_not_allowed`` / ``invalid_job``,
-        409 ``conflict`` when the datastore exists (without ``overwrite``) or has an active job."""
-        self.index_command(request, self.jobs_dir / "new" / PROGRESS_FILE)  # validates every input
+        """Validate and queue a job; 400 ``invalid_name`` / ``invalid_job``, 403 ``path_not_allowed``
+        (an input outside the allowed folders), 404 ``input_not_found``, 409 ``conflict`` when the
+        datastore exists (without ``overwrite``), has an active job, or its path is a link."""
+        self.index_command(request, self.jobs_dir / "new")  # validates every input, writes nothing
         out = self.root / request.datastore
         job_id = uuid.uuid4().hex
         with self.store.transaction() as conn:
@@ -276,6 +308,18 @@ class JobManager:
         """Every job, newest first."""
         return [_to_job(row) for row in self.store.all()]
 
+    def page(self, limit: int, cursor: str | None = None) -> tuple[list[Job], str | None]:
+        """``limit`` jobs, newest first, after ``cursor`` (from the previous page), and the next
+        page's cursor (None on the last); 400 ``invalid_cursor`` for a cursor this did not issue."""
+        before = None
+        if cursor is not None:
+            if not re.fullmatch(JOB_CURSOR_PATTERN, cursor):
+                raise ServiceError(400, "invalid_cursor", "the cursor is not one this service issued",
+                                   {"field": "cursor"})
+            before = int(cursor)
+        rows, last = self.store.page(before, limit)
+        return [_to_job(row) for row in rows], (str(last) if last is not None else None)
+
     def cancel(self, job_id: str) -> Job:
         """Cancel a queued or running job (waiting up to the kill grace period for a running one to
         stop); 409 ``conflict`` for a finished job."""
@@ -300,21 +344,20 @@ class JobManager:
 
     # -- validation and the command line ---------------------------------------------------------
 
-    def index_command(self, request: IndexJobRequest, progress_file: Path) -> list[str]:
-        """The ``gradstore index`` command of a job; raises :class:`ServiceError` for bad inputs."""
+    def index_command(self, request: IndexJobRequest, job_dir: Path) -> tuple[list[str], list[str]]:
+        """The ``gradstore index`` command of a job whose files are in ``job_dir``, and the lines
+        of its corpus list (``job_dir/corpus.txt``, for the caller to write); raises
+        :class:`ServiceError` for bad inputs."""
         name = request.datastore
-        if not NAME_PATTERN.match(name) or ".." in name:
-            raise ServiceError(400, "invalid_name", f"invalid datastore name {name!r}: use 1-128 letters, digits "
-                               "and ._- starting with a letter or digit, without '..'",
-                               {"name": name, "pattern": NAME_PATTERN.pattern})
+        check_name(name)
+        self._check_output(name)
         if request.run and request.checkpoints:
             raise ServiceError(400, "invalid_job", "give run or checkpoints, not both")
         if request.gradient_type in ("adam", "less") and not (request.run or request.checkpoints):
             raise ServiceError(400, "invalid_job", f"gradient type {request.gradient_type!r} needs checkpoints "
                                "with optimizer state (checkpoints or run); use 'sgd' or 'sign' for a fresh LoRA")
-        command = [sys.executable, "-m", "gradstore.cli", "index"]
-        for spec in request.corpus:
-            command.append(f"--corpus={self._corpus_arg(spec)}")
+        corpus = [self._corpus_arg(spec) for spec in request.corpus]
+        command = [sys.executable, "-m", "gradstore.cli", "index", f"--corpus-list={job_dir / CORPUS_LIST_FILE}"]
         command.append(f"--model={self._input_path('model', request.model)}")
         if request.tokenizer:
             command.append(f"--tokenizer={self._input_path('tokenizer', request.tokenizer)}")
@@ -332,39 +375,55 @@ class JobManager:
         # is discarded; one with the same settings (this job, interrupted) is resumed.
         command.append("--restart")
         command += self.index_args
-        command += [f"--out={self.root / name}", "--no-progress", f"--progress-file={progress_file}"]
-        return command
+        command += [f"--out={self.root / name}", "--no-progress", f"--progress-file={job_dir / PROGRESS_FILE}"]
+        return command, corpus
+
+    def _check_output(self, name: str) -> None:
+        """409 ``conflict`` when the store's path or its work folder is a symbolic link or not a
+        folder: the job would write through it (or fail only when it publishes)."""
+        for path in (self.root / name, self.root / f".{name}.partial"):
+            if path.is_symlink() or (path.exists() and not path.is_dir()):
+                kind = "a symbolic link" if path.is_symlink() else "not a folder"
+                raise ServiceError(409, "conflict", f"{path.name!r} in the service root is {kind}; a job writes only "
+                                   "to a folder of its own: remove it or choose another datastore name",
+                                   {"datastore": name, "path": path.name})
 
     def _input_path(self, field: str, text: str) -> Path:
         """``text`` resolved (relative to the root), inside an input root, existing."""
+        return Path(self._existing_input(field, text))
+
+    # The corpus may list 100,000 entries and more: these use os.path on strings (pathlib's
+    # objects cost several times as much per path).
+    def _existing_input(self, field: str, text: str) -> str:
+        if "\n" in text or "\r" in text:  # no such path is allowed: the corpus list has one per line
+            raise ServiceError(400, "invalid_job", f"{field} {text!r} contains a line break", {"field": field,
+                                                                                               "path": text})
         path = self._allowed(field, text)
-        if not path.exists():
-            raise ServiceError(400, "invalid_job", f"{field} {text!r} does not exist", {"field": field, "path": text})
+        if not os.path.exists(path):
+            raise ServiceError(404, "input_not_found", f"{field} {text!r} does not exist", {"field": field, "path": text})
         return path
 
-    def _allowed(self, field: str, text: str) -> Path:
-        path = Path(text)
-        resolved = (path if path.is_absolute() else self.root / path).resolve()
-        if not any(resolved.is_relative_to(root) for root in self.input_roots):
-            raise ServiceError(400, "path_not_allowed", f"{field} path {text!r} is outside the folders allowed "
+    def _allowed(self, field: str, text: str) -> str:
+        resolved = os.path.realpath(os.path.join(self.root, text))  # an absolute text replaces the root
+        if not any(resolved == root or resolved.startswith(root.rstrip(os.sep) + os.sep)
+                   for root in map(str, self.input_roots)):
+            raise ServiceError(403, "path_not_allowed", f"{field} path {text!r} is outside the folders allowed "
                                "for job inputs", {"field": field, "path": text})
         return resolved
 
     def _corpus_arg(self, spec: str) -> str:
         """``[NAME=]PATH`` with PATH resolved; the source keeps the name the given path implies."""
         name, text = "", spec
-        if "=" in spec:
-            whole = Path(spec) if Path(spec).is_absolute() else self.root / spec
-            if not whole.exists():
-                name, text = spec.split("=", 1)
-                if not name:
-                    raise ServiceError(400, "invalid_job", f"corpus {spec!r}: empty name before '='",
-                                       {"field": "corpus", "path": spec})
-        path = self._input_path("corpus", text)
+        if "=" in spec and not os.path.exists(os.path.join(self.root, spec)):
+            name, text = spec.split("=", 1)
+            if not name:
+                raise ServiceError(400, "invalid_job", f"corpus {spec!r}: empty name before '='",
+                                   {"field": "corpus", "path": spec})
+        path = self._existing_input("corpus", text)
         if not name:
-            given = Path(text)
-            name = given.name if path.is_dir() else given.stem
-        return f"{name}={path}" if name and "=" not in name else str(path)
+            given = os.path.basename(text.rstrip(os.sep)) if os.path.isdir(path) else Path(text).stem
+            name = given
+        return f"{name}={path}" if name and "=" not in name else path
 
     def _checkpoint_arg(self, spec: str) -> str:
         from gradstore.indexer.checkpoints import CheckpointSpec
@@ -425,10 +484,12 @@ class JobManager:
                 self._discard_partial(row)
                 self.store.update(job_id, expect="running", status="cancelled", finished_at=_now(), **common)
             elif row["attempts"] >= self.max_attempts:
+                self._discard_partial(row)
                 self.store.update(job_id, expect="running", status="failed", finished_at=_now(), **common,
                                   error=f"the service stopped while this job ran, {row['attempts']} times; "
-                                        f"giving up after {self.max_attempts} attempts (log: {self._log_file(job_id)})")
-                log.error("job %s failed: interrupted %d times", job_id, row["attempts"])
+                                        f"giving up after {self.max_attempts} attempts")
+                log.error("job %s failed: interrupted %d times (log: %s)", job_id, row["attempts"],
+                          self._log_file(job_id))
             else:
                 self.store.update(job_id, expect="running", status="queued", **common)
                 log.warning("job %s was interrupted by a service restart; queued again to resume", job_id)
@@ -453,8 +514,9 @@ class JobManager:
 
     def _claim_next(self) -> dict[str, Any] | None:
         for row in self.store.with_status("queued"):
+            # Progress starts over with each attempt (a resumed one reports its own, finished shards included).
             if self.store.update(row["id"], expect="queued", status="running", pid=None, cancel_requested=0,
-                                 attempts=row["attempts"] + 1, started_at=row["started_at"] or _now()):
+                                 attempts=row["attempts"] + 1, started_at=row["started_at"] or _now(), progress="{}"):
                 return self.store.get(row["id"])
         return None
 
@@ -464,8 +526,10 @@ class JobManager:
             self._run_claimed(row)
         except Exception as exc:  # never leave a job marked running
             log.exception("job %s: supervision failed", job_id)
+            self._discard_partial(row)
             self.store.update(job_id, expect="running", status="failed", finished_at=_now(), pid=None,
-                              error=f"internal error while running the job: {exc}")
+                              error=f"internal error while running the job ({type(exc).__name__}); "
+                                    "the details are in the service log")
 
     def _run_claimed(self, row: dict[str, Any]) -> None:
         job_id = row["id"]
@@ -474,17 +538,20 @@ class JobManager:
         progress_file.parent.mkdir(parents=True, exist_ok=True)
         progress_file.unlink(missing_ok=True)
         try:
-            command = self.index_command(request, progress_file)
+            command, corpus = self.index_command(request, progress_file.parent)
         except ServiceError as exc:  # an input changed or vanished since submission
+            self._discard_partial(row)
             self._finish(job_id, "failed", error=exc.message)
             return
+        (progress_file.parent / CORPUS_LIST_FILE).write_text("".join(f"{entry}\n" for entry in corpus))
         with open(log_file, "ab") as sink:
             sink.write(f"--- attempt {row['attempts']} at {_now()}: {' '.join(command)}\n".encode())
             sink.flush()
             offset = sink.tell()
             env = {**os.environ, "PYTHONUNBUFFERED": "1"}
             process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                       cwd=self.root, env=env, start_new_session=True)
+                                       cwd=self.root, env=env, start_new_session=True,
+                                       preexec_fn=_die_with(os.getpid()) if sys.platform == "linux" else None)
         self.store.update(job_id, pid=process.pid)
         log.info("job %s: attempt %d started (pid %d)", job_id, row["attempts"], process.pid)
         reason = self._supervise(job_id, process, progress_file)
@@ -501,7 +568,11 @@ class JobManager:
             self.store.update(job_id, expect="running", status="queued", pid=None, attempts=row["attempts"] - 1)
             log.info("job %s: interrupted by the service stopping; queued to resume", job_id)
         else:
-            self._finish(job_id, "failed", error=_failure_message(log_file, offset, process.returncode))
+            error, traceback = _failure_message(log_file, offset, process.returncode)
+            if traceback:
+                log.error("job %s: the indexer failed:\n%s", job_id, traceback)
+            self._discard_partial(row)
+            self._finish(job_id, "failed", error=self._relative(error))
 
     def _supervise(self, job_id: str, process: subprocess.Popen, progress_file: Path) -> str | None:
         """Wait for the process, copying its progress; terminate it on cancel or stop."""
@@ -533,10 +604,17 @@ class JobManager:
         log.info("job %s %s%s", job_id, status, f": {error.splitlines()[-1]}" if error else "")
 
     def _discard_partial(self, row: dict[str, Any]) -> None:
-        """Remove a cancelled job's partial output (``.<name>.partial`` beside the store)."""
+        """Remove a failed or cancelled job's partial output (``.<name>.partial`` beside the
+        store; a link there is removed, never followed)."""
         partial = self.root / f".{row['datastore']}.partial"
-        if partial.exists():
+        if partial.is_symlink() or partial.is_file():
+            partial.unlink(missing_ok=True)
+        elif partial.exists():
             shutil.rmtree(partial, ignore_errors=True)
+
+    def _relative(self, message: str) -> str:
+        """``message`` with paths under the service root written relative to it."""
+        return message.replace(f"{self.root}/", "")
 
     def _progress_file(self, job_id: str) -> Path:
         return self.jobs_dir / job_id / PROGRESS_FILE
@@ -573,8 +651,10 @@ def _read_json(path: Path) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _failure_message(log_file: Path, offset: int, returncode: int | None) -> str:
-    """The last lines this attempt wrote to the log, or how the process ended."""
+def _failure_message(log_file: Path, offset: int, returncode: int | None) -> tuple[str, str | None]:
+    """What a failed attempt's ``error`` says, from what it wrote to the log: the CLI's last
+    ``error: ...`` line, else how the process ended; and the traceback it printed, if any (for
+    the service log: it names the installation's files, so clients do not see it)."""
     try:
         with open(log_file, "rb") as f:
             f.seek(offset)
@@ -585,17 +665,30 @@ def _failure_message(log_file: Path, offset: int, returncode: int | None) -> str
     tracebacks = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last)")]
     errors = [i for i, line in enumerate(lines) if line.startswith("error: ")]
     if errors and (not tracebacks or errors[-1] > tracebacks[-1]):
-        lines = lines[errors[-1]:]  # the CLI's one-line explanation
-    elif tracebacks:
-        lines = lines[tracebacks[-1]:]
-    tail = "\n".join(lines[-ERROR_LINES:])[-ERROR_CHARS:]
-    if returncode is not None and returncode > 0 and tail:
-        return tail  # the indexer explained itself (``error: ...`` or a traceback)
+        explained = lines[errors[-1]:]  # the CLI's explanation (it may continue on a few lines)
+        return "\n".join(explained[:ERROR_LINES])[:ERROR_CHARS], None
     if returncode is not None and returncode < 0:
         ended = f"the indexer was killed by signal {-returncode}"
     else:
         ended = f"the indexer exited with status {returncode}"
-    return f"{ended}\n{tail}" if tail else ended
+    if tracebacks:
+        trace = "\n".join(lines[tracebacks[-1]:])
+        kind = lines[-1].split(":", 1)[0].strip() if ":" in lines[-1] else lines[-1].strip()
+        kind = kind if re.fullmatch(r"[A-Za-z_][\w.]*", kind) else "an exception"
+        return f"{ended}: an unexpected {kind}; the details are in the service log", trace
+    return ended, None
+
+
+def _die_with(parent: int):
+    """A ``preexec_fn`` giving the child SIGKILL when the thread that started it exits (the job
+    worker, or the whole service, however it dies); a child whose parent is already gone exits."""
+    def set_parent_death_signal() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return set_parent_death_signal
 
 
 def _terminate(process: subprocess.Popen, grace: float) -> None:

@@ -5,7 +5,9 @@ sub-folder holding a ``manifest.json`` is a store named by its folder. Stores ar
 use and kept as a :class:`StoreHandle` (the :class:`Datastore`, its FAISS index, a
 :class:`SelectionEngine` and, once target records are sent, a target featurizer with the store's
 model), which also answers nearest-neighbour queries. A store that fails to open is reported with
-its reason while the others keep working. A store replaced on disk (a job republished it) is
+its reason while the others keep working; so is one damaged while it is served (a shard truncated
+or removed): a route that fails on it has the store checked again (:meth:`recheck`) and answers
+503 with the reason, as do all the routes of that store from then on. A store replaced on disk (a job republished it) is
 reopened on its next use, and a new one is found without restart.
 
 Opening a store checks what is cheap whatever its size: the manifest, every listed file's size,
@@ -28,7 +30,7 @@ from typing import TYPE_CHECKING
 import faiss
 import numpy as np
 
-from gradstore.client.models import StoreState
+from gradstore.client.models import DATASTORE_NAME_MAX_LENGTH, DATASTORE_NAME_PATTERN, StoreState
 from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.faiss_index import concat_weighted, prefer_blas_search
@@ -39,7 +41,16 @@ from .errors import ServiceError
 if TYPE_CHECKING:  # loading it pulls in torch: only when a query sends target records
     from gradstore.selection import TargetFeaturizer
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+NAME_PATTERN = re.compile(DATASTORE_NAME_PATTERN)
+
+
+def check_name(name: str) -> None:
+    """400 ``invalid_name`` for anything but a plain datastore name (``client.models``'s pattern)."""
+    if not isinstance(name, str) or len(name) > DATASTORE_NAME_MAX_LENGTH or not NAME_PATTERN.fullmatch(name):
+        raise ServiceError(400, "invalid_name",
+                           f"invalid datastore name {name!r}: use 1-{DATASTORE_NAME_MAX_LENGTH} letters, digits and "
+                           f"._- starting with a letter or digit, without '..'",
+                           {"name": name, "pattern": NAME_PATTERN.pattern})
 
 
 def _signature(path: Path) -> tuple[int, int, int] | None:
@@ -149,11 +160,7 @@ class DatastoreRegistry:
     def path_of(self, name: str) -> Path:
         """The folder of store ``name``; 400 ``invalid_name`` for anything but a plain name that
         stays inside the root."""
-        if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
-            raise ServiceError(400, "invalid_name",
-                               f"invalid datastore name {name!r}: use 1-128 letters, digits and ._- "
-                               f"starting with a letter or digit, without '..'",
-                               {"name": name, "pattern": NAME_PATTERN.pattern})
+        check_name(name)
         path = self.root / name
         if not path.resolve().is_relative_to(self.root):
             raise ServiceError(400, "invalid_name", f"datastore {name!r} lies outside the service root",
@@ -165,7 +172,8 @@ class DatastoreRegistry:
         found = set()
         if self.root.is_dir():
             for child in self.root.iterdir():
-                if (NAME_PATTERN.fullmatch(child.name) and (child / MANIFEST_FILE).is_file()
+                if (NAME_PATTERN.fullmatch(child.name) and len(child.name) <= DATASTORE_NAME_MAX_LENGTH
+                        and (child / MANIFEST_FILE).is_file()
                         and child.resolve().is_relative_to(self.root)):
                     found.add(child.name)
         with self._lock:
@@ -267,6 +275,23 @@ class DatastoreRegistry:
                 error = self._errors.get(name)
             states.append(StoreState(name=name, loaded=error is None, error=error))
         return states
+
+    def recheck(self, names: list[str]) -> ServiceError | None:
+        """After a route failed unexpectedly: the 503 of the first of ``names`` (then of every
+        other opened store) whose files no longer pass the checks of opening it, now recorded
+        so that every route and ``/readyz`` answer it at once; None when all still pass (the
+        failure was not the store's)."""
+        with self._lock:
+            loaded = dict(self._handles)
+        order = [name for name in names if name in loaded] + [name for name in loaded if name not in names]
+        for name in order:
+            try:
+                Datastore.open(loaded[name].store.path).check_shards()
+            except StoreError as err:
+                return self._unavailable(name, str(err))
+            except OSError as err:
+                return self._unavailable(name, f"{err.filename or name}: {err.strerror or err}")
+        return None
 
     def _forget(self, name: str, reason: str) -> None:
         with self._lock:

@@ -47,7 +47,11 @@ class Settings(BaseSettings):
 
     max_k: int = Field(10_000, ge=1)
     max_targets: int = Field(256, ge=1)
+    max_target_record_chars: int = Field(
+        256 * 1024, ge=1, description="characters of text in one target record (refused before tokenising)")
     max_body_bytes: int = Field(8 * MiB, ge=1)
+    max_json_depth: int = Field(64, ge=1, le=200, description=(
+        "deepest nesting of arrays and objects in a request body (the parsers recurse once per level)"))
     max_page_size: int = Field(10_000, ge=1)
     selection_cache_size: int = Field(32, ge=1)
     verify_checksums: bool = Field(

@@ -81,7 +81,22 @@ def service_corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def service_root(tmp_path_factory, tiny_model_dirs, service_corpus):
+def service_run(tmp_path_factory, tiny_model_dirs, service_corpus):
+    """The warmup run of the service stores (tiny GPT-2, LoRA r=4, checkpoints ``epoch-1`` and
+    ``epoch-2`` with adapter and optimizer state). Read-only."""
+    from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.warmup import WarmupConfig, run_warmup
+
+    folder, _ = service_corpus
+    run = tmp_path_factory.mktemp("service-build") / "run"
+    run_warmup(WarmupConfig(corpus=[CorpusSource.parse(str(folder / "toy.jsonl"))], model=tiny_model_dirs["gpt2"],
+                            out=run, fraction=0.5, epochs=2, learning_rate=1e-3, lora_r=4, lora_alpha=8,
+                            batch_size=4, max_length=64, progress=False), log=lambda *_: None)
+    return run
+
+
+@pytest.fixture(scope="session")
+def service_root(tmp_path_factory, tiny_model_dirs, service_corpus, service_run):
     """A folder of datastores built by the indexer on the tiny GPT-2: ``pool`` (toy + more, adam,
     two warmup checkpoints, Flat index), ``targets`` (tgt, sgd, same model and checkpoints) and
     ``pool-noindex`` (the pool without its index). Read-only: copy it to add or change stores."""
@@ -89,15 +104,10 @@ def service_root(tmp_path_factory, tiny_model_dirs, service_corpus):
     from gradstore.indexer.corpus import CorpusSource
     from gradstore.indexer.job import IndexJob, IndexJobConfig
     from gradstore.indexer.projection import ProjectionSpec
-    from gradstore.indexer.warmup import WarmupConfig, run_warmup
 
     folder, _ = service_corpus
-    work = tmp_path_factory.mktemp("service-build")
     model = tiny_model_dirs["gpt2"]
-    run = work / "run"
-    run_warmup(WarmupConfig(corpus=[CorpusSource.parse(str(folder / "toy.jsonl"))], model=model, out=run,
-                            fraction=0.5, epochs=2, learning_rate=1e-3, lora_r=4, lora_alpha=8, batch_size=4,
-                            max_length=64, progress=False), log=lambda *_: None)
+    run = service_run
     checkpoints = [CheckpointSpec.parse(str(run / name)) for name in ("epoch-1", "epoch-2")]
     stores = tmp_path_factory.mktemp("service-root")
 

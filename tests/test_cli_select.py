@@ -133,6 +133,7 @@ def test_select_with_target_records_matches_the_target_store(stores):
     (["--k", "3", "--score", "vog"], 2, "--score is not an option of strategy 'less' (its options: --aggregation, "
                                         "--checkpoints, --weights)"),
     (["--k", "3", "--strategy", "random"], 2, "strategy 'random' does not use targets"),
+    (["--k", "3", "--strategy", "rds", "--seed", "3"], 2, "--seed is not an option of strategy 'rds'"),
     (["--k", "3", "--filter", "loss:over:0.5"], 2, "expected SCORE:above|below:Q[:CHECKPOINT]"),
     (["--k", "3", "--fraction", "0.1"], 2, "not allowed with argument"),
     ([], 2, "one of the arguments --k --fraction is required"),
@@ -179,3 +180,24 @@ def test_select_target_free_strategies_and_filters(stores, tmp_path):
     kept = loss.astype(np.float32)
     assert rows == np.flatnonzero(kept <= np.quantile(kept, 0.5)).tolist()
     assert "filter loss below q0.5" in drawn.stderr
+
+
+def stored_representations(store: Path) -> np.ndarray:
+    table = pq.read_table(store / "representations")
+    vectors = table.column("representation").combine_chunks().flatten().to_numpy()
+    vectors = vectors.reshape(table.num_rows, -1).astype(np.float64)
+    out = np.empty_like(vectors)
+    out[table.column("row").to_numpy()] = vectors
+    return out
+
+
+def test_select_rds_equals_numpy_cosines_of_the_stored_representations(stores):
+    out = gradstore("select", stores["pool"], "--strategy", "rds", "--aggregation", "max",
+                    "--targets-store", stores["target"], "--k", 10, "--json")
+    cosines = stored_representations(stores["pool"]) @ stored_representations(stores["target"]).T
+    best = cosines.max(axis=1)
+    items = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = np.lexsort((np.arange(len(best)), -best))[:10]
+    assert [item["row"] for item in items] == expected.tolist()
+    np.testing.assert_allclose([item["score"] for item in items], best[expected], atol=2e-3)
+    assert "strategy rds:aggregation=max" in out.stderr

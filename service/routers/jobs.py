@@ -10,13 +10,13 @@ import math
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
-from gradstore.client.models import ErrorBody, IndexJobRequest, Job, JobList
+from gradstore.client.models import JOB_PAGE_DEFAULT, JOB_PAGE_MAX, ErrorBody, IndexJobRequest, Job, JobList
 
 from ..deps import JsonBody
 from ..errors import ServiceError, error_responses
-from ..jobs import JobManager
+from ..jobs import JOB_CURSOR_PATTERN, JobManager
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=error_responses(503))
 
@@ -39,10 +39,11 @@ JobsDep = Annotated[JobManager, Depends(get_jobs)]
 
 @router.post("", status_code=202, response_model=Job, summary="Queue an indexing job",
              responses={400: {"model": ErrorBody, "description": "invalid name or inputs (`invalid_name`, "
-                                                                    "`path_not_allowed`, `invalid_job`)"},
-                        409: {"model": ErrorBody, "description": "the datastore exists (without `overwrite`) "
-                                                                 "or already has a queued or running job"},
-                        **error_responses(413, 415)},
+                                                                    "`invalid_job`)"},
+                        409: {"model": ErrorBody, "description": "the datastore exists (without `overwrite`), "
+                                                                 "already has a queued or running job, or its path "
+                                                                 "in the root is a link"},
+                        **error_responses(403, 404, 413, 415)},
              dependencies=[JsonBody])
 def submit_job(body: IndexJobRequest, response: Response, jobs: JobsDep) -> Job:
     """Validate the job and queue it; jobs run one at a time, in submission order. The
@@ -53,9 +54,15 @@ def submit_job(body: IndexJobRequest, response: Response, jobs: JobsDep) -> Job:
     return job
 
 
-@router.get("", response_model=JobList, summary="List the jobs, newest first")
-def list_jobs(jobs: JobsDep) -> JobList:
-    return JobList(jobs=jobs.list())
+@router.get("", response_model=JobList, summary="List the jobs, newest first, a page at a time",
+            responses=error_responses(400))
+def list_jobs(jobs: JobsDep,
+              limit: Annotated[int, Query(ge=1, le=JOB_PAGE_MAX, description="jobs in this page")] = JOB_PAGE_DEFAULT,
+              cursor: Annotated[str | None, Query(pattern=JOB_CURSOR_PATTERN,
+                                                  description="the previous page's next_cursor")] = None) -> JobList:
+    """Jobs newest first; while ``next_cursor`` is set, pass it as ``cursor`` for the next page."""
+    page, next_cursor = jobs.page(limit, cursor)
+    return JobList(jobs=page, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=Job, summary="A job's status and progress", responses=_ERRORS)

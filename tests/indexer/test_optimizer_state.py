@@ -16,6 +16,7 @@ from gradstore.indexer.errors import OptimizerStateError
 from gradstore.indexer.optimizer_state import (
     AdamParamState,
     canonical_param_name,
+    convert_optimizer_file,
     find_optimizer_file,
     is_weight_decayed,
     load_optimizer_state,
@@ -372,14 +373,56 @@ def test_not_a_state_dict(tmp_path):
         load_optimizer_state(tmp_path, OrderedDict())
 
 
-def test_unsafe_pickle_falls_back_with_a_warning(tmp_path):
+def _pickled_state(path):
+    """A name-keyed state whose param group holds an object ``weights_only=True`` refuses."""
     state = {"x.lora_A.default.weight": {"step": 4, "exp_avg": torch.ones(3),
                                          "exp_avg_sq": torch.full((3,), 2.0)}}
     groups = [{"betas": (0.9, 0.999), "eps": 1e-8, "params": list(state),
                "extra": argparse.Namespace(note="not loadable with weights_only=True")}]
-    torch.save({"state": state, "param_groups": groups}, tmp_path / "optimizer.bin")
+    torch.save({"state": state, "param_groups": groups}, path)
+    return path
 
+
+SHAPES = OrderedDict([("x.lora_A.weight", torch.Size([3]))])
+
+
+def test_a_pickled_object_is_refused_naming_the_file_the_reason_and_the_fix(tmp_path):
+    path = _pickled_state(tmp_path / "optimizer.bin")
+    with pytest.raises(OptimizerStateError) as caught:
+        load_optimizer_state(tmp_path, SHAPES)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: refused: torch.load(weights_only=True) cannot read it")
+    assert "argparse.Namespace" in message and "gradstore convert-optimizer IN OUT" in message
+
+
+def test_trust_pickle_loads_it_with_a_warning(tmp_path):
+    _pickled_state(tmp_path / "optimizer.bin")
     with pytest.warns(UserWarning, match="weights_only=False"):
-        loaded = load_optimizer_state(tmp_path, OrderedDict([("x.lora_A.weight", torch.Size([3]))]))
+        loaded = load_optimizer_state(tmp_path, SHAPES, trust_pickle=True)
     assert loaded["x.lora_A.weight"].step == 4
     torch.testing.assert_close(loaded["x.lora_A.weight"].exp_avg_sq, torch.full((3,), 2.0))
+
+
+def test_a_payload_does_not_run_and_converting_keeps_the_state(tmp_path):
+    from payloads import optimizer_with_payload
+
+    marker = tmp_path / "marker"
+    path = optimizer_with_payload(tmp_path / "optimizer.pt", marker)
+    with pytest.raises(OptimizerStateError, match="refused.*GLOBAL exec"):
+        load_optimizer_state(path, OrderedDict([("a", torch.Size([2]))]))
+    assert not marker.exists()
+    # The owner converts a file they trust: its code runs then (they chose to), the result is plain.
+    converted = _pickled_state(tmp_path / "mine.bin")
+    with pytest.warns(UserWarning, match="weights_only=False"):
+        dropped = convert_optimizer_file(converted, tmp_path / "converted.pt")
+    assert dropped == ["param_groups[0].extra"]
+    loaded = load_optimizer_state(tmp_path / "converted.pt", SHAPES)
+    torch.testing.assert_close(loaded["x.lora_A.weight"].exp_avg, torch.ones(3))
+
+
+def test_an_unreadable_file_is_one_line_naming_it(tmp_path):
+    torch.save({"state": {}, "param_groups": []}, tmp_path / "optimizer.pt")
+    data = (tmp_path / "optimizer.pt").read_bytes()
+    (tmp_path / "optimizer.pt").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(OptimizerStateError, match=r"optimizer.pt: cannot be read as a torch file"):
+        load_optimizer_state(tmp_path, SHAPES)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from pydantic import ValidationError
 
 from gradstore.client.models import IndexJobRequest, Job
 from gradstore.indexer.datastore import Datastore
@@ -145,15 +146,20 @@ def test_submissions_are_validated_before_queueing(settings, inputs, tiny_model_
     manager = managers(settings)  # not started: nothing runs
     outside = tmp_path / "outside.jsonl"
     outside.write_text((inputs / "small.jsonl").read_text())
+    for name in ("../escape", ".hidden", "a..b", "x" * 129):
+        with pytest.raises(ValidationError, match="datastore"):  # the request model refuses it
+            job_request(inputs, tiny_model_dirs, datastore=name)
+        with pytest.raises(ServiceError) as err:  # and so does the manager, however it was built
+            manager.submit(IndexJobRequest.model_construct(**{**job_request(inputs, tiny_model_dirs).__dict__,
+                                                               "datastore": name}))
+        assert (err.value.status, err.value.code) == (400, "invalid_name"), name
     cases = [
-        (dict(datastore="../escape"), 400, "invalid_name"),
-        (dict(datastore=".hidden"), 400, "invalid_name"),
-        (dict(corpus=[str(outside)]), 400, "path_not_allowed"),
-        (dict(corpus=[f"named={outside}"]), 400, "path_not_allowed"),
-        (dict(corpus=[str(inputs / ".." / outside.parent.name / "outside.jsonl")]), 400, "path_not_allowed"),
-        (dict(model="/etc"), 400, "path_not_allowed"),
-        (dict(corpus=[str(inputs / "missing.jsonl")]), 400, "invalid_job"),
-        (dict(checkpoints=[str(inputs / "no-such-checkpoint")]), 400, "invalid_job"),
+        (dict(corpus=[str(outside)]), 403, "path_not_allowed"),
+        (dict(corpus=[f"named={outside}"]), 403, "path_not_allowed"),
+        (dict(corpus=[str(inputs / ".." / outside.parent.name / "outside.jsonl")]), 403, "path_not_allowed"),
+        (dict(model="/etc"), 403, "path_not_allowed"),
+        (dict(corpus=[str(inputs / "missing.jsonl")]), 404, "input_not_found"),
+        (dict(checkpoints=[str(inputs / "no-such-checkpoint")]), 404, "input_not_found"),
         (dict(gradient_type="adam"), 400, "invalid_job"),
     ]
     for overrides, status, code in cases:
@@ -332,7 +338,7 @@ def test_http_api(settings, inputs, tiny_model_dirs):
 
         outside = dict(body, datastore="other", corpus=["/etc/passwd"])
         reply = client.post("/v1/jobs", json=outside)
-        assert reply.status_code == 400 and reply.json()["code"] == "path_not_allowed"
+        assert reply.status_code == 403 and reply.json()["code"] == "path_not_allowed"
         assert "/etc/passwd" in reply.json()["message"]
         for bad in ({"proj_dim": 0}, {"proj_dim": 2**70}, {"max_length": 2**40}, {"seed": 2**64}):
             reply = client.post("/v1/jobs", json=dict(body, datastore="other", **bad))

@@ -21,7 +21,7 @@ __all__ = ["FEATURES", "NEEDS_TARGETS", "Strategy", "StrategyOptions", "DEFAULT_
 
 DEFAULT_STRATEGY = "less"
 # The order strategies are listed in (help, docs, the UI); any others follow, by name.
-_LISTED_FIRST = ("less", "rds", "quality", "random")
+_LISTED_FIRST = ("less", "rds", "quality", "random", "gio", "diversity")
 
 
 def _discover() -> dict[str, type[Strategy]]:
