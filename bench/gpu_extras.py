@@ -8,7 +8,7 @@ Two measurements that issue 5's GPU benchmark asks for besides indexing throughp
   of D elements (``--numel``, 1M to 100M by default) for batches of 8 to 64 examples. The D
   elements are laid out as a model's LoRA matrices (pairs of 8 × 4096 and 4096 × 8, the last one
   cut short) and grouped exactly as the indexing job groups them
-  (``PerExampleGradients._iter_groups``: consecutive matrices up to ``GROUP_ELEMENTS`` per group,
+  (``PerExampleGradients.group_params``: consecutive matrices up to ``GROUP_ELEMENTS`` per group,
   one contiguous fp32 tensor each); the timed call is the job's projection loop
   (``Featurizer._features``: ``project_many`` per group, summed into one (B, k) result) on
   random normal values. The first call of a projector builds and caches its matrices (cache of
@@ -98,7 +98,7 @@ def gradient_groups(numel: int, batch: int, device: torch.device, seed: int) -> 
     generator = torch.Generator(device=device).manual_seed(seed)
     per_param = ((name, torch.randn(batch, *shape, generator=generator, device=device))
                  for name, shape in lora_shapes(numel))
-    return list(PerExampleGradients._iter_groups(per_param, GROUP_ELEMENTS))
+    return list(PerExampleGradients.group_params(per_param, GROUP_ELEMENTS))
 
 
 def project_batch(projector, groups, rows: int, device: torch.device) -> torch.Tensor:

@@ -45,6 +45,13 @@ intermediate 2048, vocab 8192: 97.6 M parameters). For a GPU: ``350m``, a Llama 
 attention: 1.26 B). LoRA r = 8,
 alpha = 16 on the attention's q/k/v/o projections (GPT-2: the fused ``c_attn`` and ``attn.c_proj``).
 
+Extras (``--extras``, the default, or ``--no-extras``): the job computes what ``gradstore index``
+computes by default besides the features (representation vectors, gradient spectra and, with two
+or more checkpoints, VoG; see :mod:`gradstore.indexer.extras`), and ``gradstore, no extras`` times
+the same job with them turned off, interleaved with the others, so that their cost is the ratio
+of the two. ``--checkpoints N`` makes the warmup write N checkpoints (one per epoch) and indexes
+at all of them (default 1; VoG needs 2).
+
 Device and precision: ``--device`` (``cpu``, the default, or ``cuda``) and ``--dtype`` (``fp32``,
 the default, or ``bf16``) go to the indexing job (``IndexJobConfig.device`` / ``.dtype``: the base
 model's weights are loaded in that dtype, the LoRA weights stay fp32 as PEFT keeps them); the
@@ -62,6 +69,7 @@ Usage::
 
     python bench/indexing_throughput.py --config both --json /tmp/throughput.json
     python bench/indexing_throughput.py --config tiny --examples 64 --reference-examples 8   # quick
+    python bench/indexing_throughput.py --config 100m --checkpoints 2 --no-reference --bergson-python ''   # extras' cost
     python bench/indexing_throughput.py --config 350m --device cuda --dtype bf16 --json /tmp/gpu.json
 
 Nothing is downloaded; bergson runs with ``HF_HUB_OFFLINE=1`` on a model folder written here.
@@ -89,8 +97,10 @@ import torch
 
 from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
+from gradstore.indexer.extras import ExtraFeatures
+from gradstore.indexer.featurize import length_batches
 from gradstore.indexer.grads import Batch, batch_losses, output_head, per_example_losses
-from gradstore.indexer.job import IndexJob, IndexJobConfig, length_batches, prepare
+from gradstore.indexer.job import IndexJob, IndexJobConfig, prepare
 from gradstore.indexer.model import resolve_device
 from gradstore.indexer.optimizer_state import canonical_param_name
 from gradstore.indexer.projection import ProjectionSpec
@@ -229,13 +239,14 @@ class Setup:
     root: Path
     model_dir: Path
     corpus: Path
-    checkpoint: Path
+    checkpoints: list[Path]
     device: str = "cpu"
     dtype: str = "fp32"
     seconds: dict = field(default_factory=dict)
 
 
-def build_setup(cfg: BenchConfig, root: Path, seed: int, log, device: str = "cpu", dtype: str = "fp32") -> Setup:
+def build_setup(cfg: BenchConfig, root: Path, seed: int, log, device: str = "cpu", dtype: str = "fp32",
+                checkpoints: int = 1) -> Setup:
     from gradstore.indexer.tiny import build_model, build_tokenizer
     from gradstore.indexer.warmup import WarmupConfig, run_warmup
 
@@ -252,20 +263,23 @@ def build_setup(cfg: BenchConfig, root: Path, seed: int, log, device: str = "cpu
     seconds["corpus"] = time.perf_counter() - start
     start = time.perf_counter()
     warmup = WarmupConfig(corpus=[CorpusSource.parse(str(corpus))], model=model_dir, out=root / "warmup",
-                          fraction=min(1.0, cfg.warmup_examples / cfg.examples), epochs=1, learning_rate=1e-3,
+                          fraction=min(1.0, cfg.warmup_examples / cfg.examples), epochs=checkpoints,
+                          learning_rate=1e-3,
                           warmup_ratio=0.0, lora_r=8, lora_alpha=16, lora_targets=cfg.lora_targets,
                           batch_size=4, max_length=LENGTH_MAX, device=device, progress=False, overwrite=True)
     result = run_warmup(warmup, log=lambda *_: None)
     seconds["warmup"] = time.perf_counter() - start
     log(f"[{cfg.name}] set-up: model {seconds['model']:.1f} s, corpus {seconds['corpus']:.1f} s, "
         f"warmup {seconds['warmup']:.1f} s ({result.num_examples} examples)")
-    return Setup(cfg, root, model_dir, corpus, result.checkpoints[0], device, dtype, seconds)
+    return Setup(cfg, root, model_dir, corpus, list(result.checkpoints), device, dtype, seconds)
 
 
 def job_config(setup: Setup, out: Path, **overrides) -> IndexJobConfig:
+    """The indexing job: at every warmup checkpoint (the first named ``warmup``), all extras on."""
+    names = ["warmup"] + [f"warmup-{i + 1}" for i in range(1, len(setup.checkpoints))]
     settings = dict(
         corpus=[CorpusSource.parse(str(setup.corpus))], model=setup.model_dir, out=out,
-        checkpoints=[CheckpointSpec(name="warmup", path=setup.checkpoint)], gradient_type="adam",
+        checkpoints=[CheckpointSpec(name=n, path=p) for n, p in zip(names, setup.checkpoints)], gradient_type="adam",
         projection=ProjectionSpec(kind="sjlt", dim=PROJ_DIM, seed=0), max_length=LENGTH_MAX,
         max_tokens_per_batch=setup.cfg.max_tokens_per_batch, max_batch_size=setup.cfg.max_batch_size,
         shard_size=4096, device=setup.device, dtype=setup.dtype, progress=False, overwrite=True,
@@ -426,10 +440,10 @@ def run_bergson(python: str, setup: Setup, encoded, log) -> dict:
     driver.write_text(BERGSON_DRIVER)
     timing_file = work / "timing.json"
     cmd = [python, str(driver), str(timing_file), "build", str(work / "index"),
-           "--model", str(setup.checkpoint), "--tokenizer", str(setup.model_dir), "--dataset", str(data),
+           "--model", str(setup.checkpoints[0]), "--tokenizer", str(setup.model_dir), "--dataset", str(data),
            "--precision", setup.dtype,
            "--projection_dim", str(PROJ_DIM), "--projection_target", "global", "--projection_type", "rademacher",
-           "--optimizer_state", str(setup.checkpoint), "--loss_reduction", "mean",
+           "--optimizer_state", str(setup.checkpoints[0]), "--loss_reduction", "mean",
            "--token_batch_size", str(setup.cfg.max_tokens_per_batch),
            "--max_batch_size", str(setup.cfg.max_batch_size), "--overwrite", "true"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
@@ -490,9 +504,15 @@ def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
 
 
+NO_EXTRAS = ExtraFeatures(representations=False, gradient_spectra=False, vog=False)
+
+
 def time_methods(job: IndexJob, encoded, batches, repeats: int, log, name: str) -> tuple[dict, dict]:
-    """Interleaved repeats of the two floors and gradstore: seconds per repeat and peak GPU bytes."""
+    """Interleaved repeats of the two floors, gradstore and (when the job computes extras) gradstore
+    without them: seconds per repeat and peak GPU bytes."""
     times = {"floor": [], "floor_same_forward": [], "gradstore": []}
+    if job.config.extras != NO_EXTRAS:
+        times["gradstore_no_extras"] = []
     peaks = {method: None for method in times}
     for repeat in range(repeats):
         order = list(times) if repeat % 2 == 0 else list(times)[::-1]
@@ -501,6 +521,12 @@ def time_methods(job: IndexJob, encoded, batches, repeats: int, log, name: str) 
             start = clock(job.device)
             if method == "gradstore":
                 job.compute_features(encoded)
+            elif method == "gradstore_no_extras":
+                job.featurizer.settings.extras = NO_EXTRAS
+                try:
+                    job.compute_features(encoded)
+                finally:
+                    job.featurizer.settings.extras = job.config.extras
             else:
                 run_floor(job, encoded, batches, same_forward=method == "floor_same_forward")
             times[method].append(clock(job.device) - start)
@@ -521,8 +547,9 @@ def compare_with_reference(job: IndexJob, encoded, checkpoint, cfg: BenchConfig,
     sub_encoded = [encoded[i] for i in subset]
     sub_tokens = sum(e.num_tokens for e in sub_encoded)
     start = clock(job.device)
-    sub_features = job.compute_features(sub_encoded)["warmup"]
+    sub_features = job.compute_features(sub_encoded).checkpoints["warmup"]
     gradstore_subset = clock(job.device) - start
+    job.featurizer.activate(0)  # the reference runs on the model as it is: the first checkpoint's
     reference = run_reference(job, sub_encoded, checkpoint)
     log(f"[{cfg.name}] reference on {len(subset)} examples: gradients {reference['gradient_seconds']:.1f} s, "
         f"{reference['projection_calls']} projection call(s) of {LESS_PROJECT_INTERVAL} vectors "
@@ -553,8 +580,9 @@ def compare_with_reference(job: IndexJob, encoded, checkpoint, cfg: BenchConfig,
 
 def bench_config(cfg: BenchConfig, args, log) -> dict:
     root = Path(args.workdir) / cfg.name
-    setup = build_setup(cfg, root, args.seed, log, args.device, args.dtype)
-    job = IndexJob(job_config(setup, root / "store"), log=lambda *_: None)
+    setup = build_setup(cfg, root, args.seed, log, args.device, args.dtype, args.checkpoints)
+    extras = ExtraFeatures() if args.extras else NO_EXTRAS
+    job = IndexJob(job_config(setup, root / "store", extras=extras), log=lambda *_: None)
     start = time.perf_counter()
     job.load()
     load_seconds = clock(job.device) - start
@@ -565,7 +593,7 @@ def bench_config(cfg: BenchConfig, args, log) -> dict:
     batches = length_batches(list(range(len(encoded))), lengths, job.config.max_tokens_per_batch,
                              job.config.max_batch_size)
     checkpoint = job.checkpoints[0]
-    job.activate(checkpoint)
+    job.featurizer.activate(0)
     params = sum(p.numel() for p in job.peft_model.get_base_model().parameters())
     lora_params = sum(p.numel() for p in job.peft_model.parameters() if p.requires_grad)
     log(f"[{cfg.name}] {params / 1e6:.1f} M parameters, {lora_params:,} LoRA parameters on {job.device} "
@@ -602,13 +630,13 @@ def bench_config(cfg: BenchConfig, args, log) -> dict:
 
     # The whole job once, end to end (load, compute, Parquet, FAISS, manifest, publish).
     start = clock(job.device)
-    summary = IndexJob(job_config(setup, root / "store"), log=lambda *_: None).run()
+    summary = IndexJob(job_config(setup, root / "store", extras=extras), log=lambda *_: None).run()
     end_to_end = clock(job.device) - start
 
     result = {
         "config": {**cfg.__dict__, "lora_targets": list(cfg.lora_targets), "parameters": params,
                    "lora_parameters": lora_params, "proj_dim": PROJ_DIM, "device": str(job.device),
-                   "dtype": setup.dtype},
+                   "dtype": setup.dtype, "checkpoints": len(setup.checkpoints), "extras": extras.to_dict()},
         "data": {"examples": len(encoded), "tokens": tokens, "median_tokens": float(np.median(lengths)),
                  "mean_tokens": float(np.mean(lengths)), "p90_tokens": float(np.percentile(lengths, 90)),
                  "max_tokens": max(lengths), "truncated": sum(e.truncated for e in encoded), "batches": len(batches),
@@ -620,6 +648,9 @@ def bench_config(cfg: BenchConfig, args, log) -> dict:
         "floor": rate(len(encoded), tokens, floor_s),
         "floor_same_forward": rate(len(encoded), tokens, floor_same_s),
         "gradstore_over_floor": gradstore_s / floor_s,
+        **({"gradstore_no_extras": rate(len(encoded), tokens, statistics.median(times["gradstore_no_extras"])),
+            "extras_overhead": gradstore_s / statistics.median(times["gradstore_no_extras"]) - 1}
+           if "gradstore_no_extras" in times else {}),
         "gradstore_over_floor_same_forward": gradstore_s / floor_same_s,
         # Issue 5's target is on this one: gradstore's tokens/s as a share of the training step's.
         "gradstore_tokens_per_second_over_floor": floor_s / gradstore_s,
@@ -676,6 +707,10 @@ def report(name: str, r: dict) -> list[str]:
     row("gradstore", r["gradstore"], f"{r['gradstore_over_floor']:.2f}x floor, "
         f"{r['gradstore_over_floor_same_forward']:.2f}x same-forward floor "
         f"(tokens/s {r['gradstore_tokens_per_second_over_floor']:.2f}x floor's)")
+    if "gradstore_no_extras" in r:
+        row("gradstore, no extras", r["gradstore_no_extras"],
+            f"extras (representations, spectra, vog at {r['config']['checkpoints']} checkpoint(s)) cost "
+            f"{100 * r['extras_overhead']:+.1f} %")
     peaks = r["peak_gpu_memory_bytes"]
     if any(peak is not None for peak in peaks.values()):
         lines.append("peak GPU memory: " + ", ".join(f"{m} {peak / 2**30:.1f} GiB" for m, peak in peaks.items()))
@@ -719,6 +754,11 @@ def main(argv=None) -> int:
                         help="run the LESS reference method (default: on CPU yes, on CUDA no)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch / OpenMP threads for every method, bergson included (default: torch's)")
+    parser.add_argument("--extras", action=argparse.BooleanOptionalAction, default=True,
+                        help="compute the extras (representations, gradient spectra, VoG) as gradstore index does "
+                             "by default, and time the job without them too (--no-extras: features only)")
+    parser.add_argument("--checkpoints", type=int, default=1,
+                        help="warmup checkpoints to index at (one per epoch; VoG needs two)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:

@@ -10,13 +10,18 @@ Usage::
                                  {"role": "assistant", "content": "4"}]}]
         for item in client.iter_selection("pool", targets, fraction=0.05):
             print(item.rank, item.id, round(item.score, 4))
+        # another strategy, target-free: the 10 % with the highest effective rank
+        page = client.select("pool", strategy={"name": "quality", "score": "effective_rank"}, fraction=0.1)
+        print([s.name for s in client.list_strategies()])
         job = client.create_job(datastore="pool2", corpus=["data/a.jsonl"], model="models/m")
         print(client.wait_for_job(job.id, timeout=3600).status)
 
 :class:`AsyncClient` has the same methods as coroutines (``async with``, ``await``,
 ``async for item in client.iter_selection(...)``).
 
-``targets`` (``select``, ``iter_selection``, ``select_all``, ``influence``) is a wire model
+What to select is :class:`SelectionOptions` (strategy, budget, filters; the same model the
+service validates), given as ``options=`` and/or as its fields in keywords. ``targets``
+(``select``, ``iter_selection``, ``select_all``, ``influence``) is a wire model
 (:class:`TargetRecords`, :class:`TargetDatastore`, :class:`TargetVectors`) or a shorthand: a list
 of record dicts, a target datastore's name, or ``{checkpoint: 2-D array}`` (see :func:`to_targets`).
 
@@ -72,14 +77,18 @@ from .models import (
     JobProgress,
     JobStatus,
     Neighbor,
+    QualityFilter,
     Readiness,
     ScoringOptions,
     SelectedExample,
+    SelectionOptions,
     SelectPage,
     SelectRequest,
     SimilarRequest,
     SimilarResponse,
     StoreState,
+    StrategyInfo,
+    StrategyList,
     TargetDatastore,
     TargetInfluence,
     TargetRecords,
@@ -128,14 +137,18 @@ __all__ = [
     "JobProgress",
     "JobStatus",
     "Neighbor",
+    "QualityFilter",
     "Readiness",
     "ScoringOptions",
     "SelectedExample",
+    "SelectionOptions",
     "SelectPage",
     "SelectRequest",
     "SimilarRequest",
     "SimilarResponse",
     "StoreState",
+    "StrategyInfo",
+    "StrategyList",
     "TargetDatastore",
     "TargetInfluence",
     "TargetRecords",

@@ -15,7 +15,6 @@ import httpx
 from ._base import TERMINAL_JOB_STATUSES, BaseClient, Call, TargetsLike, export_file_name
 from .errors import APIError, InvalidResponseError, JobTimeoutError
 from .models import (
-    Aggregation,
     DatastoreDetail,
     DatastoreSummary,
     Example,
@@ -25,8 +24,10 @@ from .models import (
     Job,
     Readiness,
     SelectedExample,
+    SelectionOptions,
     SelectPage,
     SimilarResponse,
+    StrategyInfo,
 )
 
 T = TypeVar("T")
@@ -118,21 +119,23 @@ class AsyncClient(BaseClient):
 
     # -- selection ---------------------------------------------------------------------------------
 
-    async def select(self, name: str, targets: TargetsLike, *, k: int | None = None,
-                     fraction: float | None = None, aggregation: Aggregation = "less",
-                     sources: Sequence[str] | None = None, per_source_cap: int | None = None,
-                     dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
-                     weights: Mapping[str, float] | None = None, page_size: int = 1000,
-                     export: str | None = None) -> SelectPage:
-        """Select the top ``k`` (or ``fraction``) examples for ``targets``: the first page.
+    async def list_strategies(self) -> list[StrategyInfo]:
+        """The service's selection strategies with their options' schemas (``GET /v1/strategies``)."""
+        return await self._request(self._list_strategies())
 
-        ``targets``: see :func:`gradstore.client.to_targets`. Further pages:
-        :meth:`get_selection_page` / :meth:`iter_pages`, or use :meth:`iter_selection`.
+    async def select(self, name: str, targets: TargetsLike | None = None, options: SelectionOptions | None = None, *,
+               page_size: int = 1000, export: str | None = None, **selection: Any) -> SelectPage:
+        """Run a selection on datastore ``name``: the first page.
+
+        What to select is a :class:`SelectionOptions` (``options``) and/or its fields as keywords
+        (``k=``, ``fraction=``, ``strategy=``, ``sources=``, ``filters=``, ``per_source_cap=``,
+        ``dedup_threshold=``; keywords win): ``select("pool", targets, k=50)``,
+        ``select("pool", strategy={"name": "quality", "score": "effective_rank"}, fraction=0.1)``.
+        ``targets`` (see :func:`gradstore.client.to_targets`) is left out for target-free
+        strategies. Further pages: :meth:`get_selection_page` / :meth:`iter_pages`, or use
+        :meth:`iter_selection`.
         """
-        return await self._request(self._select(
-            name, targets, k=k, fraction=fraction, aggregation=aggregation, sources=sources,
-            per_source_cap=per_source_cap, dedup_threshold=dedup_threshold,
-            checkpoints=checkpoints, weights=weights, page_size=page_size, export=export))
+        return await self._request(self._select(name, targets, options, selection, page_size, export))
 
     async def get_selection_page(self, name: str, selection_id: str, *, cursor: str | None = None,
                                  page_size: int | None = None) -> SelectPage:
@@ -156,35 +159,24 @@ class AsyncClient(BaseClient):
             if page.next_cursor == cursor:
                 raise InvalidResponseError(f"selection {first.selection_id}: the cursor did not advance")
 
-    async def iter_selection(self, name: str, targets: TargetsLike, *, k: int | None = None,
-                             fraction: float | None = None, aggregation: Aggregation = "less",
-                             sources: Sequence[str] | None = None, per_source_cap: int | None = None,
-                             dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
-                             weights: Mapping[str, float] | None = None, page_size: int = 1000,
-                             export: str | None = None) -> AsyncIterator[SelectedExample]:
+    async def iter_selection(self, name: str, targets: TargetsLike | None = None,
+                       options: SelectionOptions | None = None, *, page_size: int = 1000,
+                       export: str | None = None, **selection: Any) -> AsyncIterator[SelectedExample]:
         """Every selected example, in rank order, fetching pages of ``page_size`` as needed.
 
-        Same arguments as :meth:`select`; the request is sent on the first iteration (``async for``).
+        Same arguments as :meth:`select`; the request is sent on the first ``next()``.
         """
-        first = await self.select(name, targets, k=k, fraction=fraction, aggregation=aggregation,
-                                  sources=sources, per_source_cap=per_source_cap,
-                                  dedup_threshold=dedup_threshold, checkpoints=checkpoints,
-                                  weights=weights, page_size=page_size, export=export)
+        first = await self.select(name, targets, options, page_size=page_size, export=export, **selection)
         async for page in self.iter_pages(first, page_size=page_size):
             for item in page.items:
                 yield item
 
-    async def select_all(self, name: str, targets: TargetsLike, *, k: int | None = None,
-                         fraction: float | None = None, aggregation: Aggregation = "less",
-                         sources: Sequence[str] | None = None, per_source_cap: int | None = None,
-                         dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
-                         weights: Mapping[str, float] | None = None, page_size: int = 1000,
-                         export: str | None = None) -> list[SelectedExample]:
+    async def select_all(self, name: str, targets: TargetsLike | None = None,
+                         options: SelectionOptions | None = None, *, page_size: int = 1000,
+                         export: str | None = None, **selection: Any) -> list[SelectedExample]:
         """The whole selection as a list (all pages of :meth:`iter_selection`)."""
-        return [item async for item in self.iter_selection(
-            name, targets, k=k, fraction=fraction, aggregation=aggregation, sources=sources,
-            per_source_cap=per_source_cap, dedup_threshold=dedup_threshold,
-            checkpoints=checkpoints, weights=weights, page_size=page_size, export=export)]
+        return [item async for item in self.iter_selection(name, targets, options, page_size=page_size,
+                                                           export=export, **selection)]
 
     async def download_export(self, name: str, selection_id: str,
                               path: str | os.PathLike[str] | IO[bytes]) -> Path | None:

@@ -38,7 +38,6 @@ from pydantic import BaseModel, ValidationError
 from .. import __version__
 from .errors import APIError, InvalidResponseError, TransportError, parse_retry_after
 from .models import (
-    Aggregation,
     DatastoreDetail,
     DatastoreList,
     DatastoreSummary,
@@ -50,10 +49,13 @@ from .models import (
     Job,
     JobList,
     Readiness,
+    SelectionOptions,
     SelectPage,
     SelectRequest,
     SimilarRequest,
     SimilarResponse,
+    StrategyInfo,
+    StrategyList,
     TargetDatastore,
     TargetRecords,
     Targets,
@@ -233,8 +235,11 @@ class BaseClient:
     # -- sending helpers ---------------------------------------------------------------------------
 
     def _build_request(self, http: httpx.Client | httpx.AsyncClient, call: Call[Any]) -> httpx.Request:
+        # The timeout goes as a plain 4-tuple, which clients with httpx's API but not its classes
+        # also take (Starlette's TestClient is built on httpx2 and refuses an httpx.Timeout).
+        timeout = (self.timeout.connect, self.timeout.read, self.timeout.write, self.timeout.pool)
         return http.build_request(call.method, self.base_url + call.path, json=call.json,
-                                  params=call.params, headers=self.headers, timeout=self.timeout)
+                                  params=call.params, headers=self.headers, timeout=timeout)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         """Seconds to wait before retry number ``attempt + 1``."""
@@ -302,18 +307,20 @@ class BaseClient:
                     _parse(Example))
 
     @staticmethod
-    def _select(name: str, targets: TargetsLike, *, k: int | None, fraction: float | None,
-                aggregation: Aggregation, sources: Sequence[str] | None, per_source_cap: int | None,
-                dedup_threshold: float | None, checkpoints: Sequence[str] | None,
-                weights: Mapping[str, float] | None, page_size: int,
-                export: str | None) -> Call[SelectPage]:
-        request = SelectRequest(
-            targets=to_targets(targets), k=k, fraction=fraction, aggregation=aggregation,
-            sources=None if sources is None else list(sources), per_source_cap=per_source_cap,
-            dedup_threshold=dedup_threshold, checkpoints=None if checkpoints is None else list(checkpoints),
-            weights=None if weights is None else dict(weights), page_size=page_size, export=export)
+    def _select(name: str, targets: TargetsLike | None, options: SelectionOptions | None,
+                selection: Mapping[str, Any], page_size: int, export: str | None) -> Call[SelectPage]:
+        """``options`` (a :class:`SelectionOptions`) and/or its fields as keywords (``k=``,
+        ``strategy=``, ...; keywords win), validated here as the service would."""
+        fields = {} if options is None else options.model_dump(exclude_unset=True)
+        fields.update(selection)
+        request = SelectRequest(targets=None if targets is None else to_targets(targets), page_size=page_size,
+                                export=export, **fields)
         return Call("POST", f"/v1/datastores/{_segment(name, 'name')}/select", _parse(SelectPage),
                     json=_body(request))
+
+    @staticmethod
+    def _list_strategies() -> Call[list[StrategyInfo]]:
+        return Call("GET", "/v1/strategies", lambda r: StrategyList.model_validate_json(r.content).strategies)
 
     @staticmethod
     def _get_selection_page(name: str, selection_id: str, cursor: str | None,

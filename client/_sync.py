@@ -14,7 +14,6 @@ import httpx
 from ._base import TERMINAL_JOB_STATUSES, BaseClient, Call, TargetsLike, export_file_name
 from .errors import APIError, InvalidResponseError, JobTimeoutError
 from .models import (
-    Aggregation,
     DatastoreDetail,
     DatastoreSummary,
     Example,
@@ -24,8 +23,10 @@ from .models import (
     Job,
     Readiness,
     SelectedExample,
+    SelectionOptions,
     SelectPage,
     SimilarResponse,
+    StrategyInfo,
 )
 
 T = TypeVar("T")
@@ -117,21 +118,23 @@ class Client(BaseClient):
 
     # -- selection ---------------------------------------------------------------------------------
 
-    def select(self, name: str, targets: TargetsLike, *, k: int | None = None,
-               fraction: float | None = None, aggregation: Aggregation = "less",
-               sources: Sequence[str] | None = None, per_source_cap: int | None = None,
-               dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
-               weights: Mapping[str, float] | None = None, page_size: int = 1000,
-               export: str | None = None) -> SelectPage:
-        """Select the top ``k`` (or ``fraction``) examples for ``targets``: the first page.
+    def list_strategies(self) -> list[StrategyInfo]:
+        """The service's selection strategies with their options' schemas (``GET /v1/strategies``)."""
+        return self._request(self._list_strategies())
 
-        ``targets``: see :func:`gradstore.client.to_targets`. Further pages:
-        :meth:`get_selection_page` / :meth:`iter_pages`, or use :meth:`iter_selection`.
+    def select(self, name: str, targets: TargetsLike | None = None, options: SelectionOptions | None = None, *,
+               page_size: int = 1000, export: str | None = None, **selection: Any) -> SelectPage:
+        """Run a selection on datastore ``name``: the first page.
+
+        What to select is a :class:`SelectionOptions` (``options``) and/or its fields as keywords
+        (``k=``, ``fraction=``, ``strategy=``, ``sources=``, ``filters=``, ``per_source_cap=``,
+        ``dedup_threshold=``; keywords win): ``select("pool", targets, k=50)``,
+        ``select("pool", strategy={"name": "quality", "score": "effective_rank"}, fraction=0.1)``.
+        ``targets`` (see :func:`gradstore.client.to_targets`) is left out for target-free
+        strategies. Further pages: :meth:`get_selection_page` / :meth:`iter_pages`, or use
+        :meth:`iter_selection`.
         """
-        return self._request(self._select(
-            name, targets, k=k, fraction=fraction, aggregation=aggregation, sources=sources,
-            per_source_cap=per_source_cap, dedup_threshold=dedup_threshold,
-            checkpoints=checkpoints, weights=weights, page_size=page_size, export=export))
+        return self._request(self._select(name, targets, options, selection, page_size, export))
 
     def get_selection_page(self, name: str, selection_id: str, *, cursor: str | None = None,
                            page_size: int | None = None) -> SelectPage:
@@ -154,34 +157,21 @@ class Client(BaseClient):
             if page.next_cursor == cursor:
                 raise InvalidResponseError(f"selection {first.selection_id}: the cursor did not advance")
 
-    def iter_selection(self, name: str, targets: TargetsLike, *, k: int | None = None,
-                       fraction: float | None = None, aggregation: Aggregation = "less",
-                       sources: Sequence[str] | None = None, per_source_cap: int | None = None,
-                       dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
-                       weights: Mapping[str, float] | None = None, page_size: int = 1000,
-                       export: str | None = None) -> Iterator[SelectedExample]:
+    def iter_selection(self, name: str, targets: TargetsLike | None = None,
+                       options: SelectionOptions | None = None, *, page_size: int = 1000,
+                       export: str | None = None, **selection: Any) -> Iterator[SelectedExample]:
         """Every selected example, in rank order, fetching pages of ``page_size`` as needed.
 
         Same arguments as :meth:`select`; the request is sent on the first ``next()``.
         """
-        first = self.select(name, targets, k=k, fraction=fraction, aggregation=aggregation,
-                            sources=sources, per_source_cap=per_source_cap,
-                            dedup_threshold=dedup_threshold, checkpoints=checkpoints,
-                            weights=weights, page_size=page_size, export=export)
+        first = self.select(name, targets, options, page_size=page_size, export=export, **selection)
         for page in self.iter_pages(first, page_size=page_size):
             yield from page.items
 
-    def select_all(self, name: str, targets: TargetsLike, *, k: int | None = None,
-                   fraction: float | None = None, aggregation: Aggregation = "less",
-                   sources: Sequence[str] | None = None, per_source_cap: int | None = None,
-                   dedup_threshold: float | None = None, checkpoints: Sequence[str] | None = None,
-                   weights: Mapping[str, float] | None = None, page_size: int = 1000,
-                   export: str | None = None) -> list[SelectedExample]:
+    def select_all(self, name: str, targets: TargetsLike | None = None, options: SelectionOptions | None = None,
+                   *, page_size: int = 1000, export: str | None = None, **selection: Any) -> list[SelectedExample]:
         """The whole selection as a list (all pages of :meth:`iter_selection`)."""
-        return list(self.iter_selection(
-            name, targets, k=k, fraction=fraction, aggregation=aggregation, sources=sources,
-            per_source_cap=per_source_cap, dedup_threshold=dedup_threshold,
-            checkpoints=checkpoints, weights=weights, page_size=page_size, export=export))
+        return list(self.iter_selection(name, targets, options, page_size=page_size, export=export, **selection))
 
     def download_export(self, name: str, selection_id: str,
                         path: str | os.PathLike[str] | IO[bytes]) -> Path | None:

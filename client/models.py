@@ -4,8 +4,11 @@ These pydantic models are the single source of truth for the API: the service im
 validate requests and shape responses (and so to generate its OpenAPI schema), and the SDK uses
 them to build requests and parse responses. They depend on pydantic only.
 
-Conventions: scores are LESS influences, ``Σ_c w_c · cos(train_c, target_c)`` aggregated over
-target examples; rows are a datastore's 0-based example rows; ids are the corpus record ids.
+Conventions: scores are what the selection's strategy ranks by (for ``less``, LESS influences
+``Σ_c w_c · cos(train_c, target_c)`` aggregated over target examples); rows are a datastore's
+0-based example rows; ids are the corpus record ids. A select request is
+:class:`gradstore.selection.options.SelectionOptions` (strategy, budget, filters; pydantic only,
+like this module) plus targets and paging.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Aggregation = Literal["less", "max", "mean"]
+from gradstore.selection.options import ExportFormat, QualityFilter, SelectionOptions  # noqa: F401 (re-exported)
+from gradstore.selection.strategies.less import Aggregation  # noqa: F401 (re-exported)
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 GradientType = Literal["sgd", "sign", "adam", "less"]
 
@@ -120,24 +125,32 @@ class ScoringOptions(_Model):
 # -- select ----------------------------------------------------------------------------------------
 
 
-class SelectRequest(ScoringOptions):
-    targets: Targets
-    aggregation: Aggregation = "less"
-    k: int | None = Field(None, ge=1, description="select the top k examples")
-    fraction: float | None = Field(None, gt=0, le=1, description="or the top fraction of the pool")
-    sources: list[str] | None = Field(None, description="only these sources")
-    per_source_cap: int | None = Field(None, ge=1, description="at most this many examples per source")
-    dedup_threshold: float | None = Field(
-        None, gt=-1, le=1, description="skip a candidate whose cosine to an already selected one exceeds this")
+class SelectRequest(SelectionOptions):
+    """A selection (strategy, budget, filters: :class:`SelectionOptions`) with its targets, for
+    strategies that use them, and the first page's size."""
+
+    targets: Targets | None = Field(None, description="the target examples (omit for target-free strategies)")
     page_size: int = Field(1000, ge=1, description="items in the first page; the rest by cursor")
-    export: Literal["jsonl", "parquet"] | None = Field(
+    export: ExportFormat | None = Field(
         None, description="also write the selected records, in their original form, to a file")
 
-    @model_validator(mode="after")
-    def _one_budget(self):
-        if (self.k is None) == (self.fraction is None):
-            raise ValueError("give exactly one of k or fraction")
-        return self
+    def options(self) -> SelectionOptions:
+        """The selection alone (what the engine runs), without targets and paging."""
+        return SelectionOptions.model_validate(
+            self.model_dump(exclude={"targets", "page_size", "export"}, exclude_unset=True))
+
+
+class StrategyInfo(_Response):
+    name: str
+    summary: str
+    needs_targets: Literal["required", "optional", "none"]
+    features: list[str]
+    cost: str
+    options_schema: dict[str, Any] = Field(description="JSON schema of the strategy's options")
+
+
+class StrategyList(_Response):
+    strategies: list[StrategyInfo]
 
 
 class SelectedExample(_Response):
@@ -153,7 +166,10 @@ class SelectPage(_Response):
     datastore: str
     selection_id: str
     total: int = Field(description="examples in the whole selection")
-    pool: int = Field(description="examples eligible after source filters")
+    pool: int = Field(description="examples eligible after the source and quality filters")
+    strategy: dict[str, Any] = Field(default_factory=dict, description="the strategy that ran, with its options")
+    report: dict[str, Any] = Field(default_factory=dict,
+                                   description="what the strategy and the filters report (thresholds, a trace)")
     items: list[SelectedExample]
     next_cursor: str | None = None
     export_path: str | None = None

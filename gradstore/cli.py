@@ -15,6 +15,18 @@ EXIT_USAGE = 2
 EXIT_ERROR = 1
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Ends an option's help with ``(default: X)`` once: not when the help already says its default
+    in words (``(default: PEFT's for the model)``), nor when there is no value to show (``None``, a
+    flag's ``False``, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def _size(text: str) -> int:
     """``4GiB``, ``512MiB``, ``1000000`` -> bytes."""
     units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40, "kb": 10**3, "mb": 10**6,
@@ -29,7 +41,7 @@ def _size(text: str) -> int:
 def _add_index_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "index", help="build a gradient datastore from a corpus",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Compute per-example projected LoRA gradients of a corpus at one or more checkpoints "
                     "and write them as a datastore (Parquet features + FAISS index + manifest.json). "
                     "Re-running the same command resumes an interrupted job.",
@@ -77,9 +89,14 @@ def _add_index_parser(subparsers) -> None:
     run = p.add_argument_group("execution")
     run.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     run.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="model dtype")
-    run.add_argument("--max-tokens-per-batch", type=int, default=16384,
-                     help="token budget of a batch (padded length x examples)")
-    run.add_argument("--max-batch-size", type=int, default=64, help="most examples in a batch")
+    from gradstore.indexer.batching import default_batching  # no torch: --help works with the base install
+
+    cpu_batch, cuda_batch = default_batching("cpu"), default_batching("cuda")
+    run.add_argument("--max-tokens-per-batch", type=int, default=None,
+                     help=f"token budget of a batch, padded length x examples (default: {cuda_batch[0]} on CUDA, "
+                          f"{cpu_batch[0]} on CPU)")
+    run.add_argument("--max-batch-size", type=int, default=None,
+                     help=f"most examples in a batch (default: {cuda_batch[1]} on CUDA, {cpu_batch[1]} on CPU)")
     run.add_argument("--shard-size", type=int, default=1024,
                      help="examples per shard (the unit of resumption and of multi-process work)")
     run.add_argument("--index", default="auto",
@@ -92,6 +109,14 @@ def _add_index_parser(subparsers) -> None:
     run.add_argument("--no-raw-features", action="store_true",
                      help="write the features as Parquet only: half the feature bytes on disk, but selection "
                           "scans decode Parquet (about 6x slower) instead of memory-mapping raw fp16 matrices")
+    extra = p.add_argument_group("extra per-example features (computed by default, in the same pass)")
+    extra.add_argument("--no-representations", action="store_true",
+                       help="no representation vectors (RDS+: position-weighted mean of the last hidden states of "
+                            "the first checkpoint's model, fp16); the rds strategy needs them")
+    extra.add_argument("--no-gradient-spectra", action="store_true",
+                       help="no nuclear_norm and effective_rank of each example's weight gradients per checkpoint")
+    extra.add_argument("--no-vog", action="store_true",
+                       help="no vog (variance of input-embedding gradients across checkpoints; needs two or more)")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     run.add_argument("--progress-file", type=Path, metavar="PATH",
                      help="keep a JSON progress report here: done, total, examples_per_second, eta_seconds, "
@@ -102,6 +127,7 @@ def _add_index_parser(subparsers) -> None:
 def _run_index(args) -> int:
     from gradstore.indexer.checkpoints import CheckpointSpec
     from gradstore.indexer.corpus import CorpusSource
+    from gradstore.indexer.extras import ExtraFeatures
     from gradstore.indexer.job import IndexJob, IndexJobConfig
     from gradstore.indexer.model import LoraSpec
     from gradstore.indexer.projection import ProjectionSpec
@@ -126,6 +152,8 @@ def _run_index(args) -> int:
         max_tokens_per_batch=args.max_tokens_per_batch, max_batch_size=args.max_batch_size,
         shard_size=args.shard_size, dtype=args.dtype, device=args.device, index=args.index,
         index_memory_budget=args.index_memory, raw_features=not args.no_raw_features,
+        extras=ExtraFeatures(representations=not args.no_representations,
+                             gradient_spectra=not args.no_gradient_spectra, vog=not args.no_vog),
         on_bad_record=args.on_bad_record,
         overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
         progress_file=args.progress_file,
@@ -152,7 +180,7 @@ def _split_targets(text: str | None) -> tuple[str, ...] | None:
 def _add_warmup_parser(subparsers) -> None:
     p = subparsers.add_parser(
         "warmup", help="LESS warmup: short LoRA training with one checkpoint per epoch",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Train a fresh LoRA on a random fraction of the corpus and save one checkpoint per epoch "
                     "(adapter, optimizer state, average learning rate) plus warmup_run.json, which "
                     "`gradstore index --run DIR` reads directly. Defaults are LESS's.",
@@ -168,7 +196,8 @@ def _add_warmup_parser(subparsers) -> None:
     p.add_argument("--learning-rate", type=float, default=2e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="linear warmup share of the steps")
     p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8, help="examples per optimizer step")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="examples per optimizer step: a training setting, the same on every device")
     p.add_argument("--lora-r", type=int, default=128)
     p.add_argument("--lora-alpha", type=float, default=512.0)
     p.add_argument("--lora-dropout", type=float, default=0.1)
@@ -236,6 +265,10 @@ def _run_info(args) -> int:
         print(f"  {c.name:<12}weight {c.weight:.4f}  {c.path or '(fresh LoRA)'}")
     if m.index is not None:
         print(f"index         {m.index.kind} ({m.index.factory}), dim {m.index.dim}, {m.index.ntotal:,} vectors")
+    representations = m.extras.representations if m.extras is not None else None
+    print(f"extras        representations: "
+          f"{f'{representations.dim} dims ({representations.checkpoint})' if representations else 'none'}; "
+          f"scores: {', '.join(store.score_names)}")
     print(f"tokens        {m.tokens.get('total', 0):,} (mean {m.tokens.get('mean', 0):.1f}, "
           f"max {m.tokens.get('max', 0)})")
     size = sum(f.bytes for f in m.files.values())
@@ -246,35 +279,42 @@ def _run_info(args) -> int:
 
 
 def _add_select_parser(subparsers) -> None:
+    from gradstore.selection.strategies import DEFAULT_STRATEGY, registry
+
+    strategies = registry()
+    listing = "; ".join(f"{name}: {cls.summary}" for name, cls in strategies.items())
     p = subparsers.add_parser(
-        "select", help="select the training examples that matter most for a target task",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Score every example of a datastore against target examples with LESS "
-                    "(sum over checkpoints of w_c * cos(train_c, target_c), aggregated over the targets) and "
-                    "print the ranked selection. Targets come from an sgd datastore of target examples "
-                    "(--targets-store) or from target records (--targets), whose gradients are then computed "
-                    "with the datastore's own model, checkpoints and projection.",
+        "select", help="select training examples with a strategy (LESS by default)",
+        formatter_class=DefaultsHelpFormatter,
+        description="Choose examples of a datastore with a selection strategy and print the ranked selection. "
+                    "The default, less, scores every example against target examples with LESS (sum over "
+                    "checkpoints of w_c * cos(train_c, target_c), aggregated over the targets). Targets come from "
+                    "an sgd datastore of target examples (--targets-store) or from target records (--targets), "
+                    "whose gradients are then computed with the datastore's own model, checkpoints and "
+                    f"projection; target-free strategies take none. Strategies: {listing}.",
     )
     p.add_argument("store", type=Path, help="datastore folder of the training pool")
-    targets = p.add_mutually_exclusive_group(required=True)
+    targets = p.add_mutually_exclusive_group()
     targets.add_argument("--targets-store", type=Path, metavar="DIR",
                          help="datastore of the target examples (gradstore index --gradient-type sgd)")
     targets.add_argument("--targets", type=Path, metavar="FILE",
                          help="target records (JSONL or Parquet, corpus format)")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--k", type=int, metavar="N", help="select the top N examples")
-    budget.add_argument("--fraction", type=float, metavar="F", help="select the top ceil(F x pool) examples")
-    p.add_argument("--aggregation", default="less", choices=["less", "max", "mean"],
-                   help="less: mean within each subtask, then max across subtasks; max / mean over all targets")
+    budget.add_argument("--k", type=int, metavar="N", help="select N examples")
+    budget.add_argument("--fraction", type=float, metavar="F", help="select ceil(F x pool) examples")
+    p.add_argument("--strategy", default=DEFAULT_STRATEGY, choices=list(strategies),
+                   help="how to choose (options below; each names the strategies that take it)")
+    _add_strategy_option_flags(p.add_argument_group("strategy options"), strategies)
     p.add_argument("--subtask-field", metavar="NAME",
                    help="record field naming each target's subtask (default: one subtask)")
     p.add_argument("--sources", type=_names, metavar="A,B", help="only examples of these corpus sources")
+    p.add_argument("--filter", dest="filters", action="append", type=_quality_filter,
+                   metavar="SCORE:above|below:Q[:CHECKPOINT]",
+                   help="keep examples whose stored SCORE is at or above / at or below its quantile Q in the pool, "
+                        "before the strategy runs (repeatable; vog:below:0.95 drops the top 5 %% by VoG)")
     p.add_argument("--per-source-cap", type=int, metavar="N", help="at most N examples per source")
     p.add_argument("--dedup-threshold", type=float, metavar="X",
-                   help="skip a candidate whose similarity to an already selected example exceeds X")
-    p.add_argument("--checkpoints", type=_names, metavar="A,B", help="checkpoints to use (default: all)")
-    p.add_argument("--weights", type=_checkpoint_weights, metavar="A=W,B=W",
-                   help="checkpoint weights instead of the manifest's (normalised to sum to 1)")
+                   help="skip a candidate whose gradient similarity to an already selected example exceeds X")
     p.add_argument("--export", type=Path, metavar="OUT.jsonl|OUT.parquet",
                    help="write the selected records, in their original form and rank order")
     p.add_argument("--scores", type=Path, metavar="OUT.parquet",
@@ -282,6 +322,87 @@ def _add_select_parser(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object per selected example")
     p.add_argument("--device", default="auto", help="where target gradients are computed (with --targets)")
     p.set_defaults(handler=_run_select)
+
+
+def _add_strategy_option_flags(group, strategies) -> None:
+    """One flag per option field of any strategy (``--aggregation``, ``--score``, ``--seed``...),
+    its type, choices and help read from the strategies' options models."""
+    for field, owners in _strategy_fields(strategies).items():
+        kinds = [_flag_kind(info.annotation) for info in owners.values()]
+        kind = kinds[0][0]
+        choices = list(dict.fromkeys(c for _, cs in kinds for c in cs or [])) or None
+        descriptions = {info.description or field for info in owners.values()}
+        help_text = (next(iter(descriptions)) + f" [{', '.join(owners)}]" if len(descriptions) == 1 else
+                     "; ".join(f"{name}: {info.description or field}" for name, info in owners.items()))
+        group.add_argument(f"--{field.replace('_', '-')}", dest=f"strategy_{field}", type=kind, choices=choices,
+                           default=argparse.SUPPRESS, metavar=_flag_metavar(kind, choices),
+                           help=help_text.replace("%", "%%"))
+
+
+def _strategy_fields(strategies) -> dict[str, dict]:
+    """Every option field of the strategies: field name -> {strategy name: its FieldInfo}."""
+    fields: dict[str, dict] = {}
+    for name, cls in strategies.items():
+        for field, info in cls.Options.model_fields.items():
+            if field != "name":
+                fields.setdefault(field, {})[name] = info
+    return fields
+
+
+def _flag_kind(annotation):
+    """The argparse type and choices of an options field: a Literal's values, names (A,B),
+    NAME=WEIGHT pairs, or the field's scalar type."""
+    import types
+    import typing
+
+    inner = annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # X | None
+        inner = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(inner) is typing.Literal:
+        return str, list(typing.get_args(inner))
+    if typing.get_origin(inner) is list:
+        return _names, None
+    if typing.get_origin(inner) is dict:
+        return _checkpoint_weights, None
+    return inner, None
+
+
+def _flag_metavar(kind, choices) -> str | None:
+    if choices:
+        return None
+    return {_names: "A,B", _checkpoint_weights: "A=W,B=W", int: "N", float: "X"}.get(kind, "VALUE")
+
+
+def _quality_filter(text: str) -> dict:
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or parts[1] not in ("above", "below"):
+        raise argparse.ArgumentTypeError(f"expected SCORE:above|below:Q[:CHECKPOINT], got {text!r}")
+    try:
+        quantile = float(parts[2])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: the quantile {parts[2]!r} is not a number") from None
+    spec = {"score": parts[0], "keep": parts[1], "quantile": quantile}
+    if len(parts) == 4:
+        spec["checkpoint"] = parts[3]
+    return spec
+
+
+def _strategy_from_args(args) -> dict:
+    """The chosen strategy's options from its flags; a flag of another strategy is an error."""
+    from gradstore.selection.strategies import get_strategy
+
+    cls = get_strategy(args.strategy)
+    given = {key[len("strategy_"):]: value for key, value in vars(args).items() if key.startswith("strategy_")}
+    foreign = sorted(set(given) - set(cls.Options.model_fields))
+    if foreign:
+        own = [f"--{f.replace('_', '-')}" for f in cls.Options.model_fields if f != "name"]
+        raise _UsageError(f"--{foreign[0].replace('_', '-')} is not an option of strategy {cls.name!r} "
+                          f"(its options: {', '.join(own) or 'none'})")
+    return {"name": cls.name, **given}
+
+
+class _UsageError(Exception):
+    """A command line that cannot run as given (exit status 2, one line)."""
 
 
 def _names(text: str) -> list[str]:
@@ -307,22 +428,29 @@ def _checkpoint_weights(text: str) -> dict[str, float]:
 def _run_select(args) -> int:
     from gradstore.indexer.corpus import CorpusSource, read_corpus
     from gradstore.indexer.datastore import Datastore
-    from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
+    from gradstore.selection import SelectionEngine, TargetSet
+    from gradstore.selection.engine import selection_options
+    from gradstore.selection.strategies import get_strategy
 
+    needs = get_strategy(args.strategy).needs_targets
+    given = args.targets_store is not None or args.targets is not None
+    if needs == "required" and not given:
+        raise _UsageError(f"strategy {args.strategy!r} needs targets: give --targets-store DIR or --targets FILE")
+    if needs == "none" and given:
+        raise _UsageError(f"strategy {args.strategy!r} does not use targets; leave out --targets/--targets-store")
     store = Datastore.open(args.store)
     engine = SelectionEngine(store)
-    options = SelectionOptions(
-        aggregation=args.aggregation, k=args.k, fraction=args.fraction, sources=args.sources,
-        per_source_cap=args.per_source_cap, dedup_threshold=args.dedup_threshold,
-        checkpoints=args.checkpoints, weights=args.weights,
-    )
+    fields = {"strategy": _strategy_from_args(args), "k": args.k, "fraction": args.fraction, "sources": args.sources,
+              "filters": args.filters, "per_source_cap": args.per_source_cap, "dedup_threshold": args.dedup_threshold}
+    options = selection_options({key: value for key, value in fields.items() if value is not None})
     # Refuse a bad query before computing any target gradient.
-    options.validate()
-    engine.pool(options.sources)
-    engine.resolve_checkpoints(options.checkpoints, options.weights)
+    engine.filtered_pool(options)
+    if getattr(options.strategy, "checkpoints", None) or getattr(options.strategy, "weights", None):
+        engine.resolve_checkpoints(options.strategy.checkpoints, options.strategy.weights)
+    targets = None
     if args.targets_store is not None:
         targets = TargetSet.from_datastore(Datastore.open(args.targets_store), args.subtask_field)
-    else:
+    elif args.targets is not None:
         from gradstore.selection import TargetFeaturizer
 
         records = [r.record for r in read_corpus([CorpusSource.parse(str(args.targets))]).records]
@@ -344,10 +472,23 @@ def _run_select(args) -> int:
         print(f"{'rank':>{rank_width}}  {'score':>10}  {'id':<{id_width}}  source")
         for item in items:
             print(f"{item['rank']:>{rank_width}}  {item['score']:>10.6f}  {item['id']:<{id_width}}  {item['source']}")
-    print(f"selected {len(selection)} of {selection.pool} examples ({targets.num_targets} targets, "
-          f"{len(selection.subtasks)} subtasks, aggregation {selection.aggregation}, checkpoints "
-          f"{', '.join(f'{n}={w:.3g}' for n, w in zip(selection.checkpoints, selection.weights))})", file=sys.stderr)
+    print(_selection_summary(selection, targets), file=sys.stderr)
     return 0
+
+
+def _selection_summary(selection, targets) -> str:
+    from gradstore.selection.strategies import strategy_label
+
+    parts = [f"strategy {strategy_label(selection.strategy)}"]
+    if targets is not None:
+        parts.append(f"{targets.num_targets} targets, {len(selection.subtasks)} subtasks")
+    if selection.checkpoints:
+        parts.append("checkpoints " + ", ".join(f"{n}={w:.3g}" for n, w in zip(selection.checkpoints,
+                                                                               selection.weights)))
+    for step in selection.report.get("filters", []):
+        parts.append(f"filter {step['score']} {step['keep']} q{step['quantile']:g} "
+                     f"(threshold {step['threshold']:.4g}, {step['pool']} left)")
+    return f"selected {len(selection)} of {selection.pool} examples ({'; '.join(parts)})"
 
 
 def _add_serve_parser(subparsers) -> None:
@@ -398,13 +539,13 @@ def _run_serve(args) -> int:
 
 def _add_eval_parser(subparsers) -> None:
     p = subparsers.add_parser(
-        "eval", help="measure a selection: fine-tune on it, on a random subset and on everything",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Select the top fraction of a datastore for the target examples, then fine-tune a fresh LoRA "
-                    "on the base model the store was built with: on the selection, on a random subset of the "
-                    "same size (one per seed) and on the whole pool; evaluate each, and the base model, on "
+        "eval", help="compare strategies: fine-tune on each one's selection and on everything",
+        formatter_class=DefaultsHelpFormatter,
+        description="Select a fraction of a datastore with each strategy, then fine-tune a fresh LoRA on the base "
+                    "model the store was built with: on each selection (several seeds; a seeded strategy such as "
+                    "random draws once per seed) and on the whole pool; evaluate each, and the base model, on "
                     "held-out records of the target task (mean answer-token loss, exact-match accuracy of "
-                    "greedy generation against each record's 'answer') and print the table.",
+                    "greedy generation against each record's 'answer') and print one row per strategy.",
     )
     p.add_argument("--store", required=True, type=Path, help="datastore folder of the training pool")
     p.add_argument("--targets", required=True, type=Path, metavar="FILE",
@@ -412,9 +553,12 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument("--heldout", required=True, type=Path, metavar="FILE",
                    help="held-out records of the target task, each with an 'answer' field (else its last "
                         "assistant message is the answer)")
-    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool to select")
+    p.add_argument("--fraction", type=float, default=0.05, help="share of the pool each strategy selects")
+    p.add_argument("--strategies", type=_strategy_specs, default="less,random", metavar="NAME[:VALUE],...",
+                   help="strategies to compare: NAME, NAME:VALUE (the strategy's main option: quality:effective_rank, "
+                        "random:3) or NAME:KEY=VALUE;KEY=VALUE (quality:score=nuclear_norm;order=low)")
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], metavar="0,1,2",
-                   help="fine-tuning seeds of the selected and random arms (one random subset per seed)")
+                   help="fine-tuning seeds of every strategy's arm")
     p.add_argument("--no-full", action="store_true", help="leave out fine-tuning on the whole pool")
     p.add_argument("--full-seeds", type=_seeds, default=None, metavar="0",
                    help="seeds of the whole-pool arm (default: the first of --seeds)")
@@ -438,6 +582,18 @@ def _add_eval_parser(subparsers) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=_run_eval)
+
+
+def _strategy_specs(text: str) -> list[dict]:
+    """``less,quality:effective_rank,random``: comma-separated strategies; inside one, options by
+    name are separated by ``;`` (``quality:score=nuclear_norm;order=low``)."""
+    from gradstore.evaluate import parse_strategy
+    from gradstore.selection.errors import SelectionError
+
+    try:
+        return [parse_strategy(item.replace(";", ",")) for item in _names(text)]
+    except SelectionError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _seeds(text: str) -> list[int]:
@@ -470,7 +626,8 @@ def _run_eval(args) -> int:
         lora_dropout=args.lora_dropout, lora_targets=_lora_targets(args.lora_targets), batch_size=args.batch_size,
     )
     result = compare(
-        args.store, targets, heldout, fraction=args.fraction, seeds=args.seeds, include_full=not args.no_full,
+        args.store, targets, heldout, fraction=args.fraction, strategies=args.strategies, seeds=args.seeds,
+        include_full=not args.no_full,
         full_seeds=args.full_seeds, settings=settings, full_epochs=args.full_epochs, max_length=args.max_length,
         max_new_tokens=args.max_new_tokens, family_field=args.family_field, target_family=target_family,
         device=args.device, progress=not args.no_progress, log=lambda line: print(line, file=sys.stderr),
@@ -495,7 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Gradient datastore and LESS-style data selection for instruction tuning.",
     )
     parser.add_argument("--version", action="version", version=f"gradstore {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     _add_warmup_parser(subparsers)
     _add_index_parser(subparsers)
     _add_info_parser(subparsers)
@@ -514,17 +671,89 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ModuleNotFoundError as exc:
-        print(f"gradstore {sys.argv[1] if len(sys.argv) > 1 else ''}: missing dependency {exc.name!r}; "
-              "install the extras: pip install 'gradstore[cpu]' (or [gpu])", file=sys.stderr)
+        print(missing_module_message(args.command, exc.name or str(exc)), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted; run the same command again to resume", file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - turn known errors into one clear line
+        if isinstance(exc, _UsageError):
+            parser.exit(EXIT_USAGE, f"gradstore: error: {exc}\n")
         if _is_gradstore_error(exc):
             print(f"error: {exc}", file=sys.stderr)
             return EXIT_ERROR
         raise
+
+
+# The extras the README tells users to install; the others (indexer, service) are parts of cpu and gpu.
+USER_EXTRAS = ("cpu", "gpu", "datasets")
+
+
+def missing_module_message(command: str, module: str) -> str:
+    """One line for a subcommand that failed to import ``module``.
+
+    A ``gradstore.*`` module is part of this distribution, so its absence means a broken
+    installation (or a wheel built without it), not a missing extra. Any other module is looked up
+    in the installed distribution's requirements (``Requires-Dist``): a dependency of an extra is
+    named with the extras that bring it; a module that no requirement provides is a dependency of
+    a dependency; a missing sub-module of an installed package means a version that does not fit.
+    """
+    import importlib.util
+
+    if module == "gradstore" or module.startswith("gradstore."):
+        import gradstore
+
+        return (f"gradstore {command}: this gradstore installation is incomplete: the module {module!r} is missing "
+                f"from {Path(gradstore.__file__).parent}; reinstall gradstore (pip install --force-reinstall "
+                f"--no-deps gradstore, or the wheel you installed with --force-reinstall --no-deps); a wheel "
+                f"that still lacks it was built incomplete")
+    top = module.split(".")[0]
+    if top != module and importlib.util.find_spec(top) is not None:
+        return (f"gradstore {command}: the installed {top!r} has no module {module!r}: a version gradstore does not "
+                f"support, or a broken install; reinstall the extras you use, e.g. pip install --force-reinstall "
+                f"'gradstore[cpu]'")
+    distributions, extras = _extras_providing(top)
+    if not extras:
+        return (f"gradstore {command}: missing module {module!r}, which is not one of gradstore's own requirements: "
+                f"a dependency of an installed package is missing or broken; reinstall the extras you use, e.g. "
+                f"pip install --force-reinstall 'gradstore[cpu]'")
+    commands = " or ".join(f"pip install 'gradstore[{extra}]'" for extra in extras)
+    return (f"gradstore {command}: missing dependency {module!r} ({' or '.join(distributions)}, from the "
+            f"{' or '.join(repr(e) for e in extras)} extra); install it: {commands}")
+
+
+def _extras_providing(module: str) -> tuple[list[str], list[str]]:
+    """The distributions that provide the import name ``module`` among gradstore's requirements,
+    and the user extras (:data:`USER_EXTRAS`) that bring one of them, directly or through another
+    extra. ``faiss`` is provided by ``faiss-cpu`` and ``faiss-gpu``; otherwise a distribution's
+    name is its module's with ``-`` for ``_``."""
+    import importlib.metadata
+    import re
+
+    try:
+        requirements = importlib.metadata.requires("gradstore") or []
+    except importlib.metadata.PackageNotFoundError:
+        return [], []
+    direct: dict[str, set[str]] = {}  # extra -> distribution names it lists
+    includes: dict[str, set[str]] = {}  # extra -> extras of gradstore it lists
+    for text in requirements:
+        found = re.match(r"\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?[^;]*;.*\bextra\s*==\s*['\"]([^'\"]+)['\"]", text)
+        if not found:
+            continue
+        name, listed, extra = found.group(1).lower().replace("_", "-"), found.group(2), found.group(3)
+        if name == "gradstore":
+            includes.setdefault(extra, set()).update(e.strip() for e in (listed or "").split(","))
+        else:
+            direct.setdefault(extra, set()).add(name)
+    wanted = module.lower().replace("_", "-")
+    distributions = sorted({d for names in direct.values() for d in names
+                            if d == wanted or (wanted == "faiss" and d in ("faiss-cpu", "faiss-gpu"))})
+
+    def brings(extra: str, seen: frozenset = frozenset()) -> bool:
+        return bool(direct.get(extra, set()) & set(distributions)) or any(
+            brings(other, seen | {extra}) for other in includes.get(extra, ()) if other not in seen)
+
+    return distributions, [extra for extra in USER_EXTRAS if brings(extra)]
 
 
 def _is_gradstore_error(exc: BaseException) -> bool:

@@ -2,8 +2,10 @@
 
 A datastore holds, for every training example of a corpus and for each of several model
 checkpoints, the example's L2-normalised projected gradient ("feature", ``k`` dims, float16) with
-its gradient norm, feature norm and loss, plus the examples themselves, an optional FAISS index
-and a manifest that describes and checksums everything.
+its gradient norm, feature norm and loss (and, in stores that have them, its gradient spectra),
+plus the examples themselves (with their VoG), their representation vectors, an optional FAISS
+index and a manifest that describes and checksums everything. What representation vectors,
+gradient spectra and VoG are is specified in ``gradstore.indexer.extras``.
 
 Layout of a store directory
 ===========================
@@ -15,6 +17,8 @@ Layout of a store directory
       examples/part-00000.parquet ...        one file per shard, rows in corpus order, zstd
       features/<checkpoint>/part-00000.parquet ...   same shards, uncompressed
       raw_features/<checkpoint>/part-00000.npy ...   the same features as raw matrices (optional)
+      representations/part-00000.parquet ...     representation vectors (optional), uncompressed
+      raw_representations/part-00000.npy ...     the same as raw matrices (optional)
       index.faiss                            FAISS index (absent with index kind "none")
       index.ivfdata                          its inverted lists (index kind "ivf-ondisk" only)
       skipped.jsonl                          records the job skipped (only when there were some)
@@ -30,13 +34,18 @@ Rows and shards
     ``row`` int64, ``id`` string (the record id, unique in the corpus), ``source`` string (corpus
     name), ``location`` string (``"file:line"`` of the record), ``record`` string (the original
     record as JSON text), ``num_tokens`` int32, ``num_label_tokens`` int32 (tokens carrying
-    loss), ``truncated`` bool (the example was cut to the maximum length).
+    loss), ``truncated`` bool (the example was cut to the maximum length); in stores with VoG
+    (``extras.vog``), also ``vog`` float32 (the example's variance of input-embedding gradients
+    across the checkpoints).
 
 ``features/<checkpoint>/part-XXXXX.parquet`` (uncompressed, no dictionary encoding)
     ``row`` int64, ``feature`` fixed_size_list<float16>[k] (the projected gradient divided by its
     L2 norm; an all-zero vector stands for a zero gradient), ``grad_norm`` float32 (norm of the
     unprojected gradient), ``feature_norm`` float32 (norm of the projection before
-    normalisation), ``loss`` float32. Random fp16 data does not compress, and plain encoding keeps
+    normalisation), ``loss`` float32; in stores with gradient spectra (``extras.gradient_spectra``),
+    also ``nuclear_norm`` and ``effective_rank`` float32 (each the mean over the LoRA-adapted
+    matrices of that statistic of the example's weight gradient at this checkpoint). Random fp16
+    data does not compress, and plain encoding keeps
     reading these files close to a memory copy. ``<checkpoint>`` is the checkpoint's name from the
     manifest (letters, digits, ``._-``; not starting with ``.`` or ``_``).
 
@@ -54,6 +63,16 @@ Rows and shards
     Parquet files only.
     Readers that predate them only check the size of the listed files they do not know, so adding
     them left ``SCHEMA_VERSION`` unchanged.
+
+``representations/part-XXXXX.parquet`` (stores with ``extras.representations``; uncompressed)
+    ``row`` int64, ``representation`` fixed_size_list<float16>[hidden]: the example's
+    representation vector (RDS+'s position-weighted mean of the last hidden states of the model
+    with the first checkpoint's adapter, L2-normalised), one file per shard with the shard's rows.
+
+``raw_representations/part-XXXXX.npy`` (optional, per shard)
+    The ``representation`` column as a raw ``.npy`` matrix (``<f2``, row-major, ``(rows of the
+    shard, hidden)``), written exactly when the raw feature files are and read on the same terms:
+    a reader uses one exactly when ``files`` lists it.
 
 ``index.faiss``
     ``faiss.write_index`` output, metric inner product, one vector per row in row order:
@@ -86,6 +105,12 @@ Rows and shards
       ntotal (= N)} or null; ``kind`` is one of ``flat``, ``sq16``, ``ivf``, ``ivf-ondisk``,
       ``hnsw`` (see ``gradstore.indexer.faiss_index``);
     - ``counts`` {examples (= N), by_source: source -> examples, skipped, truncated};
+    - ``extras`` (optional; absent in stores written before extras existed, which hold none):
+      {representations: {dim (= hidden), dtype = "float16", normalized, pooling =
+      ``"position-weighted-mean"``, checkpoint (the checkpoint whose model gives them: the first)}
+      or null, gradient_spectra (bool: the features files have ``nuclear_norm`` and
+      ``effective_rank``), vog (bool: the examples files have ``vog``)}. It is derived from the
+      shards' done markers, which must agree;
     - ``tokens`` (token statistics, free-form); ``job`` (wall time, throughput, world size, ...);
     - ``shards`` {size (nominal rows per shard), count};
     - ``files``: relative path -> {bytes, sha256} for every file of the store but the manifest.
@@ -149,6 +174,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from .. import __version__
 from .errors import FeatureNotStoredError, StoreError
+from .extras import POOLING
 from .faiss_index import (
     ONDISK_KIND,
     build_index,
@@ -170,6 +196,12 @@ SKIPPED_FILE = "skipped.jsonl"
 EXAMPLES_DIR = "examples"
 FEATURES_DIR = "features"
 RAW_FEATURES_DIR = "raw_features"
+REPRESENTATIONS_DIR = "representations"
+RAW_REPRESENTATIONS_DIR = "raw_representations"
+# Target-free quality scores a store may hold, each one float per example (``Datastore.scores``);
+# the first five are per checkpoint (columns of the features files), ``vog`` per example.
+SCORE_NAMES = ("loss", "grad_norm", "feature_norm", "nuclear_norm", "effective_rank", "vog")
+SPECTRA_SCORES = ("nuclear_norm", "effective_rank")
 # Work-directory bookkeeping, never part of a published store.
 SHARDS_DIR = "_shards"
 _TMP_DIR = "tmp"
@@ -234,6 +266,22 @@ class FeatureInfo(_Strict):
     normalized: bool = True
 
 
+class RepresentationInfo(_Strict):
+    dim: int
+    dtype: Literal["float16"] = "float16"
+    normalized: bool = True
+    pooling: Literal["position-weighted-mean"] = POOLING
+    checkpoint: str  # the checkpoint whose adapted model gives them (the first)
+
+
+class ExtrasInfo(_Strict):
+    """Which extra per-example features the store holds (``gradstore.indexer.extras``)."""
+
+    representations: RepresentationInfo | None = None
+    gradient_spectra: bool = False
+    vog: bool = False
+
+
 class IndexInfo(_Strict):
     file: str
     kind: str
@@ -277,6 +325,7 @@ class Manifest(_Strict):
     features: FeatureInfo
     index: IndexInfo | None
     counts: CountInfo
+    extras: ExtrasInfo | None = None  # None: written before extras existed
     tokens: dict[str, Any]
     shards: ShardInfo
     files: dict[str, FileInfo]
@@ -301,6 +350,10 @@ class Manifest(_Strict):
             if (self.index.dim, self.index.ntotal) != expected:
                 raise ValueError(f"index dim/ntotal {(self.index.dim, self.index.ntotal)} != {expected} "
                                  f"(features dim x checkpoints, examples)")
+        representation = self.extras.representations if self.extras is not None else None
+        if representation is not None and representation.checkpoint not in names:
+            raise ValueError(f"extras.representations.checkpoint {representation.checkpoint!r} is not one of "
+                             f"the checkpoints {names}")
         for relative in self.files:
             if relative.startswith("/") or ".." in Path(relative).parts:
                 raise ValueError(f"files: {relative!r} is not a path inside the store")
@@ -378,6 +431,15 @@ def features_path(root: Path, checkpoint: str, shard: int) -> Path:
 def raw_features_path(root: Path, checkpoint: str, shard: int) -> Path:
     """The optional raw ``.npy`` copy of a features file's ``feature`` column."""
     return root / RAW_FEATURES_DIR / checkpoint / f"{shard_name(shard)}.npy"
+
+
+def representations_path(root: Path, shard: int) -> Path:
+    return root / REPRESENTATIONS_DIR / f"{shard_name(shard)}.parquet"
+
+
+def raw_representations_path(root: Path, shard: int) -> Path:
+    """The optional raw ``.npy`` copy of a representations file's ``representation`` column."""
+    return root / RAW_REPRESENTATIONS_DIR / f"{shard_name(shard)}.npy"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -459,7 +521,8 @@ def _file_infos(root: Path, relatives: Sequence[str]) -> dict[str, dict]:
 # ------------------------------------------------------------------------------ shard writer
 
 
-def examples_schema() -> pa.Schema:
+def examples_schema(vog: bool = False) -> pa.Schema:
+    """The examples files' columns (with ``vog`` in stores that hold it)."""
     return pa.schema([
         pa.field("row", pa.int64(), nullable=False),
         pa.field("id", pa.string(), nullable=False),
@@ -469,16 +532,24 @@ def examples_schema() -> pa.Schema:
         pa.field("num_tokens", pa.int32()),
         pa.field("num_label_tokens", pa.int32()),
         pa.field("truncated", pa.bool_()),
-    ])
+    ] + ([pa.field("vog", pa.float32())] if vog else []))
 
 
-def features_schema(dim: int) -> pa.Schema:
+def features_schema(dim: int, spectra: bool = False) -> pa.Schema:
+    """A features file's columns (with the gradient spectra in stores that hold them)."""
     return pa.schema([
         pa.field("row", pa.int64(), nullable=False),
         pa.field("feature", pa.list_(pa.float16(), dim), nullable=False),
         pa.field("grad_norm", pa.float32()),
         pa.field("feature_norm", pa.float32()),
         pa.field("loss", pa.float32()),
+    ] + ([pa.field(name, pa.float32()) for name in SPECTRA_SCORES] if spectra else []))
+
+
+def representations_schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("row", pa.int64(), nullable=False),
+        pa.field("representation", pa.list_(pa.float16(), dim), nullable=False),
     ])
 
 
@@ -502,13 +573,17 @@ class FeatureBatch:
     grad_norm: np.ndarray     # float32 (n,)
     feature_norm: np.ndarray  # float32 (n,)
     loss: np.ndarray          # float32 (n,)
+    nuclear_norm: np.ndarray | None = None    # float32 (n,), with gradient spectra
+    effective_rank: np.ndarray | None = None  # float32 (n,), with gradient spectra
 
 
 def write_shard(work_dir: str | Path, shard: int, examples: pa.Table,
-                features: dict[str, FeatureBatch], raw_features: bool = True) -> None:
+                features: dict[str, FeatureBatch], raw_features: bool = True,
+                representations: np.ndarray | None = None) -> None:
     """Write shard ``shard`` of the work directory: examples, every checkpoint's features (with
-    their raw ``.npy`` copy unless ``raw_features`` is false), and the done marker last.
-    Rewriting a shard (a resumed job) replaces it."""
+    their raw ``.npy`` copy unless ``raw_features`` is false), the representation vectors when
+    given (float16 ``(rows, hidden)``, L2-normalised; raw copy likewise), and the done marker
+    last. Rewriting a shard (a resumed job) replaces it."""
     work_dir = Path(work_dir)
     where = f"{work_dir}: shard {shard}"
     if not isinstance(shard, (int, np.integer)) or shard < 0:
@@ -517,6 +592,8 @@ def write_shard(work_dir: str | Path, shard: int, examples: pa.Table,
     rows = examples.column("row").to_numpy()
     _check_contiguous(rows, where)
     batches = _checked_features(features, rows, where)
+    if representations is not None:
+        representations = _checked_unit_matrix(representations, len(rows), f"{where}: representations")
     marker = _done_marker(work_dir, shard)
     # A shard being rewritten must not look complete until all its new files are in place.
     marker.unlink(missing_ok=True)
@@ -531,7 +608,18 @@ def write_shard(work_dir: str | Path, shard: int, examples: pa.Table,
             _write_raw_features(batch.feature, raw_path, tmp_dir)
         else:
             raw_path.unlink(missing_ok=True)  # an earlier attempt's copy would no longer match
-    summary = _shard_summary(shard, examples, batches)
+    raw_path = raw_representations_path(work_dir, shard)
+    if representations is not None:
+        _write_parquet(_representations_table(rows, representations), representations_path(work_dir, shard),
+                       tmp_dir, compression="none", use_dictionary=False,
+                       row_group_size=max(1024, _FEATURE_ROW_GROUP_BYTES // (2 * representations.shape[1])))
+    else:
+        representations_path(work_dir, shard).unlink(missing_ok=True)
+    if representations is not None and raw_features:
+        _write_raw_features(representations, raw_path, tmp_dir)
+    else:
+        raw_path.unlink(missing_ok=True)
+    summary = _shard_summary(shard, examples, batches, representations)
     _atomic_write_bytes(marker, summary.model_dump_json().encode(), tmp_dir)
 
 
@@ -548,9 +636,9 @@ def _done_marker(work_dir: Path, shard: int) -> Path:
 
 
 def _conform_examples(examples: pa.Table, where: str) -> pa.Table:
-    schema = examples_schema()
     if not isinstance(examples, pa.Table):
         raise StoreError(f"{where}: examples must be a pyarrow Table, got {type(examples).__name__}")
+    schema = examples_schema(vog="vog" in examples.column_names)
     missing = [n for n in schema.names if n not in examples.column_names]
     extra = [n for n in examples.column_names if n not in schema.names]
     if missing or extra:
@@ -562,6 +650,8 @@ def _conform_examples(examples: pa.Table, where: str) -> pa.Table:
     for name in ("row", "id"):
         if table.column(name).null_count:
             raise StoreError(f"{where}: examples column {name!r} has null values")
+    if "vog" in schema.names and not np.all(np.isfinite(table.column("vog").to_numpy(zero_copy_only=False))):
+        raise StoreError(f"{where}: examples column 'vog' has NaN, infinite or null values")
     return table
 
 
@@ -581,6 +671,9 @@ def _checked_features(features: dict[str, FeatureBatch], rows: np.ndarray, where
     dims = {name: batch.feature.shape[1] for name, batch in checked.items()}
     if len(set(dims.values())) != 1:
         raise StoreError(f"{where}: feature dims differ between checkpoints: {dims}")
+    spectra = {name: batch.nuclear_norm is not None for name, batch in checked.items()}
+    if len(set(spectra.values())) != 1:
+        raise StoreError(f"{where}: some checkpoints have gradient spectra and some do not: {spectra}")
     return checked
 
 
@@ -597,13 +690,24 @@ def _checked_batch(batch: FeatureBatch, rows: np.ndarray, where: str) -> Feature
     if feature.ndim != 2 or feature.shape[0] != n or feature.shape[1] < 1:
         raise StoreError(f"{where}: feature has shape {feature.shape}, expected ({n}, k)")
     _check_unit_rows(feature, where)
+    if (batch.nuclear_norm is None) != (batch.effective_rank is None):
+        raise StoreError(f"{where}: give both nuclear_norm and effective_rank, or neither")
     scalars = {}
-    for name in ("grad_norm", "feature_norm", "loss"):
+    for name in ("grad_norm", "feature_norm", "loss") + (SPECTRA_SCORES if batch.nuclear_norm is not None else ()):
         values = np.asarray(getattr(batch, name), dtype=np.float32)
         if values.shape != (n,):
             raise StoreError(f"{where}: {name} has shape {values.shape}, expected ({n},)")
         scalars[name] = values
     return FeatureBatch(rows=rows.astype(np.int64), feature=np.ascontiguousarray(feature), **scalars)
+
+
+def _checked_unit_matrix(matrix: np.ndarray, n: int, where: str) -> np.ndarray:
+    if not isinstance(matrix, np.ndarray) or matrix.dtype != np.float16:
+        raise StoreError(f"{where} must be a float16 numpy array, got {getattr(matrix, 'dtype', type(matrix).__name__)}")
+    if matrix.ndim != 2 or matrix.shape[0] != n or matrix.shape[1] < 1:
+        raise StoreError(f"{where} have shape {matrix.shape}, expected ({n}, hidden)")
+    _check_unit_rows(matrix, where)
+    return np.ascontiguousarray(matrix)
 
 
 def _check_unit_rows(feature: np.ndarray, where: str) -> None:
@@ -624,7 +728,16 @@ def _features_table(batch: FeatureBatch) -> pa.Table:
     vectors = pa.FixedSizeListArray.from_arrays(pa.array(batch.feature.reshape(-1), type=pa.float16()), dim)
     columns = [pa.array(batch.rows, pa.int64()), vectors, pa.array(batch.grad_norm),
                pa.array(batch.feature_norm), pa.array(batch.loss)]
-    return pa.Table.from_arrays(columns, schema=features_schema(dim))
+    spectra = batch.nuclear_norm is not None
+    if spectra:
+        columns += [pa.array(batch.nuclear_norm), pa.array(batch.effective_rank)]
+    return pa.Table.from_arrays(columns, schema=features_schema(dim, spectra))
+
+
+def _representations_table(rows: np.ndarray, representations: np.ndarray) -> pa.Table:
+    dim = representations.shape[1]
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array(representations.reshape(-1), type=pa.float16()), dim)
+    return pa.Table.from_arrays([pa.array(rows, pa.int64()), vectors], schema=representations_schema(dim))
 
 
 def _write_raw_features(feature: np.ndarray, final: Path, tmp_dir: Path) -> None:
@@ -650,16 +763,24 @@ class _ShardDone(_Strict):
     checkpoints: list[str]
     by_source: dict[str, int]
     truncated: int
+    # What the shard holds besides the features (markers written before these existed hold none).
+    representation_dim: int | None = None
+    gradient_spectra: bool = False
+    vog: bool = False
 
 
-def _shard_summary(shard: int, examples: pa.Table, batches: dict[str, FeatureBatch]) -> _ShardDone:
+def _shard_summary(shard: int, examples: pa.Table, batches: dict[str, FeatureBatch],
+                   representations: np.ndarray | None) -> _ShardDone:
     rows = examples.column("row").to_numpy()
     start = int(rows[0]) if len(rows) else 0
     sources = Counter(examples.column("source").to_pylist())
+    first = next(iter(batches.values()))
     return _ShardDone(shard=shard, num_rows=len(rows), row_start=start, row_stop=start + len(rows),
-                      dim=next(iter(batches.values())).feature.shape[1], checkpoints=sorted(batches),
+                      dim=first.feature.shape[1], checkpoints=sorted(batches),
                       by_source={str(s): c for s, c in sorted(sources.items(), key=lambda i: str(i[0]))},
-                      truncated=int(pc.sum(examples.column("truncated")).as_py() or 0))
+                      truncated=int(pc.sum(examples.column("truncated")).as_py() or 0),
+                      representation_dim=None if representations is None else representations.shape[1],
+                      gradient_spectra=first.nuclear_norm is not None, vog="vog" in examples.column_names)
 
 
 # --------------------------------------------------------------------------------- finaliser
@@ -774,6 +895,16 @@ def _draft_manifest(work_dir: Path, fields: dict, markers: dict[int, _ShardDone]
     by_source = Counter()
     for marker in markers.values():
         by_source.update(marker.by_source)
+    held = {(m.representation_dim, m.gradient_spectra, m.vog) for m in markers.values()}
+    if len(held) != 1:
+        raise StoreError(f"{work_dir}: shards disagree on the extras they hold (representation dim, gradient "
+                         f"spectra, vog): {sorted(held, key=str)}; rerun the job with --restart")
+    representation_dim, spectra, vog = held.pop()
+    checkpoints = fields.get("checkpoints") or [{}]
+    extras = {"representations": None if representation_dim is None else {
+                  "dim": representation_dim, "dtype": "float16", "normalized": True, "pooling": POOLING,
+                  "checkpoint": checkpoints[0].get("name")},
+              "gradient_spectra": spectra, "vog": vog}
     fields.setdefault("created_at", _creation_time(work_dir))
     if isinstance(fields.get("counts", {}), dict):
         fields.setdefault("counts", {}).setdefault("skipped", _count_lines(work_dir / SKIPPED_FILE))
@@ -788,6 +919,7 @@ def _draft_manifest(work_dir: Path, fields: dict, markers: dict[int, _ShardDone]
             "dim": dim * num_checkpoints, "ntotal": num_examples},
         "counts": {"examples": num_examples, "by_source": dict(sorted(by_source.items())),
                    "truncated": sum(m.truncated for m in markers.values())},
+        "extras": extras,
         "shards": {"count": count},
         "files": {},
     }
@@ -834,6 +966,7 @@ def _count_lines(path: Path) -> int:
 def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _ShardDone]) -> None:
     """Every marker's files exist with its row count, and no other shard file lies around."""
     names = [c.name for c in manifest.checkpoints]
+    representation = manifest.extras.representations if manifest.extras is not None else None
     expected, raw = {}, {}
     for shard, marker in markers.items():
         if sorted(marker.checkpoints) != sorted(names):
@@ -842,7 +975,10 @@ def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _S
         expected[examples_path(work_dir, shard)] = marker.num_rows
         for name in names:
             expected[features_path(work_dir, name, shard)] = marker.num_rows
-            raw[raw_features_path(work_dir, name, shard)] = marker.num_rows
+            raw[raw_features_path(work_dir, name, shard)] = (marker.num_rows, manifest.features.dim)
+        if representation is not None:
+            expected[representations_path(work_dir, shard)] = marker.num_rows
+            raw[raw_representations_path(work_dir, shard)] = (marker.num_rows, representation.dim)
     for path, num_rows in expected.items():
         try:
             found = pq.read_metadata(path).num_rows
@@ -850,10 +986,11 @@ def _check_shard_files(work_dir: Path, manifest: Manifest, markers: dict[int, _S
             raise StoreError(f"{path}: missing or unreadable shard file ({err})") from None
         if found != num_rows:
             raise StoreError(f"{path}: {found} rows, its done marker says {num_rows}")
-    present = {p for folder in (EXAMPLES_DIR, FEATURES_DIR, RAW_FEATURES_DIR)
+    present = {p for folder in (EXAMPLES_DIR, FEATURES_DIR, RAW_FEATURES_DIR, REPRESENTATIONS_DIR,
+                                RAW_REPRESENTATIONS_DIR)
                for p in (work_dir / folder).rglob("*") if p.is_file()}
     for path in present & set(raw):  # raw copies are optional; those present must fit their shard
-        map_raw_features(path, raw[path], manifest.features.dim)
+        map_raw_features(path, *raw[path])
     stray = sorted(present - set(expected) - set(raw))
     if stray:
         raise StoreError(f"{stray[0]}: not part of any completed shard (a shard without its done marker, "
@@ -1044,14 +1181,15 @@ class ExampleNotFoundError(StoreError, KeyError):
         return str(self.args[0])
 
 
-def _iter_feature_file(path: Path, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``(rows, float16 (n, k))`` batches of one features file, memory-mapped."""
+def _iter_feature_file(path: Path, batch_rows: int, column: str = "feature") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, float16 (n, k))`` batches of one features (or representations) file's vector
+    ``column``, memory-mapped."""
     try:
         parquet = pq.ParquetFile(path, memory_map=True)
     except (OSError, pa.ArrowException) as err:
-        raise StoreError(f"{path}: cannot read features file ({err})") from None
-    dim = parquet.schema_arrow.field("feature").type.list_size
-    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["row", "feature"]):
+        raise StoreError(f"{path}: cannot read {column}s file ({err})") from None
+    dim = parquet.schema_arrow.field(column).type.list_size
+    for batch in parquet.iter_batches(batch_size=batch_rows, columns=["row", column]):
         rows = batch.column(0).to_numpy()
         yield rows, batch.column(1).flatten().to_numpy().reshape(len(rows), dim)
 
@@ -1302,31 +1440,120 @@ class Datastore:
         return pa.concat_tables([pq.read_table(features_path(self.path, checkpoint, s), columns=columns)
                                  for s in range(self.manifest.shards.count)])
 
-    @property
-    def score_names(self) -> list[str]:
-        """The per-example scores this store holds (see :meth:`scores`)."""
-        return ["loss", "grad_norm", "feature_norm"]
-
-    def scores(self, name: str, checkpoint: str | None = None) -> np.ndarray:
-        """float32 ``(N,)`` in row order: a per-checkpoint score of ``checkpoint``, or combined over
-        the checkpoints with the manifest's weights."""
-        if name not in self.score_names:
-            raise FeatureNotStoredError(f"{self.path}: no score {name!r} in this datastore (it has "
-                                        f"{', '.join(self.score_names)})")
-        names = [checkpoint] if checkpoint is not None else self.checkpoint_names
-        weights = [1.0] if checkpoint is not None else [float(w) for w in self.weights]
-        total = np.zeros(self.num_examples, dtype=np.float64)
-        for ckpt, weight in zip(names, weights):
-            total += weight * self.feature_stats(ckpt).column(name).to_numpy().astype(np.float64)
-        return total.astype(np.float32)
+    # -- representation vectors and quality scores (gradstore.indexer.extras) --------------------
 
     @property
     def has_representations(self) -> bool:
-        return False
+        return self._representation_info is not None
 
     @property
     def representation_dim(self) -> int | None:
+        """Dimension of the representation vectors (the model's hidden size), None without them."""
+        info = self._representation_info
+        return None if info is None else info.dim
+
+    def shard_representations(self, shard: int, batch_rows: int = 65536,
+                              writable: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(rows int64, representations float16 (n, hidden))`` batches of one shard, as
+        :meth:`shard_features` (memory-mapped from the raw file where the store has one)."""
+        dim = self._require_representations()
+        path = raw_representations_path(self.path, shard)
+        if path.relative_to(self.path).as_posix() not in self.manifest.files:
+            yield from _iter_feature_file(representations_path(self.path, shard), batch_rows, "representation")
+            return
+        first, rows = self._starts()[shard], self._shard_sizes[shard]
+        offset = self._raw_offsets.get(("", shard))  # "" is never a checkpoint name
+        if offset is None:
+            offset = self._raw_offsets["", shard] = raw_features_offset(path, rows, dim)
+        raw = map_raw_features(path, rows, dim, writable, offset)
+        for start in range(0, len(raw), batch_rows):
+            stop = min(len(raw), start + batch_rows)
+            yield np.arange(first + start, first + stop, dtype=np.int64), raw[start:stop]
+
+    def representations_at(self, rows: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The representation vectors of ``rows``, in that order: float16 ``(len(rows), hidden)``."""
+        dim = self._require_representations()
+        rows = self._checked_rows(rows)
+        out = np.empty((len(rows), dim), dtype=np.float16)
+        for shard, where, local in self._by_shard(rows):
+            # One shard at a time: a memory map (or one Parquet file's column), gathered from.
+            parts = [vectors for _, vectors in self.shard_representations(shard)]
+            out[where] = (parts[0] if len(parts) == 1 else np.concatenate(parts))[local]
+        return out
+
+    def representations(self) -> np.ndarray:
+        """Every example's representation vector, float16 ``(num_examples, hidden)`` (small stores)."""
+        out = np.empty((self.num_examples, self._require_representations()), dtype=np.float16)
+        for shard in range(self.manifest.shards.count):
+            for rows, vectors in self.shard_representations(shard):
+                out[rows] = vectors
+        return out
+
+    @property
+    def score_names(self) -> list[str]:
+        """The quality scores this store holds, in :data:`SCORE_NAMES` order."""
+        return [name for name in SCORE_NAMES if self._missing_score(name) is None]
+
+    def scores(self, name: str, checkpoint: str | None = None) -> np.ndarray:
+        """One quality score of every example, float32 ``(num_examples,)`` in row order.
+
+        Per-checkpoint scores (all but ``vog``) are ``checkpoint``'s, or with None the sum over
+        checkpoints of the manifest's normalised weights times each checkpoint's score; ``vog`` is
+        per example (``checkpoint`` must be None).
+        """
+        if name not in SCORE_NAMES:
+            raise FeatureNotStoredError(f"{self.path}: no score {name!r} in this datastore (it has "
+                                        f"{', '.join(self.score_names)}; the scores a store can hold are "
+                                        f"{', '.join(SCORE_NAMES)})")
+        missing = self._missing_score(name)
+        if missing is not None:
+            raise FeatureNotStoredError(f"{self.path}: {missing}")
+        shards = range(self.manifest.shards.count)
+        if name == "vog":
+            if checkpoint is not None:
+                raise FeatureNotStoredError(f"{self.path}: vog is one score per example across all checkpoints, "
+                                            f"not per checkpoint (asked for checkpoint {checkpoint!r})")
+            return self.examples(columns=["vog"]).column("vog").to_numpy().astype(np.float32)
+        names = self.checkpoint_names if checkpoint is None else [checkpoint]
+        weights = self.weights if checkpoint is None else np.ones(1)
+        total = np.zeros(self.num_examples, dtype=np.float64)
+        for weight, name_c in zip(weights, names):
+            self._check_checkpoint(name_c)
+            column = pa.concat_arrays([pq.read_table(features_path(self.path, name_c, s), columns=[name])
+                                       .column(name).combine_chunks() for s in shards])
+            total += weight * column.to_numpy(zero_copy_only=False)
+        return total.astype(np.float32)
+
+    @property
+    def _representation_info(self) -> RepresentationInfo | None:
+        extras = self.manifest.extras
+        return None if extras is None else extras.representations
+
+    def _require_representations(self) -> int:
+        info = self._representation_info
+        if info is None:
+            raise FeatureNotStoredError(f"{self.path}: this store has no representation vectors "
+                                        f"({self._why_not('representations', '--no-representations')})")
+        return info.dim
+
+    def _missing_score(self, name: str) -> str | None:
+        """Why the store lacks score ``name`` (a sentence for the error), or None when it has it."""
+        extras = self.manifest.extras
+        if name in SPECTRA_SCORES and not (extras is not None and extras.gradient_spectra):
+            return (f"this store has no {name} (no gradient spectra: "
+                    f"{self._why_not('gradient spectra', '--no-gradient-spectra')})")
+        if name == "vog" and not (extras is not None and extras.vog):
+            if extras is not None and len(self.checkpoint_names) < 2:
+                return ("this store has no vog: VoG is a variance across checkpoints and the store was indexed "
+                        "with one; re-index with two or more (--run DIR of a warmup, or several --checkpoint)")
+            return f"this store has no vog ({self._why_not('vog', '--no-vog')})"
         return None
+
+    def _why_not(self, what: str, flag: str) -> str:
+        if self.manifest.extras is None:
+            return (f"it was written by a gradstore that did not compute {what}; re-index the corpus with "
+                    f"`gradstore index`, which computes them by default")
+        return f"it was indexed with {flag}; re-index the corpus without {flag} to add them"
 
     def index(self, memory_mapped: bool = True) -> faiss.Index:
         """The FAISS index (id == row), read-only with its vectors memory-mapped unless
@@ -1362,6 +1589,14 @@ class Datastore:
                 feature = schema.field("feature").type if "feature" in schema.names else None
                 if getattr(feature, "list_size", None) != self.dim:
                     raise StoreError(f"{path}: feature column {feature}, the manifest says {self.dim} dimensions")
+            if self.has_representations:
+                path = representations_path(self.path, shard)
+                footer = _footer(path)
+                schema = footer.schema.to_arrow_schema()
+                vector = schema.field("representation").type if "representation" in schema.names else None
+                if footer.num_rows != rows or getattr(vector, "list_size", None) != self.representation_dim:
+                    raise StoreError(f"{path}: {footer.num_rows} rows of {vector}, expected {rows} rows of "
+                                     f"{self.representation_dim} dimensions")
             sizes.append(rows)
         if sum(sizes) != self.num_examples:
             raise StoreError(f"{self.path}: the shards hold {sum(sizes)} examples, the manifest says "
@@ -1405,6 +1640,8 @@ def _footer(path: Path) -> pq.FileMetaData:
 def _check_listed_files(root: Path, manifest: Manifest, verify: bool) -> None:
     required = [examples_path(root, s) for s in range(manifest.shards.count)]
     required += [features_path(root, c.name, s) for c in manifest.checkpoints for s in range(manifest.shards.count)]
+    if manifest.extras is not None and manifest.extras.representations is not None:
+        required += [representations_path(root, s) for s in range(manifest.shards.count)]
     if manifest.index is not None:
         required.append(root / manifest.index.file)
         if manifest.index.kind == ONDISK_KIND:

@@ -10,7 +10,7 @@ user can fix the input without reading gradstore's code.
     ├── CheckpointError        a checkpoint directory is incomplete or inconsistent
     │   └── OptimizerStateError  optimizer state missing, unreadable or not matching the LoRA params
     ├── StoreError             a datastore is missing, incomplete or corrupt
-    │   └── FeatureNotStoredError  a feature asked for is not in this store (it was indexed without it)
+    │   └── FeatureNotStoredError  a feature asked for that this store does not hold (and how to add it)
     └── JobError               an indexing job cannot start or resume as asked
 """
 
@@ -51,8 +51,8 @@ class StoreError(IndexerError):
 
 
 class FeatureNotStoredError(StoreError):
-    """A feature (representations, a score) that this store was indexed without; the message says
-    how to add it."""
+    """The store lacks a feature asked for (representations, gradient spectra, VoG); the message
+    says which, why, and how to re-index to add it."""
 
 
 class JobError(IndexerError):

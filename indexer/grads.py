@@ -20,6 +20,13 @@ Logits are only computed where they are used: a forward pre-hook on the model's 
 token, so prompt and padding positions skip the vocabulary projection and the softmax, forward
 and backward. The losses are the same numbers; models whose output layer is adapted by LoRA, or
 whose logits do not come straight from that layer, take the full path.
+
+:meth:`PerExampleGradients.compute` also reads, from the same pass, what
+:mod:`gradstore.indexer.extras` specifies: the pooled last hidden states (a second pre-hook on the
+output layer, ahead of the one that gathers label positions), the gradients with respect to the
+input token embeddings (their output replaced by a leaf that requires grad, one more output of the
+same ``torch.autograd.grad`` call) and the spectra of each adapted module's weight gradient (from
+the inputs and output gradients already captured).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelError
+from .extras import nuclear_norm_and_effective_rank, position_weighted_mean, singular_values, triangular_factor
 from .formatting import IGNORE_INDEX
 from .optimizer_state import canonical_param_name
 
@@ -66,6 +74,7 @@ class LoraPair:
     b: torch.nn.Linear
     a_name: str
     b_name: str
+    scaling: float = 1.0  # PEFT adds scaling * b(a(x)) to the base layer's output
 
 
 def find_lora_pairs(model: torch.nn.Module, adapter_name: str = "default") -> list[LoraPair]:
@@ -88,6 +97,7 @@ def find_lora_pairs(model: torch.nn.Module, adapter_name: str = "default") -> li
             a, b,
             canonical_param_name(f"{prefix}A.{adapter_name}.weight", adapter_name),
             canonical_param_name(f"{prefix}B.{adapter_name}.weight", adapter_name),
+            float(module.scaling[adapter_name]),
         ))
     if not pairs:
         raise ModelError(f"the model has no LoRA modules for adapter {adapter_name!r}")
@@ -187,6 +197,18 @@ def per_example_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     return token_loss.sum(dim=1) / counts
 
 
+@dataclass
+class BatchGradients:
+    """What :meth:`PerExampleGradients.compute` gives for one batch."""
+
+    losses: torch.Tensor  # (B,) float32
+    per_param: Iterator[tuple[str, torch.Tensor]]  # (name, (B, *shape)) lazily, see __call__
+    representations: torch.Tensor | None = None  # (B, H) float32, pooled last hidden states
+    input_grads: torch.Tensor | None = None  # (B, T, H): dL_i / d(input token embeddings)
+    nuclear_norm: torch.Tensor | None = None  # (B,) float32
+    effective_rank: torch.Tensor | None = None  # (B,) float32
+
+
 # Per-example gradients are handed on in groups of consecutive parameters of at most this many
 # elements per example (4 MiB in float32), so the transform and the projection run a few large
 # operations per batch instead of a dozen small ones per parameter. The grouping depends on the
@@ -228,10 +250,25 @@ class PerExampleGradients:
         The iterator computes each parameter's ``(B, *shape)`` float32 gradients on demand, so only
         one parameter's per-example gradients are alive at a time.
         """
+        result = self.compute(batch)
+        return result.losses, result.per_param
+
+    def compute(self, batch: Batch, representations: bool = False, input_grads: bool = False,
+                spectra: bool = False) -> "BatchGradients":
+        """What ``__call__`` gives, and from the same pass (see :mod:`gradstore.indexer.extras`):
+        with ``representations`` the position-weighted mean of the last hidden states ``(B, H)``;
+        with ``input_grads`` each example's gradient with respect to its input token embeddings
+        ``(B, T, H)``; with ``spectra`` the mean over adapted modules of the nuclear norm and
+        effective rank of each example's weight gradient ``(B,)``."""
         self.model.eval()  # dropout off: the gradient of the model as it is, as LESS does
         modules = [m for pair in self.pairs for m in (pair.a, pair.b)]
         handles = [m.register_forward_hook(self._capture) for m in modules]
+        extra: dict[str, torch.Tensor] = {}
         try:
+            if representations:
+                handles.append(self._hidden_state_hook(batch, extra))
+            if input_grads:
+                handles.append(self._input_embedding_hook(extra))
             with torch.enable_grad():
                 losses = label_position_losses(self.model, batch, self._head)
                 if losses is None:  # the logits are not the output layer's: full logits from now on
@@ -239,13 +276,67 @@ class PerExampleGradients:
                     logits = self.model(**model_inputs(batch)).logits
                     losses = per_example_losses(logits, batch.labels)
                 outputs = [self._captured[id(m)][1] for m in modules]
+                if input_grads:
+                    if "embeddings" not in extra:
+                        raise ModelError("the model did not call its input embedding layer "
+                                         "(get_input_embeddings()); index with --no-vog")
+                    outputs.append(extra["embeddings"])
                 output_grads = torch.autograd.grad(losses.sum(), outputs)
         finally:
             for handle in handles:
                 handle.remove()
         captured = {id(m): (self._captured[id(m)][0].detach(), g) for m, g in zip(modules, output_grads)}
         self._captured.clear()
-        return losses.detach().float(), self._iter_grads(captured)
+        result = BatchGradients(losses.detach().float(), self._iter_grads(captured),
+                                representations=extra.get("pooled"),
+                                input_grads=output_grads[len(modules)] if input_grads else None)
+        if spectra:
+            result.nuclear_norm, result.effective_rank = self._spectra(captured)
+        return result
+
+    def _hidden_state_hook(self, batch: Batch, extra: dict):
+        """A pre-hook on the output layer that pools the ``(B, T, H)`` states it receives; registered
+        before :func:`label_position_losses` gathers label positions, so it sees all of them."""
+        head = self.model.get_output_embeddings()
+        if not isinstance(head, torch.nn.Module):
+            raise ModelError("the model has no output layer (get_output_embeddings()) whose input is the last "
+                             "hidden states; index with --no-representations")
+
+        def pool(module, args):
+            if args and tuple(args[0].shape[:2]) == tuple(batch.input_ids.shape):
+                with torch.no_grad():
+                    extra["pooled"] = position_weighted_mean(args[0], batch.attention_mask)
+
+        return head.register_forward_pre_hook(pool)
+
+    def _input_embedding_hook(self, extra: dict):
+        """A forward hook that makes the token embeddings a leaf requiring grad (the embedding
+        weights are frozen, so nothing else changes), to differentiate the losses by them."""
+        embedding = self.model.get_input_embeddings()
+        if not isinstance(embedding, torch.nn.Module):
+            raise ModelError("the model has no input embedding layer (get_input_embeddings()); index with --no-vog")
+
+        def leaf(module, inputs, output):
+            output = output.detach().requires_grad_(True)
+            extra["embeddings"] = output
+            return output
+
+        return embedding.register_forward_hook(leaf)
+
+    def _spectra(self, captured) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over adapted modules of each example's nuclear norm and effective rank of
+        ``Σ_t g_t x_tᵀ``; modules fed the same input tensor (q/k/v) share its factorisation."""
+        factors: dict[tuple, torch.Tensor] = {}
+        nuclear, rank = 0.0, 0.0
+        for pair in self.pairs:
+            inputs = captured[id(pair.a)][0]
+            key = (inputs.data_ptr(), tuple(inputs.shape), inputs.stride())
+            if key not in factors:
+                factors[key] = triangular_factor(inputs)
+            output_grads = captured[id(pair.b)][1].float() / pair.scaling
+            n, r = nuclear_norm_and_effective_rank(singular_values(factors[key], triangular_factor(output_grads)))
+            nuclear, rank = nuclear + n, rank + r
+        return nuclear / len(self.pairs), rank / len(self.pairs)
 
     def grouped(self, batch: Batch, max_elements: int = GROUP_ELEMENTS
                 ) -> tuple[torch.Tensor, Iterator[tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor]]]:
@@ -254,10 +345,12 @@ class PerExampleGradients:
         parameter), and their per-example gradients flattened and concatenated in that order,
         ``(B, Σ numel)`` float32."""
         losses, per_param = self(batch)
-        return losses, self._iter_groups(per_param, max_elements)
+        return losses, self.group_params(per_param, max_elements)
 
     @staticmethod
-    def _iter_groups(per_param, max_elements: int):
+    def group_params(per_param: Iterator[tuple[str, torch.Tensor]], max_elements: int = GROUP_ELEMENTS
+                     ) -> Iterator[tuple[list[tuple[str, tuple[int, ...]]], torch.Tensor]]:
+        """``per_param`` (as :meth:`__call__` yields it) in the groups of :meth:`grouped`."""
         params, parts, size = [], [], 0
         for name, grads in per_param:
             numel = grads[0].numel()

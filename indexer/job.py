@@ -6,10 +6,13 @@ The job runs in four phases:
    mask, assign rows in corpus order, cut rows into shards of ``shard_size``. Bad records stop the
    job here, before any compute, or are skipped and reported with ``on_bad_record="skip"``.
 2. **Compute**: rank ``r`` of ``W`` takes shards ``r, r+W, …`` (on the GPU of its ``LOCAL_RANK``
-   with ``--device cuda``). Within a shard, examples are sorted by length and packed into
-   batches under a token budget; for each checkpoint the batch's per-example LoRA gradients are
-   transformed (sgd/sign/adam/less), projected, normalised and kept. A shard's output for all
-   checkpoints is written atomically and then marked done.
+   with ``--device cuda``). :class:`~gradstore.indexer.featurize.ExampleFeaturizer` computes a
+   shard's outputs: examples sorted by length and packed into batches under a token budget and an
+   example count (the device's defaults unless given: :mod:`gradstore.indexer.batching`); for
+   each batch and checkpoint the per-example LoRA gradients are transformed
+   (sgd/sign/adam/less), projected, normalised and kept, with the extras of
+   :mod:`gradstore.indexer.extras` (representation vectors, gradient spectra, VoG) from the same
+   pass. A shard's output for all checkpoints is written atomically and then marked done.
 3. **Finalise** (rank 0, after every shard is done): FAISS index, checksums, manifest.
 4. **Publish**: the work directory is renamed into place, so a reader never sees half a store.
 
@@ -31,25 +34,26 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate, resolve_weights
+from .batching import default_batching
+from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate
 from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skipped_report
 from .datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, FeatureBatch, completed_shards,
                         finalize_store, os_reason, publish_store, write_shard)
 from .errors import BadRecordError, JobError, StoreError
+from .extras import ExtraFeatures
+from .featurize import Computed, ExampleFeaturizer, FeaturizerSettings
 from .formatting import Encoded, Formatter
-from .grads import Batch, PerExampleGradients
-from .model import (LoraSpec, attach_lora, load_base_model, load_checkpoint_weights, load_tokenizer,
-                    lora_description, resolve_device)
-from .optimizer_state import find_optimizer_file, load_optimizer_state
-from .projection import ProjectionSpec, make_projector
-from .transforms import GRADIENT_TYPES, GradientTransform, make_transform
+from .model import LoraSpec, lora_description, resolve_device
+from .optimizer_state import find_optimizer_file
+from .projection import ProjectionSpec
+from .transforms import GRADIENT_TYPES
 
 JOB_FILE = "job.json"
 MODEL_FILE_PATTERNS = ("*.safetensors", "*.bin", "*.json", "*.model")
@@ -69,14 +73,15 @@ class IndexJobConfig:
     projection: ProjectionSpec = field(default_factory=ProjectionSpec)
     max_length: int = 2048
     template: str = "auto"
-    max_tokens_per_batch: int = 16384
-    max_batch_size: int = 64
+    max_tokens_per_batch: int | None = None  # None: the device's default (batching.default_batching)
+    max_batch_size: int | None = None  # None: the device's default
     shard_size: int = 1024
     dtype: str = "fp32"
     device: str = "auto"
     index: str = "auto"
     index_memory_budget: int = 4 << 30
     raw_features: bool = True  # also write raw fp16 feature matrices (fast selection scans, twice the feature bytes)
+    extras: ExtraFeatures = field(default_factory=ExtraFeatures)  # representations, gradient spectra, VoG
     on_bad_record: str = "error"
     overwrite: bool = False
     restart: bool = False
@@ -93,10 +98,20 @@ class IndexJobConfig:
         if len(set(names)) != len(names):
             raise JobError(f"checkpoint names must be unique, got {names}; name them with NAME=DIR")
         for positive in ("max_length", "max_tokens_per_batch", "max_batch_size", "shard_size"):
-            if getattr(self, positive) < 1:
+            if getattr(self, positive) is not None and getattr(self, positive) < 1:
                 raise JobError(f"{positive} must be positive, got {getattr(self, positive)}")
         if self.out.exists() and not self.overwrite:
             raise JobError(f"{self.out} already exists; pass --overwrite to replace it")
+
+    def with_device_batching(self, device_type: str) -> "IndexJobConfig":
+        """This config with each batch limit left as ``None`` set to ``device_type``'s default
+        (:func:`~gradstore.indexer.batching.default_batching`). The job batches with the result and
+        records it in the manifest and in its resume fingerprint (beside the device type), so a
+        resumed job batches exactly as the interrupted one did."""
+        tokens, examples = default_batching(device_type)
+        given_tokens, given_examples = self.max_tokens_per_batch, self.max_batch_size
+        return replace(self, max_tokens_per_batch=tokens if given_tokens is None else given_tokens,
+                       max_batch_size=examples if given_examples is None else given_examples)
 
     @property
     def work_dir(self) -> Path:
@@ -104,7 +119,16 @@ class IndexJobConfig:
 
     def effective_checkpoints(self) -> list[CheckpointSpec]:
         """The checkpoints to featurise: the given ones, or one fresh LoRA."""
-        return self.checkpoints or [CheckpointSpec(name="fresh", path=None)]
+        return self.featurizer_settings().effective_checkpoints()
+
+    def featurizer_settings(self, device: torch.device | str | None = None) -> FeaturizerSettings:
+        """The settings of the job's compute core (:class:`ExampleFeaturizer`)."""
+        return FeaturizerSettings(
+            model=self.model, tokenizer=self.tokenizer, checkpoints=self.checkpoints, lora=self.lora,
+            gradient_type=self.gradient_type, projection=self.projection, max_length=self.max_length,
+            template=self.template, max_tokens_per_batch=self.max_tokens_per_batch,
+            max_batch_size=self.max_batch_size, dtype=self.dtype,
+            device=self.device if device is None else device, extras=self.extras)
 
     def check_writable(self, with_work_dir: bool = True) -> None:
         """Fail before any compute when the job could not write its work directory or publish
@@ -254,97 +278,9 @@ def token_statistics(encoded: list[Encoded]) -> dict:
     }
 
 
-# A batch takes no example shorter than its longest one divided by this: every example is padded
-# by at most 20 % of its own length, so padded tokens stay within 1.2x the real ones.
-MAX_PADDING_RATIO = 1.2
-
-
-def length_batches(rows: list[int], lengths: list[int], max_tokens: int, max_batch: int) -> list[list[int]]:
-    """Rows packed longest-first into batches of at most ``max_tokens`` padded tokens.
-
-    Sorting by length keeps padding low; ties keep row order, so batching is deterministic. A
-    batch is also closed before an example that would be padded to more than
-    ``MAX_PADDING_RATIO`` times its length: padding costs as much compute as real tokens, and
-    where lengths are sparse (a small shard, the long tail) it would otherwise dominate.
-    """
-    order = sorted(rows, key=lambda r: (-lengths[r], r))
-    batches, current = [], []
-    for row in order:
-        padded = lengths[current[0]] if current else lengths[row]
-        if current and (len(current) + 1 > max_batch or (len(current) + 1) * padded > max_tokens
-                        or padded > MAX_PADDING_RATIO * lengths[row]):
-            batches.append(current)
-            current = []
-        current.append(row)
-    if current:
-        batches.append(current)
-    return batches
-
-
 # ------------------------------------------------------------------------------------------------
 # Phase 2: compute
 # ------------------------------------------------------------------------------------------------
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-
-
-class Featurizer:
-    """Per-example features of one checkpoint at a time for batches of encoded examples."""
-
-    def __init__(self, peft_model, projection: ProjectionSpec, device: torch.device, pad_id: int):
-        self.model = peft_model
-        self.grads = PerExampleGradients(peft_model)
-        self.projector = make_projector(projection, device)
-        self.device = device
-        self.pad_id = pad_id
-        self.transform: GradientTransform | None = None
-        self.oom_retries = 0
-
-    def features(self, examples: list[Encoded]) -> tuple[np.ndarray, ...]:
-        """``(features fp16 (B,k), grad_norm, feature_norm, loss)`` for ``examples``.
-
-        On out-of-memory the batch is split in half and retried, down to single examples.
-        """
-        try:
-            return self._features(examples)
-        except (torch.OutOfMemoryError, RuntimeError) as exc:
-            if not _is_out_of_memory(exc) or len(examples) == 1:
-                raise
-        self.oom_retries += 1
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        half = len(examples) // 2
-        parts = [self.features(examples[:half]), self.features(examples[half:])]
-        return tuple(np.concatenate(arrays) for arrays in zip(*parts))
-
-    def _features(self, examples: list[Encoded]) -> tuple[np.ndarray, ...]:
-        batch = Batch.collate([(e.input_ids, e.labels) for e in examples], self.pad_id, self.device)
-        losses, groups = self.grads.grouped(batch)
-        projected = torch.zeros(len(examples), self.projector.spec.dim, device=self.device)
-        squared_norm = torch.zeros(len(examples), device=self.device)
-        # Groups of consecutive parameters, each (B, Σ numel): a few large operations per batch.
-        for params, grads in groups:
-            squared_norm += grads.square().sum(1)
-            projected += self.projector.project_many(params, self.transform.flat(params, grads)).float()
-        feature_norm = projected.norm(dim=1)
-        # A zero gradient has no direction: store a zero vector (cosine 0 with everything).
-        normalised = projected / feature_norm.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
-        return (normalised.half().cpu().numpy(), squared_norm.sqrt().cpu().numpy(),
-                feature_norm.cpu().numpy(), losses.cpu().numpy())
-
-
-@dataclass
-class CheckpointState:
-    """One checkpoint, ready to switch in: its spec, adapter weights and gradient transform."""
-
-    spec: CheckpointSpec
-    weight: float
-    transform: GradientTransform
-    adapter_state: dict | None
 
 
 class IndexJob:
@@ -358,43 +294,34 @@ class IndexJob:
     # -- set-up --------------------------------------------------------------------------------
 
     def load(self) -> None:
-        """Load the tokenizer, formatter, model with its LoRA, featurizer and checkpoints."""
-        cfg = self.config
-        self.device = rank_device(resolve_device(cfg.device))
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)  # libraries that allocate on "the" GPU use this one
-        self.tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-        self.formatter = Formatter(self.tokenizer, cfg.max_length, cfg.template)
-        base = load_base_model(cfg.model, cfg.dtype, self.device)
-        self.peft_model = attach_lora(base, cfg.checkpoints, cfg.lora)
-        self.featurizer = Featurizer(self.peft_model, cfg.projection, self.device, self.tokenizer.pad_token_id)
-        specs = cfg.effective_checkpoints()
-        weights = resolve_weights(specs)
-        self.checkpoints = [self._checkpoint_state(spec, w) for spec, w in zip(specs, weights)]
+        """Resolve the device and its batch limits (:meth:`IndexJobConfig.with_device_batching`), then
+        load the compute core: tokenizer, formatter, model with its LoRA, projection, checkpoints."""
+        device = rank_device(resolve_device(self.config.device))
+        self.config = self.config.with_device_batching(device.type)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # libraries that allocate on "the" GPU use this one
+        self.featurizer = ExampleFeaturizer(self.config.featurizer_settings(device), log=self.log)
+        self.featurizer.load(device)
 
-    def _checkpoint_state(self, spec: CheckpointSpec, weight: float) -> CheckpointState:
-        from peft.utils import get_peft_model_state_dict
+    @property
+    def device(self) -> torch.device:
+        return self.featurizer.device
 
-        states = None
-        if self.config.gradient_type in ("adam", "less"):
-            optimizer_file = find_optimizer_file(spec.path)
-            if optimizer_file is None:
-                raise JobError(f"{spec.path}: gradient type {self.config.gradient_type!r} needs the optimizer "
-                               "state (optimizer.pt or optimizer.bin), none found")
-            states = load_optimizer_state(optimizer_file, self.featurizer.grads.param_shapes)
-        adapter_state = None
-        if spec.path is not None:
-            load_checkpoint_weights(self.peft_model, spec)  # validates config compatibility
-            adapter_state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(self.peft_model).items()}
-        return CheckpointState(spec, weight, make_transform(self.config.gradient_type, states), adapter_state)
+    @property
+    def tokenizer(self):
+        return self.featurizer.tokenizer
 
-    def activate(self, checkpoint: CheckpointState) -> None:
-        """Switch the model and featurizer to ``checkpoint``."""
-        from peft import set_peft_model_state_dict
+    @property
+    def formatter(self):
+        return self.featurizer.formatter
 
-        if checkpoint.adapter_state is not None:
-            set_peft_model_state_dict(self.peft_model, checkpoint.adapter_state)
-        self.featurizer.transform = checkpoint.transform
+    @property
+    def peft_model(self):
+        return self.featurizer.peft_model
+
+    @property
+    def checkpoints(self):
+        return self.featurizer.checkpoints
 
     def _fingerprint(self, prepared: Prepared) -> dict:
         """Settings and input hashes that must match for a partial job to be resumed."""
@@ -414,6 +341,7 @@ class IndexJob:
             "device_type": self.device.type,
             "on_bad_record": cfg.on_bad_record,
             "raw_features": cfg.raw_features,
+            "extras": cfg.extras.to_dict(),
             "rows": prepared.num_rows,
         }
 
@@ -448,37 +376,22 @@ class IndexJob:
 
     # -- compute -------------------------------------------------------------------------------
 
-    def compute_features(self, encoded: list[Encoded], progress=None) -> dict[str, dict[str, np.ndarray]]:
-        """Every checkpoint's ``feature`` (fp16, normalised), ``grad_norm``, ``feature_norm`` and
-        ``loss`` of ``encoded``, in the given order; needs :meth:`load` first.
-
-        Batching is a function of ``encoded`` alone (longest first, ties in order), so the same
-        examples always give the same bits.
-        """
-        cfg = self.config
-        lengths = [e.num_tokens for e in encoded]
-        batches = length_batches(list(range(len(encoded))), lengths, cfg.max_tokens_per_batch, cfg.max_batch_size)
-        features = {}
-        for checkpoint in self.checkpoints:
-            self.activate(checkpoint)
-            out = {"feature": np.zeros((len(encoded), cfg.projection.dim), np.float16)}
-            for column in ("grad_norm", "feature_norm", "loss"):
-                out[column] = np.zeros(len(encoded), np.float32)
-            for batch in batches:
-                results = self.featurizer.features([encoded[i] for i in batch])
-                for column, values in zip(("feature", "grad_norm", "feature_norm", "loss"), results):
-                    out[column][batch] = values
-                if progress is not None:
-                    progress.update(len(batch), sum(lengths[i] for i in batch))
-            features[checkpoint.spec.name] = out
-        return features
+    def compute_features(self, encoded: list[Encoded], progress=None) -> Computed:
+        """Every output of ``encoded`` (see :class:`~gradstore.indexer.featurize.Computed`), in the
+        given order; needs :meth:`load` first."""
+        return self.featurizer.compute(encoded, progress)
 
     def _compute_shard(self, prepared: Prepared, shard: int, progress) -> None:
         cfg = self.config
         rows = range(shard * cfg.shard_size, min(prepared.num_rows, (shard + 1) * cfg.shard_size))
         computed = self.compute_features([prepared.encoded[r] for r in rows], progress)
-        features = {name: FeatureBatch(rows=np.arange(rows.start, rows.stop), **out) for name, out in computed.items()}
-        write_shard(cfg.work_dir, shard, examples_table(prepared, rows), features, raw_features=cfg.raw_features)
+        row_ids = np.arange(rows.start, rows.stop)
+        features = {name: FeatureBatch(rows=row_ids, **out) for name, out in computed.checkpoints.items()}
+        examples = examples_table(prepared, rows)
+        if computed.vog is not None:
+            examples = examples.append_column("vog", pa.array(computed.vog, pa.float32()))
+        write_shard(cfg.work_dir, shard, examples, features, raw_features=cfg.raw_features,
+                    representations=computed.representations)
 
     # -- the whole job ---------------------------------------------------------------------------
 
@@ -492,6 +405,7 @@ class IndexJob:
         write_progress_file(report, "prepare")
         _init_distributed(self.world_size)
         self.load()
+        cfg = self.config  # with the device's batch limits
         prepared = prepare(cfg, self.formatter)
         finalised = self._open_work_dir(self._fingerprint(prepared))
         num_shards = math.ceil(prepared.num_rows / cfg.shard_size)

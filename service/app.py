@@ -22,7 +22,7 @@ from .errors import PayloadTooLarge, error_responses, install_error_handlers, pa
 from .jobs import JobManager
 from .metrics import Metrics, MetricsMiddleware
 from .registry import DatastoreRegistry, SelectionCache
-from .routers import datastores, health, influence, select, similar
+from .routers import datastores, health, influence, select, similar, strategies
 from .routers.jobs import router as jobs_router
 from .settings import Settings
 
@@ -60,7 +60,8 @@ def _include_routers(app: FastAPI, settings: Settings) -> None:
     auth = [Depends(api_key_auth(settings.api_key_header))]
     # Every /v1 route may answer these; the routers document their own (datastore names, limits, bodies).
     errors = error_responses(401, 422, 500)
-    for router in (datastores.router, select.router, influence.router, similar.router, jobs_router):
+    for router in (datastores.router, select.router, strategies.router, influence.router, similar.router,
+                   jobs_router):
         app.include_router(router, dependencies=auth, responses=errors)
 
 

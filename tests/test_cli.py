@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +59,53 @@ def test_missing_store_is_one_clear_line(tmp_path):
     result = gradstore("info", tmp_path / "nowhere", check=False)
     assert result.returncode == 1
     assert "nowhere" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_help_gives_each_default_once():
+    import argparse
+
+    from gradstore.cli import build_parser
+
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in subcommands.choices.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            text = formatter._expand_help(action) if action.help else ""
+            assert text.count("(default") <= 1, f"gradstore {name} {action.option_strings}: {text!r}"
+            assert "(default: None)" not in text and "(default: False)" not in text, (name, action.option_strings)
+    index_help = gradstore("index", "--help").stdout
+    assert index_help.count("(default: PEFT's for the model)") == 1 and "(default: None)" not in index_help
+    assert "(default: 8192)" in index_help  # a value default is still shown
+    assert "on CUDA" in index_help and "on CPU" in index_help  # the device-aware batch limits
+
+
+def test_missing_extra_is_named(tmp_path, monkeypatch, capsys):
+    from gradstore.cli import main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # import uvicorn now fails as when it is not installed
+    assert main(["serve", "--root", str(tmp_path), "--no-auth"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("gradstore serve: missing dependency 'uvicorn' (uvicorn, from the 'cpu' or 'gpu' extra)")
+    assert "pip install 'gradstore[cpu]'" in message and "incomplete" not in message
+
+
+def test_missing_faiss_names_both_faiss_extras():
+    from gradstore.cli import missing_module_message
+
+    message = missing_module_message("index", "faiss")
+    assert "faiss-cpu or faiss-gpu" in message and "'cpu' or 'gpu' extra" in message
+    assert "pip install 'gradstore[datasets]'" in missing_module_message("index", "datasets")
+    assert "not one of gradstore's own requirements" in missing_module_message("index", "no_such_module")
+
+
+def test_missing_gradstore_module_says_the_installation_is_broken(tmp_path, monkeypatch, capsys):
+    import gradstore
+    from gradstore.cli import main
+
+    monkeypatch.setitem(sys.modules, "gradstore.service.app", None)  # as if the file were absent
+    assert main(["serve", "--root", str(tmp_path), "--no-auth"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith("gradstore serve: this gradstore installation is incomplete: "
+                              "the module 'gradstore.service.app' is missing")
+    assert str(Path(gradstore.__file__).parent) in message
+    assert "pip install --force-reinstall --no-deps gradstore" in message and "extra" not in message

@@ -85,7 +85,8 @@ def test_select_json_equals_numpy_less_scores(stores):
         np.testing.assert_allclose([item["score"] for item in items], scores, atol=1e-5)
         assert [item["rank"] for item in items] == list(range(1, 47))
         assert set(items[0]["subtask_scores"]) == {"x", "y", "z"}
-        assert "selected 46 of 46 examples (6 targets, 3 subtasks" in out.stderr
+        label = "less" if aggregation == "less" else f"less:aggregation={aggregation}"
+        assert f"selected 46 of 46 examples (strategy {label}; 6 targets, 3 subtasks" in out.stderr
 
 
 def test_select_table_with_filters_export_and_scores(stores, tmp_path):
@@ -127,8 +128,13 @@ def test_select_with_target_records_matches_the_target_store(stores):
                                                   "['epoch-1', 'epoch-2']"),
     (["--k", "3", "--sources", "flan"], 1, "error: unknown source 'flan': the datastore has ['alpaca', 'dolly']"),
     (["--k", "3", "--subtask-field", "category"], 1, "has no field 'category'"),
-    (["--k", "3", "--dedup-threshold", "2"], 1, "error: dedup_threshold must be in (-1, 1], got 2.0"),
-    (["--k", "0"], 1, "error: k must be a positive integer, got 0"),
+    (["--k", "3", "--dedup-threshold", "2"], 1, "error: dedup_threshold: Input should be less than or equal to 1"),
+    (["--k", "0"], 1, "error: k: Input should be greater than or equal to 1"),
+    (["--k", "3", "--score", "vog"], 2, "--score is not an option of strategy 'less' (its options: --aggregation, "
+                                        "--checkpoints, --weights)"),
+    (["--k", "3", "--strategy", "random"], 2, "strategy 'random' does not use targets"),
+    (["--k", "3", "--strategy", "rds", "--seed", "3"], 2, "--seed is not an option of strategy 'rds'"),
+    (["--k", "3", "--filter", "loss:over:0.5"], 2, "expected SCORE:above|below:Q[:CHECKPOINT]"),
     (["--k", "3", "--fraction", "0.1"], 2, "not allowed with argument"),
     ([], 2, "one of the arguments --k --fraction is required"),
     (["--k", "3", "--weights", "epoch-1:1"], 2, "expected NAME=WEIGHT pairs"),
@@ -142,9 +148,56 @@ def test_select_errors_are_one_line(stores, args, code, message):
 
 
 def test_select_needs_targets_and_explains_its_options():
-    assert gradstore("select", "somewhere", "--k", "3", check=False).returncode == 2
+    missing = gradstore("select", "somewhere", "--k", "3", check=False)
+    assert missing.returncode == 2 and "strategy 'less' needs targets" in missing.stderr
     help_text = gradstore("select", "--help").stdout
     for option in ("--targets-store", "--targets", "--k", "--fraction", "--aggregation", "--subtask-field",
                    "--sources", "--per-source-cap", "--dedup-threshold", "--checkpoints", "--weights",
-                   "--export", "--scores", "--json"):
+                   "--export", "--scores", "--json", "--strategy", "--filter", "--score", "--order", "--seed"):
         assert option in help_text
+    from gradstore.selection.strategies import registry
+
+    flowing = " ".join(help_text.split())  # argparse wraps lines
+    for name, cls in registry().items():  # every strategy and its summary, from the registry
+        assert f"{name}: {cls.summary}" in flowing
+
+
+def test_select_target_free_strategies_and_filters(stores, tmp_path):
+    quality = gradstore("select", stores["pool"], "--strategy", "quality", "--score", "loss", "--order", "low",
+                        "--k", 5, "--json")
+    examples = pq.read_table(stores["pool"] / "examples").to_pandas().set_index("row")
+    loss = np.zeros(len(examples))
+    manifest = json.loads((stores["pool"] / "manifest.json").read_text())
+    for checkpoint in manifest["checkpoints"]:
+        table = pq.read_table(stores["pool"] / "features" / checkpoint["name"], columns=["row", "loss"])
+        loss[table.column("row").to_numpy()] += checkpoint["weight"] * table.column("loss").to_numpy()
+    expected = np.argsort(loss, kind="stable")[:5]
+    assert [json.loads(line)["id"] for line in quality.stdout.splitlines()] == examples.loc[expected, "id"].tolist()
+    assert "strategy quality:score=loss,order=low" in quality.stderr
+    drawn = gradstore("select", stores["pool"], "--strategy", "random", "--seed", 5, "--fraction", 1.0,
+                      "--filter", "loss:below:0.5", "--json")
+    rows = sorted(json.loads(line)["row"] for line in drawn.stdout.splitlines())
+    kept = loss.astype(np.float32)
+    assert rows == np.flatnonzero(kept <= np.quantile(kept, 0.5)).tolist()
+    assert "filter loss below q0.5" in drawn.stderr
+
+
+def stored_representations(store: Path) -> np.ndarray:
+    table = pq.read_table(store / "representations")
+    vectors = table.column("representation").combine_chunks().flatten().to_numpy()
+    vectors = vectors.reshape(table.num_rows, -1).astype(np.float64)
+    out = np.empty_like(vectors)
+    out[table.column("row").to_numpy()] = vectors
+    return out
+
+
+def test_select_rds_equals_numpy_cosines_of_the_stored_representations(stores):
+    out = gradstore("select", stores["pool"], "--strategy", "rds", "--aggregation", "max",
+                    "--targets-store", stores["target"], "--k", 10, "--json")
+    cosines = stored_representations(stores["pool"]) @ stored_representations(stores["target"]).T
+    best = cosines.max(axis=1)
+    items = [json.loads(line) for line in out.stdout.splitlines()]
+    expected = np.lexsort((np.arange(len(best)), -best))[:10]
+    assert [item["row"] for item in items] == expected.tolist()
+    np.testing.assert_allclose([item["score"] for item in items], best[expected], atol=2e-3)
+    assert "strategy rds:aggregation=max" in out.stderr

@@ -8,6 +8,12 @@
   `docker/.env.example` defines.
 * Each image's ENTRYPOINT + CMD runs here as a plain command, and the service image's HEALTHCHECK
   command is run against it.
+* No container engine can build or run these images on the project's machines (see the README's
+  Docker section), so the service image's install steps are followed in a fresh virtual
+  environment instead (:class:`DockerfileSteps`, ``make install-test``): its wheel stage, CPU
+  torch, the dependency layer from ``pyproject.toml`` alone and the wheel on top; its ENTRYPOINT
+  then serves from that environment and its HEALTHCHECK passes. The indexer image's steps need its
+  CUDA base image and faiss-gpu, and are not followed.
 """
 
 from __future__ import annotations
@@ -32,8 +38,8 @@ from packaging.utils import canonicalize_name
 from gradstore.cli import build_parser
 from gradstore.service.process import ServiceProcess, free_port
 from gradstore.service.settings import Settings
+from installs import REPO, VirtualEnv, install_test
 
-REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 INDEXER_DOCKERFILE = DOCKER / "indexer.Dockerfile"
 SERVICE_DOCKERFILE = DOCKER / "service.Dockerfile"
@@ -423,16 +429,23 @@ class ImageCommand(ServiceProcess):
 
 
 def test_service_entrypoint_serves_and_passes_its_healthcheck(tmp_path: Path, monkeypatch) -> None:
+    serve_image_command_and_check_health(BIN, Path(sys.executable), tmp_path, monkeypatch)
+
+
+def serve_image_command_and_check_health(bin_dir: Path, python: Path, tmp_path: Path, monkeypatch) -> None:
+    """The service image's ENTRYPOINT + CMD, run from ``bin_dir`` (the environment gradstore is
+    installed in), answers with and without its API key; its HEALTHCHECK, run with ``python`` (the
+    image's), passes against it and fails once it is stopped."""
     argv = image_argv(SERVICE_DOCKERFILE)
     # In the image: /stores is the volume, and 0.0.0.0 lets Docker's published port reach the
     # server. Here the same command binds loopback only (nothing outside this machine should
     # reach a test server) on a free port (8080 may be taken), with a temporary stores folder.
     replacements = {"--root": str(tmp_path / "stores"), "--host": "127.0.0.1", "--port": str(free_port())}
-    command = [executable(argv[0])]
+    command = [str(bin_dir / argv[0]) if (bin_dir / argv[0]).is_file() else executable(argv[0])]
     for previous, word in zip(argv, argv[1:]):
         command.append(replacements.get(previous, word))
     assert [w for w in command if w.startswith("--")] == [w for w in argv if w.startswith("--")]
-    (tmp_path / "stores").mkdir()
+    (tmp_path / "stores").mkdir(parents=True)
 
     # The environment is what compose gives the container: .env.example (API keys) and the
     # image's ENV, the health check's address pointing at this server.
@@ -442,13 +455,13 @@ def test_service_entrypoint_serves_and_passes_its_healthcheck(tmp_path: Path, mo
     env = {**env_defaults(read_dockerfile(SERVICE_DOCKERFILE)), **env_example()}
     key = env["GRADSTORE_API_KEYS"].split(",")[0]
     options, check = healthcheck_argv(read_dockerfile(SERVICE_DOCKERFILE))
-    # `python` in the image is the interpreter gradstore is installed in: here, this one.
+    # `python` in the image is the interpreter gradstore is installed in.
     assert check[0] == "python"
-    check = [sys.executable, *check[1:]]
+    check = [str(python), *check[1:]]
     timeout = float(options.get("timeout", "30s").rstrip("s"))
 
-    service = ImageCommand(command, env=env, startup_timeout=20, log_file=tmp_path / "serve.log")
-    with service:  # returns once GET /healthz answers 200 (or fails after 20 s)
+    service = ImageCommand(command, env=env, startup_timeout=60, log_file=tmp_path / "serve.log")
+    with service:  # returns once GET /healthz answers 200 (or fails after 60 s)
         assert httpx.get(f"{service.url}/healthz", timeout=5).status_code == 200
         assert httpx.get(f"{service.url}/v1/datastores", timeout=5).status_code == 401
         assert httpx.get(f"{service.url}/v1/datastores", headers={"X-API-Key": key}, timeout=5).status_code == 200
@@ -459,3 +472,95 @@ def test_service_entrypoint_serves_and_passes_its_healthcheck(tmp_path: Path, mo
     unhealthy = subprocess.run(check, env={**os.environ, **env, "HEALTHCHECK_URL": f"{service.url}/healthz"},
                                capture_output=True, text=True, timeout=timeout)
     assert unhealthy.returncode == 1, "the health check must fail when nothing answers"
+
+
+# ---- the service image's install steps, followed in a fresh virtual environment ---------------------
+
+# RUN commands that set up the image's user and its folders' owners: root's work on the image's own
+# file system, left out on this machine.
+IMAGE_ONLY_COMMANDS = ("groupadd", "useradd", "chown")
+ABSOLUTE_PATH = re.compile(r"(?<![\w.:/$])/(?=[A-Za-z])")  # an image path in a RUN command (not a URL's)
+
+
+class DockerfileSteps:
+    """A Dockerfile's install steps followed without a container engine, under the folder ``root``
+    standing for the image's file system, with one fresh virtual environment standing for the base
+    image of every stage (its ``python`` is the image's):
+
+    * ``ARG`` defaults are substituted for ``${NAME}``; ``WORKDIR`` and the image's absolute paths
+      in ``COPY`` and ``RUN`` are taken under ``root``.
+    * ``COPY`` copies from the build context (the repository), ``COPY --from=STAGE`` within
+      ``root`` (all stages share it).
+    * ``RUN`` runs each ``&&`` step with bash in the working folder (created again when an earlier
+      step removed it, as the container runtime does), the environment first on ``PATH``;
+      :data:`IMAGE_ONLY_COMMANDS` are left out.
+    * Nothing else installs anything. ``ENV`` is not applied: its ``PIP_NO_CACHE_DIR`` would make
+      every run download again, and pip's cache keeps this test to a few minutes.
+    """
+
+    def __init__(self, dockerfile: Path, root: Path, env):
+        self.dockerfile, self.root, self.env = dockerfile, root, env
+        self.workdir = root
+        self.args: dict[str, str] = {}
+        self.ran: list[str] = []
+
+    def image_path(self, path: str) -> Path:
+        return self.root / path.lstrip("/") if path.startswith("/") else self.workdir / path
+
+    def substitute(self, text: str) -> str:
+        return re.sub(r"\$\{(\w+)\}", lambda m: self.args.get(m.group(1), m.group(0)), text)
+
+    def follow(self) -> None:
+        for instruction in read_dockerfile(self.dockerfile):
+            args = self.substitute(instruction.args)
+            if instruction.keyword == "ARG":
+                name, _, default = args.partition("=")
+                self.args[name.strip()] = default.strip()
+            elif instruction.keyword == "WORKDIR":
+                self.workdir = self.image_path(args)
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            elif instruction.keyword == "COPY":
+                self.copy(shlex.split(args))
+            elif instruction.keyword == "RUN":
+                self.run(args)
+
+    def copy(self, words: list[str]) -> None:
+        stage = next((w.removeprefix("--from=") for w in words if w.startswith("--from=")), None)
+        paths = [w for w in words if not w.startswith("--")]
+        sources = [self.root / p.lstrip("/") if stage else REPO / p for p in paths[:-1]]
+        dest = self.image_path(paths[-1])
+        for source in sources:
+            assert source.exists(), f"{self.dockerfile.name}: COPY {source} does not exist"
+            if source.is_dir():  # Docker copies a folder's contents
+                shutil.copytree(source, dest, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+            else:
+                target = dest / source.name if paths[-1].endswith("/") or len(sources) > 1 else dest
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(source, target)
+
+    def run(self, command: str) -> None:
+        # The container runtime creates a missing working folder, as after an earlier RUN removed it.
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for step in (s.strip() for s in command.split("&&")):
+            if step.split()[0] in IMAGE_ONLY_COMMANDS:
+                continue
+            step = ABSOLUTE_PATH.sub(f"{self.root}/", step)
+            self.ran.append(step)
+            self.env.run("bash", "-c", f"cd {shlex.quote(str(self.workdir))} && {step}", timeout=900)
+
+
+@install_test
+def test_service_image_install_steps_give_a_working_service(tmp_path: Path, monkeypatch) -> None:
+    env = VirtualEnv(tmp_path / "venv", tmp_path / "work")
+    steps = DockerfileSteps(SERVICE_DOCKERFILE, tmp_path / "image", env)
+    steps.follow()
+    assert any("pip wheel" in step for step in steps.ran) and any("--no-deps" in step for step in steps.ran)
+    # What the image holds: the wheel's gradstore (not the stand-in of the dependency layer) with its
+    # routers, CPU torch and faiss-cpu.
+    probe = env.python_code("import gradstore.service.routers, torch, faiss, os, json; "
+                            "print(json.dumps([os.path.dirname(gradstore.__file__), torch.__version__]))")
+    location, torch_version = json.loads(probe.stdout)
+    assert Path(location).is_relative_to(env.path), location
+    assert torch_version.split("+")[0] == steps.args["TORCH_VERSION"]
+    serve_image_command_and_check_health(env.path / "bin", env.python, tmp_path / "run", monkeypatch)

@@ -2,12 +2,14 @@
 
 LESS scores training examples against the plain (``sgd``) gradients of a few target examples,
 taken with the same model, LoRA, checkpoints, chat format and projection as the training
-features. :class:`TargetFeaturizer` reads all of that from a datastore's manifest (model and
-tokenizer paths, template and maximum length, LoRA shape and fresh-LoRA seed, checkpoint folders,
-projection spec, batching), loads the model once through the indexer's own code
-(:class:`gradstore.indexer.job.IndexJob` configured as an ``sgd`` job) and then featurises any
-number of record lists. The vectors equal those of an ``sgd`` target datastore built by
-``gradstore index`` on the same records with the same model and checkpoints.
+features; RDS+ compares representation vectors taken with the same model. :class:`TargetFeaturizer`
+reads all of that from a datastore's manifest (model and tokenizer paths, template and maximum
+length, LoRA shape and fresh-LoRA seed, checkpoint folders, projection spec, batching, whether the
+store has representation vectors), loads the model once through the indexer's compute core
+(:class:`gradstore.indexer.featurize.ExampleFeaturizer` with ``sgd`` gradients) and then
+featurises any number of record lists. The vectors (and, when the store has them, the
+representation vectors) equal those of an ``sgd`` target datastore built by ``gradstore index`` on
+the same records with the same model and checkpoints.
 
 Before loading, it checks that the model, tokenizer and checkpoint folders still exist and that
 the model files and adapters are the ones the store was built with (by their recorded SHA-256),
@@ -24,8 +26,10 @@ from gradstore.indexer.checkpoints import CheckpointSpec, file_sha256
 from gradstore.indexer.corpus import Record, validate_record
 from gradstore.indexer.datastore import Datastore, Manifest
 from gradstore.indexer.errors import BadRecordError, CheckpointError
+from gradstore.indexer.extras import ExtraFeatures
+from gradstore.indexer.featurize import ExampleFeaturizer, FeaturizerSettings
 from gradstore.indexer.formatting import DEFAULT_TEMPLATE_NAME, TOKENIZER_TEMPLATE_NAME
-from gradstore.indexer.job import IndexJob, IndexJobConfig, model_sha256
+from gradstore.indexer.job import IndexJobConfig, model_sha256
 from gradstore.indexer.model import LoraSpec, lora_description
 from gradstore.indexer.projection import ProjectionSpec
 
@@ -57,10 +61,10 @@ class TargetFeaturizer:
         self.origin = store_origin(manifest)
         self._where = where
         self._lock = threading.Lock()
-        config = self._job_config(device)
-        self._check_inputs(config, verify_model)
-        self._job = IndexJob(config, log=log)
-        self._job.load()
+        settings = self._settings(device)
+        self._check_inputs(settings, verify_model)
+        self._core = ExampleFeaturizer(settings, log=log)
+        self._core.load()
         self._check_loaded()
 
     @property
@@ -72,7 +76,8 @@ class TargetFeaturizer:
         return self.manifest.features.dim
 
     def featurize(self, records: Sequence[dict], subtask_field: str | None = None) -> TargetSet:
-        """The normalised sgd vectors of ``records`` at every checkpoint of the store.
+        """The normalised sgd vectors of ``records`` at every checkpoint of the store, and their
+        representation vectors when the store has representation vectors.
 
         A record that is not a valid corpus record (or leaves nothing to train on after
         truncation) is an error naming its index; with ``subtask_field``, so is a record
@@ -87,22 +92,23 @@ class TargetFeaturizer:
                 shape = validate_record(record, location)
                 item = Record(id=str(record.get("id", index)), source=TARGETS_SOURCE, location=location,
                               record=record, shape=shape)
-                encoded.append(self._job.formatter.encode(item))
+                encoded.append(self._core.formatter.encode(item))
             except BadRecordError as err:
                 raise SelectionError(str(err)) from None
             if subtask_field is not None:
                 name = f"{location} (id {record['id']!r})" if record.get("id") is not None else location
                 subtasks.append(subtask_of(record, subtask_field, name))
         with self._lock:
-            computed = self._job.compute_features(encoded)
-        vectors = {name: out["feature"] for name, out in computed.items()}
+            computed = self._core.compute(encoded)
+        vectors = {name: out["feature"] for name, out in computed.checkpoints.items()}
         return TargetSet.from_vectors(vectors, subtasks if subtask_field is not None else None, dim=self.dim,
-                                      origin=self.origin)
+                                      origin=self.origin, representations=computed.representations)
 
     # -- set-up ---------------------------------------------------------------------------
 
-    def _job_config(self, device: str) -> IndexJobConfig:
-        """The configuration of an ``sgd`` indexing job with the store's model and settings."""
+    def _settings(self, device: str) -> FeaturizerSettings:
+        """The compute core's settings: ``sgd`` gradients with the store's model and settings, and
+        the store's kind of representation vectors (no other extras: targets need none)."""
         m = self.manifest
         template = _TEMPLATES.get(m.tokenizer.get("template"))
         if template is None:
@@ -114,8 +120,9 @@ class TargetFeaturizer:
                                  f"record its initialisation seed (a store written by an older gradstore); "
                                  f"re-index it to compute target gradients from records")
         job = m.job or {}
-        return IndexJobConfig(
-            corpus=[], model=Path(m.model.path), out=Path(self._where),
+        representations = m.extras is not None and m.extras.representations is not None
+        return FeaturizerSettings(
+            model=Path(m.model.path),
             tokenizer=Path(m.tokenizer.get("path") or m.model.path),
             checkpoints=[CheckpointSpec(name=c.name, path=Path(c.path) if c.path else None, weight=c.weight)
                          for c in m.checkpoints],
@@ -125,12 +132,13 @@ class TargetFeaturizer:
             projection=ProjectionSpec.from_dict(m.projection),
             max_length=int(m.tokenizer.get("max_length", IndexJobConfig.max_length)),
             template=template,
-            max_tokens_per_batch=int(job.get("max_tokens_per_batch", IndexJobConfig.max_tokens_per_batch)),
-            max_batch_size=int(job.get("max_batch_size", IndexJobConfig.max_batch_size)),
-            dtype=m.model.dtype, device=device, progress=False,
+            # The store's batch limits; a store that records none gets the target device's defaults.
+            max_tokens_per_batch=job.get("max_tokens_per_batch"), max_batch_size=job.get("max_batch_size"),
+            dtype=m.model.dtype, device=device,
+            extras=ExtraFeatures(representations=representations, gradient_spectra=False, vog=False),
         )
 
-    def _check_inputs(self, config: IndexJobConfig, verify_model: bool) -> None:
+    def _check_inputs(self, config: FeaturizerSettings, verify_model: bool) -> None:
         m = self.manifest
         if not config.model.is_dir():
             raise SelectionError(f"{self._where}: the model folder {config.model} the datastore was built with "
@@ -159,15 +167,15 @@ class TargetFeaturizer:
         """The loaded formatter and LoRA must describe themselves as the manifest does."""
         m = self.manifest
         recorded = {k: v for k, v in m.tokenizer.items() if k != "path"}
-        described = self._job.formatter.describe()
+        described = self._core.formatter.describe()
         differing = sorted(k for k in set(recorded) | set(described) if recorded.get(k) != described.get(k))
         if differing:
             key = differing[0]
             raise SelectionError(f"{self._where}: the tokenizer now gives {key} = {described.get(key)!r}, the "
                                  f"datastore recorded {recorded.get(key)!r}")
-        lora = lora_description(self._job.peft_model)
+        lora = lora_description(self._core.peft_model)
         expected = {"r": m.lora.r, "alpha": float(m.lora.alpha), "target_modules": sorted(m.lora.target_modules)}
-        shapes = {name: list(shape) for name, shape in self._job.featurizer.grads.param_shapes.items()}
+        shapes = {name: list(shape) for name, shape in self._core.grads.param_shapes.items()}
         if lora != expected or shapes != m.lora.params:
             raise SelectionError(f"{self._where}: the loaded LoRA ({lora}, {len(shapes)} parameters) differs from "
                                  f"the datastore's ({expected}, {len(m.lora.params)} parameters)")

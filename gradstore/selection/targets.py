@@ -113,7 +113,8 @@ class TargetSet:
 
     @classmethod
     def from_datastore(cls, store: Datastore, subtask_field: str | None = None) -> "TargetSet":
-        """Every example of ``store`` (normally built with ``sgd`` gradients) as a target.
+        """Every example of ``store`` (normally built with ``sgd`` gradients) as a target, with
+        its representation vector when the store has them.
 
         With ``subtask_field``, each target's subtask is that field of its record; a record
         without it is an error naming its id and row.
@@ -126,7 +127,9 @@ class TargetSet:
                 subtasks.append(subtask_of(json.loads(text), subtask_field,
                                            f"{store.path}: target example {id_!r} (row {row})"))
         vectors = {name: store.features(name) for name in store.checkpoint_names}
-        return cls.from_vectors(vectors, subtasks, dim=store.dim, origin=store_origin(store.manifest))
+        representations = store.representations() if store.has_representations else None
+        return cls.from_vectors(vectors, subtasks, dim=store.dim, origin=store_origin(store.manifest),
+                                representations=representations)
 
 
 def subtask_of(record: Any, subtask_field: str, where: str) -> str:

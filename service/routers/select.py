@@ -1,4 +1,4 @@
-"""Selection routes: run a LESS selection, page through it by cursor, download its export.
+"""Selection routes: run a selection (any strategy), page through it by cursor, download its export.
 
 A selection is identified by ``selection_id``, the SHA-256 of the canonical request (without
 ``page_size`` and ``export``), the datastore's name and creation time (and the target store's,
@@ -14,40 +14,40 @@ import binascii
 import hashlib
 import json
 import re
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 
 from gradstore.client.models import ErrorBody, SelectedExample, SelectPage, SelectRequest, TargetDatastore
+from gradstore.selection.options import ExportFormat
 
 from ..deps import (JsonBody, RegistryDep, SelectionsDep, SettingsDep, StoreDep, check_limit, check_weight_sum,
                     resolve_targets)
-from gradstore.selection import SelectionOptions
 from ..errors import ServiceError, error_responses
 from ..registry import CachedSelection, DatastoreRegistry, SelectionCache, StoreHandle
 from ..settings import Settings
 
 router = APIRouter(prefix="/v1/datastores/{name}", tags=["select"], responses=error_responses(400, 404, 503))
 
-ExportFormat = Literal["jsonl", "parquet"]
 MEDIA_TYPES = {"jsonl": "application/x-ndjson", "parquet": "application/vnd.apache.parquet"}
 SELECTION_ID = re.compile(r"^[0-9a-f]{64}$")
 DEFAULT_PAGE_SIZE = 1000
 _ERRORS = {410: {"model": ErrorBody, "description": "the selection is no longer cached (`selection_expired`)"}}
 
 
-@router.post("/select", response_model=SelectPage, summary="Select the most influential training examples",
+@router.post("/select", response_model=SelectPage, summary="Select training examples with a strategy",
              dependencies=[JsonBody], responses=error_responses(413, 415))
 async def select(body: SelectRequest, store: StoreDep, registry: RegistryDep, settings: SettingsDep,
                  selections: SelectionsDep) -> SelectPage:
-    """Score the store's examples against the targets, rank them and select the top ``k`` (or
-    ``fraction``) under the filters; returns the first page and a cursor for the rest."""
+    """Run the request's strategy (``less`` by default; ``GET /v1/strategies`` lists them) on the
+    store's pool after the filters and select ``k`` (or ``fraction``) examples under the caps;
+    returns the first page and a cursor for the rest."""
     if body.k is not None:
         check_limit("k", body.k, settings.max_k)
     check_limit("page_size", body.page_size, settings.max_page_size)
-    check_weight_sum(body.weights, body.checkpoints, store)
+    check_weight_sum(getattr(body.strategy, "weights", None), getattr(body.strategy, "checkpoints", None), store)
     selection_id = await run_in_threadpool(selection_key, body, store, registry)
     entry = selections.get(selection_id)
     if entry is None or entry.datastore != store.name:
@@ -63,11 +63,8 @@ async def select(body: SelectRequest, store: StoreDep, registry: RegistryDep, se
 
 async def _run_selection(body: SelectRequest, selection_id: str, store: StoreHandle,
                          registry: DatastoreRegistry, settings: Settings) -> CachedSelection:
-    targets = await resolve_targets(body.targets, store, registry, settings)
-    options = SelectionOptions(aggregation=body.aggregation, k=body.k, fraction=body.fraction, sources=body.sources,
-                               per_source_cap=body.per_source_cap, dedup_threshold=body.dedup_threshold,
-                               checkpoints=body.checkpoints, weights=body.weights)
-    selection = await run_in_threadpool(store.engine.select, targets, options)
+    targets = None if body.targets is None else await resolve_targets(body.targets, store, registry, settings)
+    selection = await run_in_threadpool(store.engine.select, targets, body.options())
     return CachedSelection(selection_id=selection_id, datastore=store.name, selection=selection, engine=store.engine)
 
 
@@ -139,7 +136,7 @@ def make_page(entry: CachedSelection, offset: int, page_size: int) -> SelectPage
     stop = min(offset + page_size, len(selection))
     items = [SelectedExample(**item) for item in selection.items(offset, stop)]
     return SelectPage(datastore=entry.datastore, selection_id=entry.selection_id, total=len(selection),
-                      pool=selection.pool, items=items,
+                      pool=selection.pool, strategy=selection.strategy, report=selection.report, items=items,
                       next_cursor=encode_cursor(entry.selection_id, stop) if stop < len(selection) else None)
 
 

@@ -28,7 +28,9 @@ from gradstore.client import (
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    QualityFilter,
     RateLimitError,
+    SelectionOptions,
     ServerError,
     ServiceUnavailableError,
     TargetDatastore,
@@ -396,10 +398,23 @@ def test_select_body_and_client_side_validation(service):
             client.select("pool", "t", k=5, fraction=0.1)
         with pytest.raises(ValueError):
             client.select("pool", "t")
-    assert len(service.requests) == 1
-    assert json.loads(service.requests[0].content) == {
-        "targets": {"datastore": "target-store"}, "aggregation": "less", "k": 5, "sources": ["flan"],
-        "dedup_threshold": 0.9, "page_size": 2}
+        with pytest.raises(ValueError, match="strategy"):
+            client.select("pool", k=5, strategy="nonesuch")
+        # The typed options object and keywords build the same request; keywords win.
+        options = SelectionOptions(fraction=0.2, strategy={"name": "quality", "score": "vog", "order": "low"},
+                                   filters=[QualityFilter(score="loss", keep="below", quantile=0.9)])
+        client.select("pool", options=options, page_size=3)
+        client.select("pool", None, options, k=7, fraction=None)
+    assert len(service.requests) == 3
+    bodies = [json.loads(request.content) for request in service.requests]
+    assert bodies[0] == {
+        "targets": {"datastore": "target-store"}, "strategy": {"name": "less", "aggregation": "less"}, "k": 5,
+        "sources": ["flan"], "dedup_threshold": 0.9, "page_size": 2}
+    assert bodies[1] == {
+        "strategy": {"name": "quality", "score": "vog", "order": "low"}, "fraction": 0.2,
+        "filters": [{"score": "loss", "keep": "below", "quantile": 0.9}], "page_size": 3}
+    assert bodies[2] == {"strategy": {"name": "quality", "score": "vog", "order": "low"}, "k": 7,
+                         "filters": [{"score": "loss", "keep": "below", "quantile": 0.9}], "page_size": 1000}
 
 
 # -- pagination ------------------------------------------------------------------------------------

@@ -36,10 +36,10 @@ JOB_TIME_FIELDS = ("compute_seconds", "examples_per_second", "tokens_per_second"
 KILL_AT = """
 import json, os, signal, sys
 from gradstore import cli
-from gradstore.indexer import datastore, job
+from gradstore.indexer import datastore, featurize, job
 
 owner_name, function, text, nth, moment = json.loads(sys.argv[1])
-owner = {"datastore": datastore, "job": job, "Featurizer": job.Featurizer}[owner_name]
+owner = {"datastore": datastore, "job": job, "ExampleFeaturizer": featurize.ExampleFeaturizer}[owner_name]
 original = getattr(owner, function)
 matching_calls = 0
 
@@ -125,7 +125,7 @@ def test_sigkill_at_each_phase_then_resume_gives_identical_store(tmp_path, tiny_
         return {int(p.stem.split("-")[1]) for p in shards.glob("part-*.done")}
 
     # Compute: killed before its fifth batch, some shards done, others not.
-    kill_at(command, "Featurizer", "_features", "", 5, "before")
+    kill_at(command, "ExampleFeaturizer", "_batch_once", "", 5, "before")
     assert 0 < len(done_shards()) < 10
 
     # A shard write (of the resumed run): its examples file is in place, its features and done

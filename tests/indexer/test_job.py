@@ -17,7 +17,8 @@ from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.datastore import Datastore
 from gradstore.indexer.errors import BadRecordError, JobError
-from gradstore.indexer.job import IndexJob, IndexJobConfig, length_batches
+from gradstore.indexer.featurize import ExampleFeaturizer, length_batches
+from gradstore.indexer.job import IndexJob, IndexJobConfig
 from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec
 
@@ -160,9 +161,7 @@ def test_malformed_record_names_file_and_line_and_skip_reports_it(tmp_path, tiny
 
 
 def test_out_of_memory_batches_are_split_and_retried(tmp_path, tiny_model_dirs, corpus_dir, monkeypatch):
-    from gradstore.indexer import job as job_module
-
-    original = job_module.Featurizer._features
+    original = ExampleFeaturizer._batch_once
 
     def fail_on_large_batches(self, examples):
         if len(examples) > 2:  # stands in for an allocator failure on big batches
@@ -171,7 +170,7 @@ def test_out_of_memory_batches_are_split_and_retried(tmp_path, tiny_model_dirs, 
 
     reference = make_config(tmp_path / "ref", tiny_model_dirs["gpt2"], corpus_dir, max_batch_size=2)
     IndexJob(reference, log=lambda *_: None).run()
-    monkeypatch.setattr(job_module.Featurizer, "_features", fail_on_large_batches)
+    monkeypatch.setattr(ExampleFeaturizer, "_batch_once", fail_on_large_batches)
     config = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir)
     summary = IndexJob(config, log=lambda *_: None).run()
     assert summary.oom_retries > 0
@@ -225,3 +224,38 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, tiny_model_dirs, corpus_dir
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 1
     assert f"{bad}:1" in result.stderr and "role" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_batch_limits_are_the_devices_defaults_unless_given(tmp_path, tiny_model_dirs, corpus_dir):
+    from gradstore.indexer.batching import default_batching
+    from gradstore.indexer.job import prepare
+
+    config = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir, max_tokens_per_batch=None)
+    cpu_tokens, cpu_examples = default_batching("cpu")
+    assert default_batching("cuda") != default_batching("cpu")
+    assert default_batching("mps") == default_batching("cpu")
+    for device in ("cpu", "cuda"):
+        resolved = config.with_device_batching(device)
+        assert (resolved.max_tokens_per_batch, resolved.max_batch_size) == default_batching(device)
+    given = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir, max_tokens_per_batch=300, max_batch_size=3)
+    assert given.with_device_batching("cuda").max_tokens_per_batch == 300
+    assert given.with_device_batching("cuda").max_batch_size == 3
+    assert config.max_tokens_per_batch is None and config.max_batch_size is None  # the caller's config is kept
+
+    # The job batches with the resolved limits and records them: in the manifest, and in the resume
+    # fingerprint, where the defaults and the same values given explicitly are one job.
+    job = IndexJob(config, log=lambda *_: None)
+    job.run()
+    recorded = json.loads((config.out / "manifest.json").read_text())["job"]
+    assert (recorded["max_tokens_per_batch"], recorded["max_batch_size"]) == (cpu_tokens, cpu_examples)
+
+    def fingerprint(cfg):
+        job = IndexJob(cfg, log=lambda *_: None)
+        job.load()
+        return job._fingerprint(prepare(job.config, job.formatter))
+
+    explicit = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir, max_tokens_per_batch=cpu_tokens,
+                           max_batch_size=cpu_examples)
+    other = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir, max_tokens_per_batch=cpu_tokens,
+                        max_batch_size=cpu_examples + 1)
+    assert fingerprint(config) == fingerprint(explicit) != fingerprint(other)

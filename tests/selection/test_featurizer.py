@@ -63,11 +63,16 @@ def assert_same_targets(ours: TargetSet, theirs: TargetSet):
     assert ours.checkpoints == theirs.checkpoints
     for name in theirs.checkpoints:
         np.testing.assert_allclose(ours.vectors[name], theirs.vectors[name], atol=1e-3)
+    # Representation vectors come with the targets when the stores have them (fp16 in the store).
+    assert (ours.representations is None) == (theirs.representations is None)
+    if theirs.representations is not None:
+        np.testing.assert_allclose(ours.representations, theirs.representations, atol=2e-3)
 
 
 def test_records_give_the_vectors_of_an_sgd_target_store(data, featurizer):
     ours = featurizer.featurize(data["targets"], subtask_field="subtask")
     theirs = TargetSet.from_datastore(Datastore.open(data["target_store"]), "subtask")
+    assert theirs.representations is not None and ours.representations.shape == theirs.representations.shape
     assert ours.subtasks == ["a", "b"] * 3
     assert_same_targets(ours, theirs)
     engine = SelectionEngine(Datastore.open(data["pool"]))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
@@ -148,6 +149,45 @@ def test_select_with_vectors_and_subtasks_matches_numpy_less(client, root):
                   fraction=0.25)
     assert [item["row"] for item in page["items"]] == top_rows(expected, 10)
     assert set(page["items"][0]["subtask_scores"]) == {"a", "b"}
+
+
+def test_strategies_route_lists_the_registry(client):
+    from gradstore.selection.strategies import registry
+
+    listed = client.get("/v1/strategies", headers=AUTH)
+    assert listed.status_code == 200
+    strategies = listed.json()["strategies"]
+    assert [s["name"] for s in strategies] == list(registry())
+    quality = next(s for s in strategies if s["name"] == "quality")
+    assert quality["needs_targets"] == "none" and quality["features"] == ["scores"]
+    assert set(quality["options_schema"]["properties"]) == {"name", "score", "order", "checkpoint"}
+    assert client.get("/v1/strategies").status_code == 401
+
+
+def test_select_target_free_and_legacy_forms(client, root):
+    loss = np.zeros(40)
+    for checkpoint, weight in weights(root / "pool").items():
+        table = pq.read_table(root / "pool" / "features" / checkpoint, columns=["row", "loss"])
+        loss[table.column("row").to_numpy()] += weight * table.column("loss").to_numpy()
+    page = select(client, strategy={"name": "quality", "score": "loss"}, k=6)
+    assert [item["row"] for item in page["items"]] == top_rows(loss, 6)
+    assert page["strategy"] == {"name": "quality", "score": "loss", "order": "high", "checkpoint": None}
+    legacy = select(client, targets={"datastore": "targets"}, k=5, aggregation="max")
+    modern = select(client, targets={"datastore": "targets"}, k=5, strategy={"name": "less", "aggregation": "max"})
+    assert legacy["selection_id"] == modern["selection_id"] and legacy["items"] == modern["items"]
+    filtered = select(client, strategy="random", fraction=1.0,
+                      filters=[{"score": "loss", "keep": "below", "quantile": 0.5}])
+    assert filtered["pool"] == filtered["total"] == 20 and filtered["report"]["filters"][0]["pool"] == 20
+    for body, message in [
+        ({"k": 3, "strategy": "random", "targets": {"datastore": "targets"}}, "does not use targets"),
+        ({"k": 3}, "strategy 'less' needs targets"),
+        ({"k": 3, "strategy": {"name": "quality", "score": "sparkle"}}, "no score 'sparkle'"),
+        ({"k": 3, "strategy": {"name": "rds"}, "targets": {"datastore": "targets"}}, "no representation vectors"),
+    ]:
+        response = client.post("/v1/datastores/pool/select", json=body, headers=AUTH)
+        assert message in assert_error(response, 422, "invalid_query")["message"]
+    unknown = client.post("/v1/datastores/pool/select", json={"k": 3, "strategy": {"name": "best"}}, headers=AUTH)
+    assert_error(unknown, 422, "validation_error")
 
 
 def test_select_with_target_records_equals_the_target_store(client, corpus):

@@ -17,11 +17,11 @@ from pydantic import Field
 from .base import FEATURES, NEEDS_TARGETS, Strategy, StrategyOptions
 
 __all__ = ["FEATURES", "NEEDS_TARGETS", "Strategy", "StrategyOptions", "DEFAULT_STRATEGY", "registry",
-           "get_strategy", "options_type", "strategy_names"]
+           "get_strategy", "options_type", "strategy_names", "parse_strategy_spec", "strategy_label"]
 
 DEFAULT_STRATEGY = "less"
 # The order strategies are listed in (help, docs, the UI); any others follow, by name.
-_LISTED_FIRST = ("less", "rds", "quality", "random")
+_LISTED_FIRST = ("less", "rds", "quality", "random", "gio", "diversity")
 
 
 def _discover() -> dict[str, type[Strategy]]:
@@ -64,3 +64,40 @@ def options_type():
     """The type of a strategy's options: a union of every ``Options`` model, told apart by ``name``."""
     models = tuple(cls.Options for cls in _REGISTRY.values())
     return Annotated[Union[models], Field(discriminator="name")]  # noqa: UP007 (a runtime union of types)
+
+
+def parse_strategy_spec(text: str) -> dict:
+    """A strategy written on a command line (``gradstore eval --strategies``) as its options.
+
+    ``NAME`` takes the defaults; ``NAME:VALUE`` sets the strategy's ``shorthand`` option
+    (``quality:effective_rank``, ``random:3``); ``NAME:KEY=VALUE,KEY=VALUE`` sets options by name
+    (``quality:score=nuclear_norm,order=low``). Values stay strings; the options model converts
+    and checks them. An unknown name is a ``ValueError``.
+    """
+    name, _, rest = text.strip().partition(":")
+    cls = get_strategy(name.strip())
+    spec: dict = {"name": cls.name}
+    if not rest:
+        return spec
+    if "=" not in rest:
+        if cls.shorthand is None:
+            raise ValueError(f"{text!r}: strategy {cls.name!r} takes no NAME:VALUE shorthand; write "
+                             f"{cls.name}:KEY=VALUE")
+        spec[cls.shorthand] = rest.strip()
+        return spec
+    for item in rest.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{text!r}: expected KEY=VALUE pairs after {cls.name}:, got {item!r}")
+        spec[key.strip()] = value.strip()
+    return spec
+
+
+def strategy_label(options: dict) -> str:
+    """A short name for a strategy with its options (the eval table's row label): the name and
+    the options that differ from the defaults, ``quality:score=nuclear_norm,order=low``."""
+    cls = get_strategy(options["name"])
+    defaults = cls.Options().model_dump()
+    changed = [f"{key}={value}" for key, value in options.items()
+               if key != "name" and value != defaults.get(key)]
+    return cls.name + (":" + ",".join(changed) if changed else "")
