@@ -315,6 +315,10 @@ def _add_select_parser(subparsers) -> None:
     p.add_argument("--per-source-cap", type=int, metavar="N", help="at most N examples per source")
     p.add_argument("--dedup-threshold", type=float, metavar="X",
                    help="skip a candidate whose gradient similarity to an already selected example exceeds X")
+    p.add_argument("--diversity-weight", type=float, metavar="LAMBDA",
+                   help="re-rank by maximal marginal relevance: each pick maximises score - LAMBDA x its largest "
+                        "similarity to the picks so far (ranked strategies; not with --per-source-cap or "
+                        "--dedup-threshold)")
     p.add_argument("--export", type=Path, metavar="OUT.jsonl|OUT.parquet",
                    help="write the selected records, in their original form and rank order")
     p.add_argument("--scores", type=Path, metavar="OUT.parquet",
@@ -441,7 +445,8 @@ def _run_select(args) -> int:
     store = Datastore.open(args.store)
     engine = SelectionEngine(store)
     fields = {"strategy": _strategy_from_args(args), "k": args.k, "fraction": args.fraction, "sources": args.sources,
-              "filters": args.filters, "per_source_cap": args.per_source_cap, "dedup_threshold": args.dedup_threshold}
+              "filters": args.filters, "per_source_cap": args.per_source_cap, "dedup_threshold": args.dedup_threshold,
+              "diversity_weight": args.diversity_weight}
     options = selection_options({key: value for key, value in fields.items() if value is not None})
     # Refuse a bad query before computing any target gradient.
     engine.filtered_pool(options)

@@ -404,7 +404,11 @@ class SelectionEngine:
         ranking, ranking_scores = self._ranked(result, pool)
         names, weights = (result.checkpoints, np.asarray(result.weights, dtype=np.float32)) if result.checkpoints \
             else self.resolve_checkpoints()
-        if options.dedup_threshold is not None:
+        if options.diversity_weight:
+            chosen = self._diverse(result, ranking, ranking_scores, budget, options.diversity_weight,
+                                   strategy.features)
+            report["diversity_weight"] = options.diversity_weight
+        elif options.dedup_threshold is not None:
             chosen = self._greedy_dedup(ranking, budget, options.per_source_cap, options.dedup_threshold,
                                         dict(zip(names, weights)))
         elif options.per_source_cap is not None:
@@ -422,6 +426,24 @@ class SelectionEngine:
                          strategy=options.strategy.model_dump(mode="json"), checkpoints=list(names),
                          weights=[float(x) for x in weights], ranking=ranking, ranking_scores=ranking_scores,
                          per_subtask=per_subtask, report={**report, **result.report})
+
+    def _diverse(self, result: StrategyResult, ranking: np.ndarray, ranking_scores: np.ndarray,
+                 budget: int, weight: float, features: tuple[str, ...]) -> np.ndarray:
+        """``budget`` rows of a ranking re-ranked by maximal marginal relevance, similarities in the
+        strategy's space: its representations, else the gradients it scored with (the manifest's
+        checkpoints for strategies that use none)."""
+        from .feature_space import feature_space
+        from .mmr import mmr_rerank
+
+        if result.order is not None:
+            raise SelectionError("diversity_weight re-ranks a ranking; this strategy gives an ordered subset "
+                                 "(leave diversity_weight out)")
+        if features == ("representations",):
+            space = feature_space(self, None, "representations")
+        else:
+            space = feature_space(self, None, "gradients", result.checkpoints or None,
+                                  dict(zip(result.checkpoints, result.weights)) if result.checkpoints else None)
+        return mmr_rerank(ranking, ranking_scores, space.gather, budget, weight)
 
     def filtered_pool(self, options: SelectionOptions) -> tuple[np.ndarray, dict]:
         """The rows of ``options.sources`` (all when None) that pass its quality filters, and a

@@ -13,6 +13,11 @@ only.
 ``aggregation``, ``checkpoints`` and ``weights`` at the top level are the ``less`` strategy's
 options (refused beside another strategy).
 
+``diversity_weight`` (λ) re-ranks a ranked strategy's result by maximal marginal relevance
+(:mod:`gradstore.selection.mmr`): each pick maximises ``score − λ · max similarity to the picks so
+far``, similarity in the strategy's feature space (representations for ``rds``, the
+checkpoint-weighted gradients otherwise).
+
 Quality filters run before the strategy, on the pool left by the source filter: each keeps the
 examples whose score is above (``keep: above``) or below (``keep: below``) the given quantile of
 the pool's scores, inclusive, one filter after the other (``{"score": "vog", "keep": "below",
@@ -66,6 +71,9 @@ class SelectionOptions(BaseModel):
     dedup_threshold: float | None = Field(
         None, gt=-1, le=1, description="skip a candidate whose checkpoint-weighted gradient cosine to an already "
                                        "selected example exceeds this")
+    diversity_weight: float | None = Field(
+        None, ge=0, le=1e6, description="maximal marginal relevance on a ranking (less, rds, quality, random): each "
+                                        "pick maximises score - weight x its largest similarity to those picked")
     # Requests older than strategies: moved into the less strategy's options on validation, so
     # they are always None on a validated model. Declared so that the schema says they exist.
     aggregation: Aggregation | None = Field(None, deprecated=True, description="legacy: strategy.aggregation")
@@ -103,6 +111,9 @@ class SelectionOptions(BaseModel):
     def _one_budget(self):
         if (self.k is None) == (self.fraction is None):
             raise ValueError("give exactly one of k or fraction")
+        if self.diversity_weight and (self.per_source_cap is not None or self.dedup_threshold is not None):
+            raise ValueError("diversity_weight re-ranks the whole budget; give it without per_source_cap and "
+                             "dedup_threshold")
         return self
 
     def budget(self, pool: int) -> int:

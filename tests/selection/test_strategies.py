@@ -137,3 +137,41 @@ def test_round_robin_takes_turns_across_subtasks():
         turn += 1
     assert result.order.tolist() == reference
     assert result.order_scores[:3].tolist() == [per_subtask[reference[i], i] for i in range(3)]
+
+
+def mmr_values(scores, vectors, chosen, candidates, weight):
+    """Each candidate's MMR value given the chosen positions (float64, brute force)."""
+    if not chosen:
+        return scores[candidates]
+    similarity = np.maximum(0.0, (vectors[candidates] @ vectors[chosen].T).max(axis=1))
+    return scores[candidates] - weight * similarity
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.3, 5.0])
+def test_diversity_weight_is_maximal_marginal_relevance(selection_stores, engine, weight):
+    targets = TargetSet.from_datastore(Datastore.open(selection_stores["target"]), "subtask")
+    plain = engine.select(targets, {"fraction": 1.0})
+    diverse = engine.select(targets, {"k": 12, "diversity_weight": weight})
+    store = engine.store
+    w = dict(zip(plain.checkpoints, plain.weights))
+    vectors = np.concatenate([np.sqrt(w[c]) * store.features_at(c, plain.ranking).astype(np.float64)
+                              for c in plain.checkpoints], axis=1)
+    scores = plain.ranking_scores.astype(np.float64)
+    position = {int(row): i for i, row in enumerate(plain.ranking)}
+    chosen: list[int] = []
+    for row in diverse.rows.tolist():  # every pick is the best MMR value left (up to fp16 features)
+        remaining = np.array([i for i in range(len(scores)) if i not in chosen])
+        values = mmr_values(scores, vectors, chosen, remaining, weight)
+        picked = mmr_values(scores, vectors, chosen, np.array([position[row]]), weight)[0]
+        assert picked >= values.max() - 1e-3
+        chosen.append(position[row])
+    assert len(set(diverse.rows.tolist())) == 12
+    if weight == 0.0:
+        assert diverse.rows.tolist() == plain.rows[:12].tolist()
+    else:
+        assert diverse.report["diversity_weight"] == weight
+        picked_similarity = (vectors[chosen] @ vectors[chosen].T)[np.triu_indices(12, 1)].max()
+        head = list(range(12))
+        assert picked_similarity <= (vectors[head] @ vectors[head].T)[np.triu_indices(12, 1)].max() + 1e-9
+    with pytest.raises(SelectionError, match="without per_source_cap and dedup_threshold"):
+        engine.select(targets, {"k": 3, "diversity_weight": 0.5, "dedup_threshold": 0.9})
