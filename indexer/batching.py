@@ -2,7 +2,7 @@
 
 An indexing job packs the examples of a shard, longest first, into batches of at most
 ``max_tokens_per_batch`` padded tokens and ``max_batch_size`` examples
-(:func:`gradstore.indexer.job.length_batches`). A job given neither limit takes its device's
+(:func:`gradstore.indexer.featurize.length_batches`). A job given neither limit takes its device's
 defaults once the device is known (:meth:`gradstore.indexer.job.IndexJobConfig.with_device_batching`),
 and records the values it used in the manifest and in its resume fingerprint.
 

@@ -5,6 +5,7 @@ gradient, and VoG computed by hand from plain autograd; then as stored and read 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import duckdb
 import numpy as np
@@ -139,6 +140,7 @@ def indexed(tmp_path_factory, tiny_model_dirs):
     job = IndexJob(config, log=lambda *_: None)
     job.run()
     job.load()
+    config = job.config  # with the device's batch limits resolved
     encoded = prepare(config, job.formatter).encoded
     return {"root": root, "model": model_dir, "checkpoints": checkpoints, "corpus": corpus, "config": config,
             "encoded": encoded, "store": Datastore.open(config.out, verify=True)}
@@ -245,8 +247,9 @@ def test_the_job_fingerprint_covers_the_extras(indexed, tmp_path):
     job.load()
     prepared = prepare(config, job.formatter)
     fingerprint = job._fingerprint(prepared)
-    config.extras = ExtraFeatures(vog=False)
+    job.config = replace(job.config, extras=ExtraFeatures(vog=False))
     assert job._fingerprint(prepared) != fingerprint
+    config.extras = ExtraFeatures(vog=False)
     (config.work_dir / "_shards").mkdir(parents=True)
     (config.work_dir / "_shards" / "job.json").write_text(json.dumps(fingerprint, sort_keys=True))
     with pytest.raises(JobError, match="different settings"):

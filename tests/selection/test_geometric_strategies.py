@@ -25,7 +25,7 @@ from gradstore.selection.submodular import (
     relevance_weights,
 )
 
-DIM, SIZES = 16, (90, 60, 50)
+DIM, REP_DIM, SIZES = 16, 12, (90, 60, 50)
 WEIGHTS = {"c0": 3.0, "c1": 1.0}
 
 
@@ -38,6 +38,7 @@ def clustered_store(tmp_path_factory):
     c1, _ = clustered(SIZES, DIM, spread=0.3, seed=1)
     order = np.random.default_rng(2).permutation(len(labels))
     features = {"c0": c0[order].astype(np.float16), "c1": c1[order].astype(np.float16)}
+    representations = clustered(SIZES, REP_DIM, spread=0.2, seed=3)[0][order].astype(np.float16)
     labels = labels[order]
     n = len(labels)
     for shard, start in enumerate(range(0, n, 64)):
@@ -49,7 +50,7 @@ def clustered_store(tmp_path_factory):
         ones = np.ones(len(rows), np.float32)
         write_shard(work, shard, examples, {
             name: FeatureBatch(rows=np.array(rows), feature=f[rows], grad_norm=ones, feature_norm=ones, loss=ones)
-            for name, f in features.items()})
+            for name, f in features.items()}, representations=representations[rows])
     finalize_store(work, {
         "model": {"path": "m", "sha256": "0" * 64, "architecture": "X", "dtype": "fp32", "device": "cpu"},
         "tokenizer": {"template": "gradstore-default", "max_length": 8},
@@ -138,12 +139,38 @@ def test_diversity_weighted_by_targets_and_its_curriculum_outputs(clustered_stor
     assert len(set(cut.rows.tolist())) == 10 and cut.report["objective"] == "graph_cut"
 
 
+def test_both_strategies_on_representations(clustered_store):
+    engine, labels = clustered_store
+    representations = engine.store.representations().astype(np.float32)
+    rng = np.random.default_rng(4)
+    rows = np.concatenate([rng.choice(np.flatnonzero(labels == c), n, replace=False) for c, n in ((0, 16), (2, 8))])
+    vectors = {name: engine.store.features(name)[rows].astype(np.float32) for name in WEIGHTS}
+    targets = TargetSet.from_vectors(vectors, representations=representations[rows]
+                                     + 0.05 * rng.standard_normal((len(rows), REP_DIM)))
+    strategy = {"name": "gio", "features": "representations", "neighbors": 3, "centroids": 0}
+    selection = engine.select(targets, {"k": 100, "strategy": strategy})
+    expected = gio_select(array_space(representations, targets.representations), np.arange(len(labels)), 100,
+                          k=3, centroids=0)
+    assert selection.rows.tolist() == expected.rows.tolist()
+    assert selection.report["features"] == "representations" and selection.report["dim"] == REP_DIM
+    assert set(labels[selection.rows].tolist()) <= {0, 2}
+    diverse = engine.select(None, {"k": 6, "strategy": {"name": "diversity", "features": "representations",
+                                                        "neighbors": 100, "epsilon": 0}})
+    core, _ = greedy(FacilityLocation(knn_graph(array_space(representations), np.arange(len(labels)), 100)), 6)
+    assert diverse.rows.tolist() == core.tolist()
+    assert sorted(labels[diverse.rows[:3]].tolist()) == [0, 1, 2]
+
+
 def test_bad_uses_are_named(clustered_store):
-    engine, _ = clustered_store
+    engine, labels = clustered_store
     with pytest.raises(SelectionError, match="strategy 'gio' needs targets"):
         engine.select(None, {"k": 3, "strategy": "gio"})
-    with pytest.raises(SelectionError, match="no representation vectors"):
-        engine.select(None, {"k": 3, "strategy": {"name": "diversity", "features": "representations"}})
+    targets = cluster_targets(engine, labels, (0,), (4,))
+    with pytest.raises(SelectionError, match="the targets have no representation vectors"):
+        engine.select(targets, {"k": 3, "strategy": {"name": "gio", "features": "representations"}})
+    with pytest.raises(SelectionError, match="checkpoints and weights apply to gradient features"):
+        engine.select(None, {"k": 3, "strategy": {"name": "diversity", "features": "representations",
+                                                  "checkpoints": ["c0"]}})
     with pytest.raises(SelectionError, match="objective"):
         engine.select(None, {"k": 3, "strategy": {"name": "diversity", "objective": "coverage"}})
     with pytest.raises(SelectionError, match="unknown checkpoint"):
