@@ -94,10 +94,11 @@ def parse_strategy_spec(text: str) -> dict:
 
 
 def strategy_label(options: dict) -> str:
-    """A short name for a strategy with its options (the eval table's row label): the name and
-    the options that differ from the defaults, ``quality:score=nuclear_norm,order=low``."""
+    """A short name for a strategy with its options (the eval table's row label): the name, its
+    shorthand option when given and the options that differ from the defaults,
+    ``quality:score=effective_rank``, ``quality:score=nuclear_norm,order=low``."""
     cls = get_strategy(options["name"])
     defaults = cls.Options().model_dump()
     changed = [f"{key}={value}" for key, value in options.items()
-               if key != "name" and value != defaults.get(key)]
+               if key != "name" and (value != defaults.get(key) or key == cls.shorthand)]
     return cls.name + (":" + ",".join(changed) if changed else "")
