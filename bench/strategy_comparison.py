@@ -22,7 +22,7 @@ extra feature (representations, gradient spectra, VoG), then per target category
 :func:`gradstore.evaluate.compare` with every strategy: held-out answer loss (the main measure:
 exact match on glosses is ~0 for a tiny model) and precision against the base rate.
 
-    python bench/strategy_comparison.py --out /tmp/wordnet-comparison
+    python bench/strategy_comparison.py --out /tmp/wordnet-comparison  # needs wordnet-base
 
 writes ``corpus.jsonl``, ``target-CAT.jsonl``, ``heldout-CAT.jsonl``, ``results.json`` under
 ``--out`` and prints one markdown table per category.
