@@ -276,7 +276,8 @@ class IndexJobRequest(_Model):
     gradient_type: GradientType = "adam"
     # Upper bounds far above any real job, so that absurd values are refused here, not in the worker.
     proj_dim: int = Field(8192, ge=1, le=1 << 20)
-    seed: int = Field(0, ge=-(1 << 63), le=(1 << 63) - 1)
+    # Within +-2**53, so that a number JSON writes as a float still names the same integer.
+    seed: int = Field(0, ge=-(1 << 53), le=1 << 53)
     max_length: int = Field(2048, ge=1, le=1 << 20)
     lora_r: int = Field(8, ge=1, le=1 << 16)
     lora_alpha: float = 16.0

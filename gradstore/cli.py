@@ -376,10 +376,26 @@ def _add_strategy_option_flags(group, strategies) -> None:
         choices = list(dict.fromkeys(c for _, cs in kinds for c in cs or [])) or None
         descriptions = {info.description or field for info in owners.values()}
         help_text = (next(iter(descriptions)) + f" [{', '.join(owners)}]" if len(descriptions) == 1 else
-                     "; ".join(f"{name}: {info.description or field}" for name, info in owners.items()))
+                     _once_each_default("; ".join(f"{name}: {info.description or field}"
+                                                  for name, info in owners.items())))
         group.add_argument(f"--{field.replace('_', '-')}", dest=f"strategy_{field}", type=kind, choices=choices,
                            default=argparse.SUPPRESS, metavar=_flag_metavar(kind, choices),
                            help=help_text.replace("%", "%%"))
+
+
+def _once_each_default(text: str) -> str:
+    """``text`` with a repeated ``(default: X)`` said only where it first appears."""
+    import re
+
+    seen: set[str] = set()
+
+    def keep_first(match) -> str:
+        if match.group(0) in seen:
+            return ""
+        seen.add(match.group(0))
+        return match.group(0)
+
+    return re.sub(r" ?\(default: [^)]*\)", keep_first, text)
 
 
 def _strategy_fields(strategies) -> dict[str, dict]:

@@ -11,7 +11,7 @@ from .base import Strategy, StrategyOptions
 
 class RandomOptions(StrategyOptions):
     name: Literal["random"] = "random"
-    seed: int = Field(0, ge=0, le=(1 << 63) - 1, description="seed of the draw (the same seed, the same subset)")
+    seed: int = Field(0, ge=0, le=1 << 53, description="seed of the draw (the same seed, the same subset)")
 
 
 class Random(Strategy):
