@@ -366,10 +366,15 @@ class ExamplePage(_Response):
     items: list[Example]
 
 
+# The map's PCA works on the sample's n x n Gram matrix: n = 5000 is 200 MB of float64 and seconds of work.
+MAP_MAX_SAMPLE = 5000
+
+
 class MapRequest(_Model):
     """A 2-D PCA map of a seeded sample of the pool, with rows and targets placed on it."""
 
-    sample: int = Field(2000, ge=2, description="pool examples to sample (all when the pool is smaller)")
+    sample: int = Field(2000, ge=2, le=MAP_MAX_SAMPLE,
+                        description="pool examples to sample (all when the pool is smaller)")
     seed: int = Field(0, ge=0, le=(1 << 32) - 1)
     rows: list[int] = Field(default_factory=list, description="rows to place on the map too (e.g. a selection)")
     targets: Targets | None = Field(None, description="targets to place on the map")

@@ -15,15 +15,12 @@ from ..errors import error_responses, invalid_query
 
 router = APIRouter(prefix="/v1/datastores/{name}", tags=["overview"], responses=error_responses(400, 404, 503))
 
-# The PCA works on the sample's n x n Gram matrix: n = 5000 is 200 MB of float64 and seconds of work.
-MAX_SAMPLE = 5000
 
 
 @router.post("/map", response_model=MapResponse, summary="2-D PCA map of the pool, with rows and targets",
              dependencies=[JsonBody], responses=error_responses(413, 415))
 async def pool_map_route(body: MapRequest, store: StoreDep, registry: RegistryDep,
                          settings: SettingsDep) -> MapResponse:
-    check_limit("sample", body.sample, MAX_SAMPLE)
     check_limit("rows", len(body.rows), settings.max_k)
     last = store.store.num_examples - 1
     bad = next((row for row in body.rows if not 0 <= row <= last), None)

@@ -154,7 +154,7 @@ def test_map_places_targets_like_their_own_pool_rows(client, service_root):
 
 
 def test_map_errors(client):
-    error(client.post("/v1/datastores/pool/map", json={"sample": 5001}, headers=AUTH), 400, "limit_exceeded")
+    error(client.post("/v1/datastores/pool/map", json={"sample": 5001}, headers=AUTH), 422, "validation_error")
     body = error(client.post("/v1/datastores/pool/map", json={"rows": [40]}, headers=AUTH), 422, "invalid_query")
     assert "rows: 40" in body["message"]
     error(client.post("/v1/datastores/pool/map", json={"sample": 1}, headers=AUTH), 422, "validation_error")
