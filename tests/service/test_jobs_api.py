@@ -167,7 +167,11 @@ def test_the_indexer_of_a_killed_server_stops_by_itself_and_the_next_attempt_sta
             job_id = submitted.json()["id"]
             wait(client, job_id, until=lambda j: j["progress"]["done"] > 0 or j["status"] != "queued")
         store = JobStore(root / ".gradstore" / "jobs.sqlite")
+        deadline = time.monotonic() + 30  # the job is marked running just before its child's pid is recorded
         row = store.get(job_id)
+        while not row["pid"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+            row = store.get(job_id)
         assert row["status"] == "running" and row["pid"], row
         pid = row["pid"]
         service.kill()  # SIGKILL: no shutdown code runs
