@@ -43,8 +43,10 @@ def _add_index_parser(subparsers) -> None:
         "index", help="build a gradient datastore from a corpus",
         formatter_class=DefaultsHelpFormatter,
         description="Compute per-example projected LoRA gradients of a corpus at one or more checkpoints "
-                    "and write them as a datastore (Parquet features + FAISS index + manifest.json). "
-                    "Re-running the same command resumes an interrupted job.",
+                    "and write them as a datastore (fp16 .npy features, Parquet examples and scores, "
+                    "manifest.json). Re-running the same command resumes an interrupted job. With --append, "
+                    "add a corpus to an existing store as its next version, with the store's own settings "
+                    "(the flags below default to them).",
     )
     io = p.add_argument_group("inputs and output")
     io.add_argument("--corpus", action="append", default=[], metavar="[NAME=]PATH",
@@ -52,10 +54,17 @@ def _add_index_parser(subparsers) -> None:
                          "sources; NAME defaults to the file stem")
     io.add_argument("--corpus-list", type=Path, metavar="FILE",
                     help="a file of --corpus entries, one [NAME=]PATH per line (for more than a command line holds)")
-    io.add_argument("--model", required=True, type=Path, help="local folder of a Hugging Face causal LM")
+    io.add_argument("--model", type=Path, help="local folder of a Hugging Face causal LM (required unless --append)")
     io.add_argument("--tokenizer", type=Path, help="tokenizer folder (default: the model folder)")
-    io.add_argument("--out", required=True, type=Path, help="datastore folder to create")
+    io.add_argument("--out", required=True, type=Path, help="datastore folder to create (or, with --append, to add to)")
     io.add_argument("--overwrite", action="store_true", help="replace an existing datastore at --out")
+    io.add_argument("--append", action="store_true",
+                    help="add the corpus to the datastore at --out as a new version, indexed with the store's "
+                         "recorded settings (a flag given with another value is refused, naming it); readers "
+                         "switch to the new version when it is complete")
+    io.add_argument("--replace", action="store_true",
+                    help="with --append: a record whose id the store already holds replaces that example "
+                         "(without it, such ids are refused)")
     io.add_argument("--restart", action="store_true",
                     help="discard a partial job at --out that was started with other settings")
 
@@ -106,15 +115,12 @@ def _add_index_parser(subparsers) -> None:
     run.add_argument("--shard-size", type=int, default=1024,
                      help="examples per shard (the unit of resumption and of multi-process work)")
     run.add_argument("--index", default="auto",
-                     help="FAISS index: auto, flat, sq16, ivf, ivf-ondisk (IVF built in parts, its lists "
-                          "merged on disk into index.ivfdata: for stores whose index does not fit in memory), "
-                          "hnsw or none; auto takes flat, else sq16, else ivf-ondisk, whichever fits "
-                          "--index-memory")
+                     help="FAISS index for approximate search: auto, flat, sq16, ivf, ivf-ondisk (IVF built in "
+                          "parts, its lists merged on disk: for stores whose index does not fit in memory), hnsw "
+                          "or none (exact searches scan the stored features); auto takes none while exact scans "
+                          "are fast enough, then a compressed index that fits --index-memory")
     run.add_argument("--index-memory", type=_size, default="4GiB",
                      help="memory budget steering --index auto and bounding an ivf-ondisk build (e.g. 4GiB)")
-    run.add_argument("--no-raw-features", action="store_true",
-                     help="write the features as Parquet only: half the feature bytes on disk, but selection "
-                          "scans decode Parquet (about 6x slower) instead of memory-mapping raw fp16 matrices")
     extra = p.add_argument_group("extra per-example features (computed by default, in the same pass)")
     extra.add_argument("--no-representations", action="store_true",
                        help="no representation vectors (RDS+: position-weighted mean of the last hidden states of "
@@ -127,7 +133,27 @@ def _add_index_parser(subparsers) -> None:
     run.add_argument("--progress-file", type=Path, metavar="PATH",
                      help="keep a JSON progress report here: done, total, examples_per_second, eta_seconds, "
                           "phase (for supervisors such as the service's job runner)")
-    p.set_defaults(handler=_run_index)
+    p.set_defaults(handler=_run_index, index_defaults={a.dest: a.default for a in p._actions})
+
+
+# The index flags that set each IndexJobConfig field: with --append, a field none of whose flags was
+# given takes the store's recorded value.
+_INDEX_SETTING_FLAGS = {
+    "model": ("model",), "tokenizer": ("tokenizer",), "checkpoints": ("run", "checkpoint"),
+    "lora": ("lora_r", "lora_alpha", "lora_targets", "seed"), "gradient_type": ("gradient_type",),
+    "projection": ("proj_dim", "projection", "proj_nonzeros", "seed"), "max_length": ("max_length",),
+    "template": ("template",), "max_tokens_per_batch": ("max_tokens_per_batch",),
+    "max_batch_size": ("max_batch_size",), "shard_size": ("shard_size",), "dtype": ("dtype",),
+    "index": ("index",), "index_memory_budget": ("index_memory",),
+    "extras": ("no_representations", "no_gradient_spectra", "no_vog"), "on_bad_record": ("on_bad_record",),
+}
+
+
+def _given_settings(args) -> list[str]:
+    """The IndexJobConfig fields whose flags were given with a value other than their default."""
+    defaults = args.index_defaults
+    return [field for field, flags in _INDEX_SETTING_FLAGS.items()
+            if any(getattr(args, flag) != defaults[flag] for flag in flags)]
 
 
 def _run_index(args) -> int:
@@ -154,9 +180,11 @@ def _run_index(args) -> int:
         if checkpoints:
             raise SystemExit("gradstore index: give --run or --checkpoint, not both")
         checkpoints = read_run_manifest(args.run)
+    if args.model is None and not args.append:
+        raise SystemExit("gradstore index: give the model with --model (or --append to a store, which records it)")
     config = IndexJobConfig(
         corpus=[CorpusSource.parse(spec) for spec in corpus],
-        model=args.model, out=args.out, tokenizer=args.tokenizer,
+        model=args.model or Path(), out=args.out, tokenizer=args.tokenizer,
         checkpoints=checkpoints,
         lora=LoraSpec(r=args.lora_r, alpha=args.lora_alpha, target_modules=targets, init_seed=args.seed),
         gradient_type=args.gradient_type,
@@ -165,18 +193,23 @@ def _run_index(args) -> int:
         max_length=args.max_length, template=args.template,
         max_tokens_per_batch=args.max_tokens_per_batch, max_batch_size=args.max_batch_size,
         shard_size=args.shard_size, dtype=args.dtype, device=args.device, index=args.index,
-        index_memory_budget=args.index_memory, raw_features=not args.no_raw_features,
+        index_memory_budget=args.index_memory,
         extras=ExtraFeatures(representations=not args.no_representations,
                              gradient_spectra=not args.no_gradient_spectra, vog=not args.no_vog),
         on_bad_record=args.on_bad_record,
-        overwrite=args.overwrite, restart=args.restart, progress=not args.no_progress,
-        progress_file=args.progress_file, trust_pickled_checkpoints=args.trust_pickled_checkpoints,
+        overwrite=args.overwrite, append=args.append, replace=args.replace, restart=args.restart,
+        progress=not args.no_progress, progress_file=args.progress_file,
+        trust_pickled_checkpoints=args.trust_pickled_checkpoints,
     )
+    if args.append:
+        from gradstore.indexer.job import config_for_append
+
+        config = config_for_append(config, _given_settings(args))
     try:
         summary = IndexJob(config, log=lambda line: print(line, file=sys.stderr)).run()
     except OSError as err:
         # A system error the job does not translate itself: still one line naming the file.
-        from gradstore.indexer.datastore import os_reason
+        from gradstore.datastore import os_reason
 
         print(f"error: {err.filename or args.out}: {os_reason(err)}", file=sys.stderr)
         return EXIT_ERROR
@@ -283,7 +316,7 @@ def _add_info_parser(subparsers) -> None:
 
 
 def _run_info(args) -> int:
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
 
     store = Datastore.open(args.store, verify=args.verify)
     m = store.manifest
@@ -486,7 +519,7 @@ def _checkpoint_weights(text: str) -> dict[str, float]:
 
 def _run_select(args) -> int:
     from gradstore.indexer.corpus import CorpusSource, read_corpus
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
     from gradstore.selection import SelectionEngine, TargetSet
     from gradstore.selection.engine import selection_options
     from gradstore.selection.strategies import get_strategy
@@ -706,6 +739,7 @@ def _lora_targets(text: str | None) -> tuple[str, ...] | str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     from gradstore import __version__, report
+    from gradstore.datastore import commands as store_commands
 
     parser = argparse.ArgumentParser(
         prog="gradstore",
@@ -717,6 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index_parser(subparsers)
     _add_convert_optimizer_parser(subparsers)
     _add_info_parser(subparsers)
+    store_commands.add_parsers(subparsers)
     _add_select_parser(subparsers)
     _add_serve_parser(subparsers)
     _add_eval_parser(subparsers)
@@ -821,7 +856,9 @@ def _extras_providing(module: str) -> tuple[list[str], list[str]]:
 def _is_gradstore_error(exc: BaseException) -> bool:
     indexer_errors = sys.modules.get("gradstore.indexer.errors")
     selection_errors = sys.modules.get("gradstore.selection.errors")
+    store_errors = sys.modules.get("gradstore.datastore.errors")
     return ((indexer_errors is not None and isinstance(exc, indexer_errors.IndexerError))
+            or (store_errors is not None and isinstance(exc, store_errors.StoreError))
             or (selection_errors is not None and isinstance(exc, selection_errors.SelectionError)))
 
 

@@ -173,7 +173,7 @@ def write_report(store_dir: Path, targets: list[dict], selected, fraction: float
     """``out/report.html``: ``gradstore report`` of the service's selection (``out/selection.jsonl``,
     as ``gradstore select --json`` writes it), with the pool's scores (``out/scores.parquet``,
     as ``gradstore select --scores``, recomputed in-process for the same request) and the targets."""
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
     from gradstore.report import build_report
     from gradstore.selection import SelectionEngine, SelectionOptions, TargetFeaturizer
 

@@ -118,11 +118,11 @@ class ComparisonResult:
 
 def pool_records(store) -> list[dict]:
     """Every record of a datastore (a :class:`Datastore` or its folder), in row order, original form."""
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
 
     if not isinstance(store, Datastore):
         store = Datastore.open(store)
-    table = store.examples(columns=["row", "record"])
+    table = store.examples(columns=["row", "record"], live_only=True)
     rows = table.column("row").to_pylist()
     texts = table.column("record").to_pylist()
     records: list[dict | None] = [None] * len(rows)
@@ -134,7 +134,7 @@ def pool_records(store) -> list[dict]:
 def store_model(store) -> dict:
     """What fine-tuning needs from a store's manifest: the base model and tokenizer folders, the
     chat format and the maximum length the store was built with."""
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
 
     manifest = store.manifest if isinstance(store, Datastore) else Datastore.open(store).manifest
     template = _TEMPLATES.get(manifest.tokenizer.get("template"), "auto")
@@ -160,7 +160,7 @@ def compare(store_path: str | Path, targets: Sequence[dict], heldout: Sequence[d
     and ``template`` are replaced by the store's unless ``max_length`` is given); ``full_epochs``
     (None: the same as the other arms) is the full corpus's number of epochs.
     """
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
     from gradstore.indexer.finetune import FinetuneSettings
 
     started = time.perf_counter()

@@ -87,7 +87,7 @@ def build_report(store_path: Path, out: Path, selection: Path | None = None, sco
 
 def report_data(store_path: Path, selection: Path | None, scores: Path | None, targets_store: Path | None,
                 examples: int, records: int, targets=None) -> dict:
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
     from gradstore.selection import SelectionEngine, TargetSet
     from gradstore.selection.overview import (datastore_detail, example_model, example_page, pool_map, store_stats,
                                               summarize, with_scores)
@@ -105,7 +105,7 @@ def report_data(store_path: Path, selection: Path | None, scores: Path | None, t
         data["map"] = pool_map(engine, name, MAP_SAMPLE).model_dump(mode="json")
         return data
     items = read_selection(selection)
-    last = store.num_examples - 1
+    last = store.num_rows - 1
     for item in items:
         if not 0 <= item["row"] <= last:
             raise ReportError(f"{selection}: rank {item['rank']} has row {item['row']}, which datastore {name!r} "

@@ -9,12 +9,15 @@ user can fix the input without reading gradstore's code.
     ├── ModelError             the model, tokenizer or LoRA set-up cannot be loaded or used
     ├── CheckpointError        a checkpoint directory is incomplete or inconsistent
     │   └── OptimizerStateError  optimizer state missing, unreadable or not matching the LoRA params
-    ├── StoreError             a datastore is missing, incomplete or corrupt
-    │   └── FeatureNotStoredError  a feature asked for that this store does not hold (and how to add it)
     └── JobError               an indexing job cannot start or resume as asked
+
+The datastore's own errors (``StoreError`` and its subclasses) are defined in
+:mod:`gradstore.datastore.errors` and re-exported here, since the indexer raises them too.
 """
 
 from __future__ import annotations
+
+from gradstore.datastore.errors import FeatureNotStoredError, StoreError  # noqa: F401 (re-exported)
 
 
 class IndexerError(Exception):
@@ -44,15 +47,6 @@ class CheckpointError(IndexerError):
 
 class OptimizerStateError(CheckpointError):
     """Optimizer state is missing, unreadable, or does not match the trainable LoRA parameters."""
-
-
-class StoreError(IndexerError):
-    """A datastore is missing, incomplete or corrupt."""
-
-
-class FeatureNotStoredError(StoreError):
-    """The store lacks a feature asked for (representations, gradient spectra, VoG); the message
-    says which, why, and how to re-index to add it."""
 
 
 class JobError(IndexerError):

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 # The pooling of a representation vector, as the manifest names it.
-POOLING = "position-weighted-mean"
+from gradstore.datastore.manifest import POOLING  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -16,8 +16,15 @@ The job runs in four phases:
 3. **Finalise** (rank 0, after every shard is done): FAISS index, checksums, manifest.
 4. **Publish**: the work directory is renamed into place, so a reader never sees half a store.
 
-The work directory ``.<name>.partial`` sits beside the output, with a ``job.json`` fingerprint
-of the settings and inputs. Running the same job again resumes it: finished shards are kept and
+**Appending** (``append``): the new corpus is indexed with the store's own settings (recorded in
+its manifest's ``settings``; a setting given explicitly that differs, or a model, tokenizer or
+checkpoint whose files changed since, is refused before any compute, naming each difference), its
+rows numbered after the store's, into a new segment that :func:`gradstore.datastore.publish_append`
+publishes as the store's next version. An id already in the store is refused unless ``replace``
+is set, which marks the old row removed in the same version.
+
+The work directory (:func:`gradstore.datastore.work_dir_of`: ``.<name>.partial`` beside the
+output) holds a ``job.json`` fingerprint of the settings and inputs. Running the same job again resumes it: finished shards are kept and
 the rest recomputed, so a killed job ends with the same store as an uninterrupted one. A job with
 different settings refuses to reuse the directory unless told to restart. An output folder the
 job cannot write to is refused before any compute; a write that fails later (a full disk) stops
@@ -33,8 +40,8 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,8 +51,11 @@ import torch
 from .batching import default_batching
 from .checkpoints import CheckpointSpec, file_sha256, recorded_learning_rate
 from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skipped_report
-from .datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, FeatureBatch, completed_shards,
-                        finalize_store, os_reason, publish_store, write_shard)
+from gradstore.datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, Datastore, FeatureBatch,
+                                 SegmentFiles, SettingsMismatchError, completed_shards, finalize_segment,
+                                 finalize_store, os_reason, publish_append, publish_store, work_dir_of, write_shard)
+from gradstore.datastore.versions import next_segment_name
+
 from .errors import BadRecordError, JobError, StoreError
 from .extras import ExtraFeatures
 from .featurize import Computed, ExampleFeaturizer, FeaturizerSettings
@@ -80,10 +90,11 @@ class IndexJobConfig:
     device: str = "auto"
     index: str = "auto"
     index_memory_budget: int = 4 << 30
-    raw_features: bool = True  # also write raw fp16 feature matrices (fast selection scans, twice the feature bytes)
     extras: ExtraFeatures = field(default_factory=ExtraFeatures)  # representations, gradient spectra, VoG
     on_bad_record: str = "error"
     overwrite: bool = False
+    append: bool = False  # add the corpus to the existing store at ``out`` (its settings, a new version)
+    replace: bool = False  # with append: new records whose id the store has replace the old ones
     restart: bool = False
     progress: bool = True
     progress_file: Path | None = None  # rank 0 keeps a JSON progress report here (see _Progress)
@@ -103,8 +114,15 @@ class IndexJobConfig:
         for positive in ("max_length", "max_tokens_per_batch", "max_batch_size", "shard_size"):
             if getattr(self, positive) is not None and getattr(self, positive) < 1:
                 raise JobError(f"{positive} must be positive, got {getattr(self, positive)}")
-        if self.out.exists() and not self.overwrite:
-            raise JobError(f"{self.out} already exists; pass --overwrite to replace it")
+        if self.append:
+            if self.overwrite:
+                raise JobError("--append adds to the store at --out; --overwrite would replace it: give one")
+            if not (self.out / MANIFEST_FILE).exists():
+                raise JobError(f"{self.out}: no datastore to append to (no {MANIFEST_FILE}); build one first")
+        elif self.replace:
+            raise JobError("--replace goes with --append")
+        elif self.out.exists() and not self.overwrite:
+            raise JobError(f"{self.out} already exists; pass --overwrite to replace it (or --append to add to it)")
 
     def with_device_batching(self, device_type: str) -> "IndexJobConfig":
         """This config with each batch limit left as ``None`` set to ``device_type``'s default
@@ -118,7 +136,39 @@ class IndexJobConfig:
 
     @property
     def work_dir(self) -> Path:
-        return self.out.parent / f".{self.out.name}.partial"
+        return work_dir_of(self.out)
+
+    def settings(self) -> dict:
+        """What an append to the store this job writes must reproduce (the manifest's
+        ``settings.config``; :meth:`from_settings` reads it back)."""
+        return {
+            "model": str(self.model.resolve()), "tokenizer": str(self.tokenizer.resolve()) if self.tokenizer else None,
+            "checkpoints": [{"name": c.name, "path": str(c.path.resolve()) if c.path else None, "weight": c.weight}
+                            for c in self.checkpoints],
+            "lora": {**self.lora.to_dict(), "target_modules": list(self.lora.target_modules or []) or None},
+            "gradient_type": self.gradient_type, "projection": self.projection.to_dict(),
+            "max_length": self.max_length, "template": self.template,
+            "max_tokens_per_batch": self.max_tokens_per_batch, "max_batch_size": self.max_batch_size,
+            "shard_size": self.shard_size, "dtype": self.dtype, "index": self.index,
+            "index_memory_budget": self.index_memory_budget, "extras": self.extras.to_dict(),
+            "on_bad_record": self.on_bad_record,
+        }
+
+    @classmethod
+    def from_settings(cls, settings: dict, **fields) -> "IndexJobConfig":
+        """A config with a store's recorded settings (see :meth:`settings`), then ``fields``."""
+        lora = dict(settings["lora"])
+        lora["target_modules"] = tuple(lora["target_modules"]) if lora.get("target_modules") else None
+        return cls(
+            model=Path(settings["model"]), tokenizer=Path(settings["tokenizer"]) if settings["tokenizer"] else None,
+            checkpoints=[CheckpointSpec(name=c["name"], path=Path(c["path"]) if c["path"] else None, weight=c["weight"])
+                         for c in settings["checkpoints"]],
+            lora=LoraSpec(**lora), gradient_type=settings["gradient_type"],
+            projection=ProjectionSpec.from_dict(settings["projection"]), max_length=settings["max_length"],
+            template=settings["template"], max_tokens_per_batch=settings["max_tokens_per_batch"],
+            max_batch_size=settings["max_batch_size"], shard_size=settings["shard_size"], dtype=settings["dtype"],
+            index=settings["index"], index_memory_budget=settings["index_memory_budget"],
+            extras=ExtraFeatures(**settings["extras"]), on_bad_record=settings["on_bad_record"], **fields)
 
     def effective_checkpoints(self) -> list[CheckpointSpec]:
         """The checkpoints to featurise: the given ones, or one fresh LoRA."""
@@ -149,6 +199,24 @@ class IndexJobConfig:
             except OSError as err:
                 raise JobError(f"{folder}: cannot write here ({os_reason(err)}); the indexing job writes "
                                f"{self.work_dir.name} and then {self.out.name} into this folder") from None
+
+
+def config_for_append(given: IndexJobConfig, given_fields: Sequence[str]) -> IndexJobConfig:
+    """The config of an append to the store at ``given.out``: the store's recorded settings, with
+    the ``given_fields`` taken from ``given`` (the job then refuses values that would change the
+    features) and ``given``'s corpus, output, device and run options."""
+    from gradstore.datastore import Manifest
+
+    manifest = Manifest.load(given.out / MANIFEST_FILE)
+    recorded = manifest.settings.get("config")
+    if recorded is None:
+        raise JobError(f"{given.out}: the store records no indexing settings (it was migrated from schema "
+                       f"version 1); append by giving every setting it was indexed with (--model, --checkpoint "
+                       f"or --run, --proj-dim, ...): they are checked against its manifest")
+    stored = IndexJobConfig.from_settings(recorded, corpus=given.corpus, out=given.out)
+    chosen = {f.name: getattr(given, f.name) for f in fields(IndexJobConfig)
+              if f.name in given_fields or f.name not in recorded}
+    return replace(stored, **chosen)
 
 
 @dataclass
@@ -193,6 +261,19 @@ class Prepared:
     @property
     def num_rows(self) -> int:
         return len(self.encoded)
+
+
+@dataclass
+class AppendTarget:
+    """The store an append adds to, as it was when the append started."""
+
+    store: Datastore
+    segment: str  # the new segment's name
+    replaced_rows: np.ndarray  # live rows whose ids the new records take over
+
+    @property
+    def first_row(self) -> int:
+        return self.store.num_rows
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,11 +334,12 @@ def prepare(config: IndexJobConfig, formatter: Formatter) -> Prepared:
     return Prepared(corpus, encoded, skipped)
 
 
-def examples_table(prepared: Prepared, rows: range) -> pa.Table:
+def examples_table(prepared: Prepared, rows: range, first_row: int = 0) -> pa.Table:
+    """The examples of ``rows`` of the prepared corpus, stored as rows ``first_row + r``."""
     records = [prepared.corpus.records[r] for r in rows]
     encoded = [prepared.encoded[r] for r in rows]
     return pa.table({
-        "row": pa.array(list(rows), pa.int64()),
+        "row": pa.array([first_row + r for r in rows], pa.int64()),
         "id": pa.array([r.id for r in records], pa.string()),
         "source": pa.array([r.source for r in records], pa.string()),
         "location": pa.array([r.location for r in records], pa.string()),
@@ -266,20 +348,6 @@ def examples_table(prepared: Prepared, rows: range) -> pa.Table:
         "num_label_tokens": pa.array([e.num_label_tokens for e in encoded], pa.int32()),
         "truncated": pa.array([e.truncated for e in encoded], pa.bool_()),
     })
-
-
-def token_statistics(encoded: list[Encoded]) -> dict:
-    lengths = np.array([e.num_tokens for e in encoded])
-    labels = np.array([e.num_label_tokens for e in encoded])
-    return {
-        "total": int(lengths.sum()),
-        "label_tokens": int(labels.sum()),
-        "mean": float(lengths.mean()),
-        "p50": float(np.percentile(lengths, 50)),
-        "p95": float(np.percentile(lengths, 95)),
-        "max": int(lengths.max()),
-        "truncated": int(sum(e.truncated for e in encoded)),
-    }
 
 
 # ------------------------------------------------------------------------------------------------
@@ -344,7 +412,6 @@ class IndexJob:
             "dtype": cfg.dtype,
             "device_type": self.device.type,
             "on_bad_record": cfg.on_bad_record,
-            "raw_features": cfg.raw_features,
             "extras": cfg.extras.to_dict(),
             "rows": prepared.num_rows,
         }
@@ -385,17 +452,16 @@ class IndexJob:
         given order; needs :meth:`load` first."""
         return self.featurizer.compute(encoded, progress)
 
-    def _compute_shard(self, prepared: Prepared, shard: int, progress) -> None:
+    def _compute_shard(self, prepared: Prepared, shard: int, first_row: int, progress) -> None:
         cfg = self.config
         rows = range(shard * cfg.shard_size, min(prepared.num_rows, (shard + 1) * cfg.shard_size))
         computed = self.compute_features([prepared.encoded[r] for r in rows], progress)
-        row_ids = np.arange(rows.start, rows.stop)
+        row_ids = np.arange(rows.start, rows.stop) + first_row
         features = {name: FeatureBatch(rows=row_ids, **out) for name, out in computed.checkpoints.items()}
-        examples = examples_table(prepared, rows)
+        examples = examples_table(prepared, rows, first_row)
         if computed.vog is not None:
             examples = examples.append_column("vog", pa.array(computed.vog, pa.float32()))
-        write_shard(cfg.work_dir, shard, examples, features, raw_features=cfg.raw_features,
-                    representations=computed.representations)
+        write_shard(cfg.work_dir, shard, examples, features, representations=computed.representations)
 
     # -- the whole job ---------------------------------------------------------------------------
 
@@ -410,8 +476,16 @@ class IndexJob:
         _init_distributed(self.world_size)
         self.load()
         cfg = self.config  # with the device's batch limits
+        if cfg.append and self.rank == 0 and (cfg.work_dir / PENDING_MANIFEST).exists():
+            return self._complete_append(start)
         prepared = prepare(cfg, self.formatter)
-        finalised = self._open_work_dir(self._fingerprint(prepared))
+        target = self._append_target(prepared) if cfg.append else None
+        first_row = target.first_row if target else 0
+        fingerprint = self._fingerprint(prepared)
+        if target is not None:
+            fingerprint["append_to"] = {"version": target.store.version, "segment": target.segment,
+                                        "replaced_rows": target.replaced_rows.tolist()}
+        finalised = self._open_work_dir(fingerprint)
         num_shards = math.ceil(prepared.num_rows / cfg.shard_size)
         done = set(range(num_shards)) if finalised else completed_shards(cfg.work_dir)
         mine = [s for s in range(self.rank, num_shards, self.world_size)]
@@ -427,26 +501,45 @@ class IndexJob:
         with _Progress(todo_examples * passes, enabled=cfg.progress and self.rank == 0, report=report,
                        reused=(examples_in(mine) - todo_examples) * passes) as progress:
             for shard in todo:
-                self._compute_shard(prepared, shard, progress)
+                self._compute_shard(prepared, shard, first_row, progress)
         _barrier()
         if self.rank != 0:
             return None
         progress.report_phase("finalize")
         compute_seconds = time.perf_counter() - start
         if prepared.skipped and not finalised:  # a finalised store has checksummed the report already
-            report_path = cfg.work_dir / "skipped.jsonl"
+            report_path = SegmentFiles(cfg.work_dir).skipped
             try:
                 write_skipped_report(prepared.skipped, report_path)
             except OSError as err:
                 raise StoreError(f"{report_path}: cannot write: {os_reason(err)}") from err
         summary = self._summary(prepared, progress, compute_seconds, len(todo), len(mine) - len(todo))
-        manifest = finalize_store(cfg.work_dir, self._manifest_fields(prepared, summary), index_kind=cfg.index,
-                                  index_memory_budget=cfg.index_memory_budget, expected_shards=num_shards)
-        publish_store(cfg.work_dir, cfg.out, overwrite=cfg.overwrite)
+        if target is not None:
+            segment = finalize_segment(cfg.work_dir, target.segment, first_row, num_shards)
+            manifest = publish_append(cfg.out, cfg.work_dir, target.store.version, segment, target.replaced_rows,
+                                      self._job_fields(summary), cfg.index_memory_budget)
+        else:
+            manifest = finalize_store(cfg.work_dir, self._manifest_fields(summary), index_kind=cfg.index,
+                                      index_memory_budget=cfg.index_memory_budget, expected_shards=num_shards)
+            publish_store(cfg.work_dir, cfg.out, overwrite=cfg.overwrite)
         summary.store_bytes = sum(f.bytes for f in manifest.files.values())
         summary.wall_seconds = time.perf_counter() - start
         progress.report_phase("done")
         return summary
+
+    def _complete_append(self, start: float) -> JobSummary:
+        """Finish the publication of an append whose new version was decided before it stopped."""
+        from gradstore.datastore import Manifest
+
+        pending = Manifest.load(self.config.work_dir / PENDING_MANIFEST)
+        self.log(f"completing the append to {self.config.out} (version {pending.version})")
+        manifest = publish_append(self.config.out, self.config.work_dir, pending.version - 1, None,
+                                  np.empty(0, np.int64), pending.job)
+        added = manifest.history[-1].rows_added
+        return JobSummary(examples=added, tokens=0, skipped=0, truncated=0, checkpoints=len(manifest.checkpoints),
+                          wall_seconds=time.perf_counter() - start, examples_per_second=0.0, tokens_per_second=0.0,
+                          store_bytes=sum(f.bytes for f in manifest.files.values()), oom_retries=0, world_size=1,
+                          shards_computed=0, shards_reused=0)
 
     def _summary(self, prepared: Prepared, progress, seconds: float, computed: int, reused: int) -> JobSummary:
         tokens = sum(e.num_tokens for e in prepared.encoded)
@@ -460,16 +553,14 @@ class IndexJob:
             shards_computed=computed, shards_reused=reused,
         )
 
-    def _manifest_fields(self, prepared: Prepared, summary: JobSummary) -> dict:
-        from .. import __version__
-
+    def _store_fields(self) -> dict:
+        """The manifest sections that say what the features are (an append must match them)."""
         cfg = self.config
         lora = lora_description(self.peft_model)
         shapes = self.featurizer.grads.param_shapes
         lora.update(params={n: list(s) for n, s in shapes.items()}, num_params=sum(math.prod(s) for s in shapes.values()))
         lora["init_seed"] = None if cfg.checkpoints else cfg.lora.init_seed  # a fresh LoRA's weights depend on it
         return {
-            "gradstore_version": __version__,
             "model": {"path": str(cfg.model.resolve()), "sha256": model_sha256(cfg.model),
                       "architecture": type(self.peft_model.get_base_model()).__name__,
                       "dtype": cfg.dtype, "device": self.device.type},
@@ -485,23 +576,91 @@ class IndexJob:
             } for c in self.checkpoints],
             "gradient_type": cfg.gradient_type,
             "projection": cfg.projection.to_dict(),
-            "features": {"dim": cfg.projection.dim, "dtype": "float16", "normalized": True},
-            "counts": {"examples": prepared.num_rows, "by_source": _counts_by_source(prepared),
-                       "skipped": len(prepared.skipped), "truncated": summary.truncated},
-            "tokens": token_statistics(prepared.encoded),
-            "shards": {"size": cfg.shard_size, "count": math.ceil(prepared.num_rows / cfg.shard_size)},
-            "job": {"world_size": self.world_size, "compute_seconds": summary.wall_seconds,
-                    "examples_per_second": summary.examples_per_second,
-                    "tokens_per_second": summary.tokens_per_second, "oom_retries": summary.oom_retries,
-                    "max_tokens_per_batch": cfg.max_tokens_per_batch, "max_batch_size": cfg.max_batch_size},
         }
 
+    def _manifest_fields(self, summary: JobSummary) -> dict:
+        from .. import __version__
 
-def _counts_by_source(prepared: Prepared) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for record in prepared.corpus.records:
-        counts[record.source] = counts.get(record.source, 0) + 1
-    return counts
+        cfg = self.config
+        return {
+            "gradstore_version": __version__,
+            **self._store_fields(),
+            "settings": {"config": cfg.settings()},
+            "shards": {"size": cfg.shard_size},
+            "job": self._job_fields(summary),
+        }
+
+    def _job_fields(self, summary: JobSummary) -> dict:
+        cfg = self.config
+        return {"world_size": self.world_size, "compute_seconds": summary.wall_seconds,
+                "examples_per_second": summary.examples_per_second,
+                "tokens_per_second": summary.tokens_per_second, "oom_retries": summary.oom_retries,
+                "max_tokens_per_batch": cfg.max_tokens_per_batch, "max_batch_size": cfg.max_batch_size,
+                "device": self.device.type}
+
+    # -- append ------------------------------------------------------------------------------------
+
+    def _append_target(self, prepared: Prepared) -> AppendTarget:
+        """The store to append to, once the new records are checked against it: settings that
+        produce the same features (:func:`settings_differences`), ids new to it (or replacing)."""
+        cfg = self.config
+        store = Datastore.open(cfg.out)
+        differences = settings_differences(store.manifest.model_dump(mode="json"), self._store_fields())
+        differences += _extras_differences(store, cfg)
+        if differences:
+            raise SettingsMismatchError(
+                f"{cfg.out}: the new records would be indexed differently from the store, so their features "
+                f"would not be comparable: " + "; ".join(differences)
+                + ". Append with the store's own model, checkpoints and settings (flags left out take the "
+                  "store's values), or index a new store")
+        ids = [record.id for record in prepared.corpus.records]
+        taken = [id for id in ids if _has_id(store, id)]
+        if taken and not cfg.replace:
+            raise JobError(f"{cfg.out}: {len(taken)} of the new records have ids the store already holds "
+                           f"(e.g. {taken[:3]}); pass --replace to replace those examples, or give new ids")
+        replaced = np.array(sorted(store.row_of(id) for id in taken), dtype=np.int64)
+        return AppendTarget(store, next_segment_name(cfg.out, store.manifest), replaced)
+
+# Manifest fields that say where a file was or what ran it, not what the features are.
+_LOCATION_FIELDS = {"path", "device"}
+_COMPARED_SECTIONS = ("model", "tokenizer", "lora", "checkpoints", "gradient_type", "projection")
+
+
+def settings_differences(store: dict, ours: dict, where: str = "") -> list[str]:
+    """Each way ``ours`` (a job's :meth:`IndexJob._store_fields`) differs from a store's manifest,
+    as ``"field: store X, new Y"``; paths and the device are not compared (a moved model with the
+    same files gives the same features), hashes are."""
+    differences = []
+    for key in (_COMPARED_SECTIONS if not where else sorted(set(store) | set(ours))):
+        if key in _LOCATION_FIELDS:
+            continue
+        theirs, mine, name = store.get(key), ours.get(key), f"{where}{key}"
+        if isinstance(theirs, dict) and isinstance(mine, dict):
+            differences += settings_differences(theirs, mine, f"{name}.")
+        elif isinstance(theirs, list) and isinstance(mine, list) and len(theirs) == len(mine) \
+                and all(isinstance(t, dict) for t in theirs + mine):
+            for i, (t, m) in enumerate(zip(theirs, mine)):
+                differences += settings_differences(t, m, f"{name}[{i}].")
+        elif theirs != mine:
+            differences.append(f"{name}: store {theirs!r}, new {mine!r}")
+    return differences
+
+
+def _extras_differences(store: Datastore, cfg: IndexJobConfig) -> list[str]:
+    extras = store.manifest.extras
+    theirs = {"representations": extras.representations is not None, "gradient_spectra": extras.gradient_spectra,
+              "vog": extras.vog}
+    mine = {"representations": cfg.extras.representations, "gradient_spectra": cfg.extras.gradient_spectra,
+            "vog": cfg.extras.vog and len(store.checkpoint_names) > 1}
+    return [f"extras.{k}: store {theirs[k]}, new {mine[k]}" for k in theirs if theirs[k] != mine[k]]
+
+
+def _has_id(store: Datastore, id: str) -> bool:
+    try:
+        store.row_of(id)
+    except KeyError:
+        return False
+    return True
 
 
 def _optimizer_sha256(path: Path | None) -> str | None:

@@ -48,9 +48,10 @@ The learning rate recorded for an epoch is the mean of the learning rates actual
 optimizer steps (the scheduler's value at the time of each ``optimizer.step()``, so the first
 step of a run with warmup uses 0).
 
-Everything is written to a temporary folder beside ``out`` and renamed into place at the end, so
-``out`` is either absent or a complete run; an existing ``out`` is only replaced with
-``overwrite=True``.
+Everything is written to a temporary folder beside ``out`` and published at the end as datastores
+are (:func:`gradstore.datastore.publish_folder`: every file fsynced, one rename), so ``out`` is
+either absent or a complete run; an existing ``out`` is only replaced with ``overwrite=True``, and
+only when it is a warmup run or an empty folder.
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+from gradstore.datastore import publish_folder
 
 from .checkpoints import GRADSTORE_CHECKPOINT_INFO, CheckpointSpec
 from .corpus import CorpusSource, read_corpus
@@ -302,7 +305,7 @@ def run_warmup(config: WarmupConfig, log: Callable[[str], None] = print) -> Warm
             "example_ids": [record.id for record in records],
         }
         (work / RUN_MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        _publish(work, out, config.overwrite)
+        publish_folder(work, out, config.overwrite, lambda path: (path / RUN_MANIFEST).exists(), "gradstore warmup run")
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -466,23 +469,6 @@ def _name_keyed(state: dict, model) -> dict:
                               "params": [by_id[param_id] for param_id in group["params"]]}
                              for group in state["param_groups"]]}
 
-
-
-def _publish(work: Path, out: Path, overwrite: bool) -> None:
-    """Rename ``work`` to ``out``, replacing an existing ``out`` only when ``overwrite``."""
-    if not os.path.lexists(out):
-        os.rename(work, out)
-        return
-    if not overwrite:
-        raise JobError(f"{out} already exists; pass --overwrite to replace it")
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    old.rmdir()
-    os.rename(out, old)
-    os.rename(work, out)
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink(missing_ok=True)
 
 
 class _EpochBar:

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gradstore.client.models import ErrorBody
-from gradstore.indexer.datastore import ExampleNotFoundError
+from gradstore.datastore import ExampleNotFoundError
 from gradstore.indexer.errors import StoreError
 
 from gradstore.selection import SelectionError

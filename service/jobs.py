@@ -39,7 +39,7 @@ Submissions are validated in full before anything runs (:meth:`JobManager.submit
 model already checks names, the device and the sizes): job input paths (corpus, model,
 tokenizer, checkpoints, warmup run) must exist and resolve, symlinks followed, inside one of
 ``settings.job_input_roots`` (relative paths are taken relative to the service root); the output
-``<root>/<name>`` and its work folder ``<root>/.<name>.partial`` must not be symbolic links or
+``<root>/<name>`` and its work folder (``gradstore.datastore.work_dir_of``) must not be symbolic links or
 files, so a job writes nowhere but in its own folder under the root. Files that a job reads are
 never unpickled in full (``--trust-pickled-checkpoints`` is refused in ``index_args``).
 """
@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from gradstore.client.models import IndexJobRequest, Job, JobProgress
+from gradstore.datastore import work_dir_of
 from gradstore.indexer.checkpoints import TRUST_FLAG
 
 from .errors import ServiceError
@@ -381,7 +382,7 @@ class JobManager:
     def _check_output(self, name: str) -> None:
         """409 ``conflict`` when the store's path or its work folder is a symbolic link or not a
         folder: the job would write through it (or fail only when it publishes)."""
-        for path in (self.root / name, self.root / f".{name}.partial"):
+        for path in (self.root / name, work_dir_of(self.root / name)):
             if path.is_symlink() or (path.exists() and not path.is_dir()):
                 kind = "a symbolic link" if path.is_symlink() else "not a folder"
                 raise ServiceError(409, "conflict", f"{path.name!r} in the service root is {kind}; a job writes only "
@@ -604,9 +605,9 @@ class JobManager:
         log.info("job %s %s%s", job_id, status, f": {error.splitlines()[-1]}" if error else "")
 
     def _discard_partial(self, row: dict[str, Any]) -> None:
-        """Remove a failed or cancelled job's partial output (``.<name>.partial`` beside the
+        """Remove a failed or cancelled job's partial output (its work directory beside the
         store; a link there is removed, never followed)."""
-        partial = self.root / f".{row['datastore']}.partial"
+        partial = work_dir_of(self.root / row["datastore"])
         if partial.is_symlink() or partial.is_file():
             partial.unlink(missing_ok=True)
         elif partial.exists():

@@ -31,7 +31,7 @@ import faiss
 import numpy as np
 
 from gradstore.client.models import DATASTORE_NAME_MAX_LENGTH, DATASTORE_NAME_PATTERN, StoreState
-from gradstore.indexer.datastore import MANIFEST_FILE, Datastore, Manifest
+from gradstore.datastore import MANIFEST_FILE, Datastore, Manifest
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.faiss_index import concat_weighted, prefer_blas_search
 
@@ -103,20 +103,23 @@ class StoreHandle:
         return TargetSet(vectors, ["all"])
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
-        """Top ``k`` rows per query through the FAISS index."""
-        k = min(k, self.index.ntotal)
-        if k == 0:
+        """Top ``k`` live rows per query through the FAISS index (which holds removed rows too:
+        it is asked for that many more, and they are dropped)."""
+        removed = self.store.removed_rows()
+        wanted = min(k + len(removed), self.index.ntotal)
+        if wanted == 0:
             return [[] for _ in range(len(queries))]
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
-        return [[(int(r), float(v)) for r, v in zip(found, values) if r >= 0]
-                for found, values in zip(rows, scores)]
+        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), wanted)
+        live = self.store.is_live(np.maximum(rows, 0)) & (rows >= 0)
+        return [[(int(r), float(v)) for r, v, keep in zip(found, values, alive) if keep][:k]
+                for found, values, alive in zip(rows, scores, live)]
 
     def exact_search(self, targets: TargetSet, k: int, checkpoints: list[str] | None = None,
                      weights: dict[str, float] | None = None) -> list[list[tuple[int, float]]]:
         """Top ``k`` rows per target scored exactly by the engine (streaming the features)."""
         one_each = TargetSet(targets.vectors, [str(i) for i in range(targets.num_targets)], targets.origin)
         table = self.engine.scores(one_each, checkpoints, weights)
-        rows = np.arange(self.store.num_examples, dtype=np.int64)
+        rows = self.store.live_rows()
         results = []
         for column in range(targets.num_targets):
             scores = table.per_subtask[:, column]
@@ -135,9 +138,9 @@ def open_handle(name: str, path: Path, verify_checksums: bool = False) -> StoreH
         index = store.index() if store.manifest.index is not None else None
     except RuntimeError as err:  # FAISS cannot parse the file
         raise StoreError(f"{path / store.manifest.index.file}: unreadable FAISS index ({err})") from None
-    if index is not None and index.ntotal != store.num_examples:
+    if index is not None and index.ntotal != store.num_rows:
         raise StoreError(f"{path / store.manifest.index.file}: {index.ntotal} vectors, the manifest says "
-                         f"{store.num_examples} examples")
+                         f"{store.num_rows} rows")
     return StoreHandle(name=name, store=store, index=index, engine=SelectionEngine(store),
                        signature=signature)
 

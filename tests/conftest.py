@@ -4,10 +4,13 @@ service datastores built on them with the numpy references that check queries ov
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from gradstore.client.models import IndexJobRequest
@@ -40,8 +43,8 @@ def tiny_model_dirs(tmp_path_factory, tiny_tokenizer):
 # ------------------------------------------------------------------------------------------------
 # Service datastores, shared by tests/service and tests/client.
 #
-# The numpy helpers below read a store's Parquet files and manifest directly, so the service and
-# the SDK are checked against the datastore format, not against their own code.
+# The numpy helpers below read a store's files and manifest directly, so the service and the SDK
+# are checked against the datastore format, not against their own code.
 # ------------------------------------------------------------------------------------------------
 
 WORDS = "alpha beta gamma delta add reverse capital paris cat tac number seven".split()
@@ -136,9 +139,10 @@ def copy_stores(root, dest):
 
 def drop_index(store) -> None:
     manifest = json.loads((store / "manifest.json").read_text())
+    index = manifest["index"]["file"]
     manifest["index"] = None
-    del manifest["files"]["index.faiss"]
-    (store / "index.faiss").unlink()
+    del manifest["files"][index]
+    (store / index).unlink()
     (store / "manifest.json").write_text(json.dumps(manifest))
 
 
@@ -148,9 +152,16 @@ def id_of(row: int) -> str:
 
 
 def features(store, checkpoint: str):
-    """float64 (N, k) features of a checkpoint, read straight from the Parquet files."""
-    table = pq.read_table(store / "features" / checkpoint).sort_by("row")
-    return np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float64)
+    """float64 (N, k) features of a checkpoint, read straight from the ``.npy`` files the manifest's
+    segments name."""
+    return np.concatenate(feature_files(store, checkpoint)).astype(np.float64)
+
+
+def feature_files(store, checkpoint: str) -> list:
+    """Every shard's float16 features of a checkpoint, in row order, as ``numpy.load`` reads them."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    return [np.load(store / "segments" / segment["name"] / "features" / checkpoint / f"part-{shard:05d}.npy")
+            for segment in manifest["segments"] for shard in range(len(segment["shard_rows"]))]
 
 
 def weights(store) -> dict[str, float]:
@@ -255,3 +266,49 @@ def selection_stores(tmp_path_factory, tiny_model_dirs):
     return {"pool": pool, "target": target, "corpus": [toy, more], "targets": targets}
 
 
+# ------------------------------------------------------------------------------------------------
+# Killing a `gradstore` command at a chosen point (tests/indexer/test_faults.py, tests/datastore)
+# ------------------------------------------------------------------------------------------------
+
+# One thread per process, as torchrun gives each rank: every run computes the same bits.
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+# A `gradstore` command (argv[2:]) in a process where one function is wrapped to SIGKILL the process
+# at its n-th call whose arguments mention a text, just before or just after that call runs
+# (argv[1]: [owner, function, text, n, "before" | "after"]). Only this child is patched.
+KILL_AT = """
+import json, os, signal, sys
+from gradstore import cli
+from gradstore.datastore import files, versions
+from gradstore.indexer import featurize, job
+
+owner_name, function, text, nth, moment = json.loads(sys.argv[1])
+owner = {"files": files, "versions": versions, "job": job, "ExampleFeaturizer": featurize.ExampleFeaturizer}[owner_name]
+original = getattr(owner, function)
+matching_calls = 0
+
+def killing(*args, **kwargs):
+    global matching_calls
+    chosen = text in " ".join(map(str, args))
+    matching_calls += chosen
+    fire = chosen and matching_calls == nth
+    if fire and moment == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    result = original(*args, **kwargs)
+    if fire:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return result
+
+setattr(owner, function, killing)
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+
+def kill_at(command: list[str], owner: str, function: str, text: str, nth: int, moment: str) -> None:
+    """Run ``command`` (a `gradstore` command line) and check that it was killed where asked."""
+    spec = json.dumps([owner, function, text, nth, moment])
+    result = subprocess.run([sys.executable, "-c", KILL_AT, spec, *command[3:]], capture_output=True, text=True,
+                            env=ONE_THREAD)
+    where = f"{function} ({text!r}, call {nth}, {moment})"
+    assert result.returncode == -signal.SIGKILL, f"not killed at {where}:\n{result.stderr[-3000:]}"

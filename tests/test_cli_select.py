@@ -54,10 +54,9 @@ def gradstore(*args, check=True):
 
 
 def features(store: Path, checkpoint: str) -> np.ndarray:
-    table = pq.read_table(store / "features" / checkpoint)
-    dim = table.schema.field("feature").type.list_size
-    matrix = table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, dim).astype(np.float64)
-    return matrix[np.argsort(table.column("row").to_numpy())]
+    """float64 (N, k): the features' ``.npy`` files of the store's one segment, in shard order."""
+    files = sorted((store / "segments" / "seg-000001" / "features" / checkpoint).glob("part-*.npy"))
+    return np.concatenate([np.load(path) for path in files]).astype(np.float64)
 
 
 def numpy_ranking(pool: Path, target: Path, aggregation: str) -> tuple[list[str], np.ndarray]:
@@ -65,8 +64,8 @@ def numpy_ranking(pool: Path, target: Path, aggregation: str) -> tuple[list[str]
     manifest = json.loads((pool / "manifest.json").read_text())
     weights = {c["name"]: c["weight"] for c in manifest["checkpoints"]}
     scores = sum(w / sum(weights.values()) * features(pool, n) @ features(target, n).T for n, w in weights.items())
-    examples = pq.read_table(pool / "examples").to_pandas().sort_values("row")
-    target_records = pq.read_table(target / "examples").to_pandas().sort_values("row")["record"]
+    examples = pq.read_table(pool / "segments" / "seg-000001" / "examples").to_pandas().sort_values("row")
+    target_records = pq.read_table(target / "segments" / "seg-000001" / "examples").to_pandas().sort_values("row")["record"]
     labels = [json.loads(r)["subtask"] for r in target_records]
     means = np.stack([scores[:, [l == s for l in labels]].mean(1) for s in dict.fromkeys(labels)], axis=1)
     aggregated = {"less": means.max(1), "max": scores.max(1), "mean": scores.mean(1)}[aggregation]
@@ -165,11 +164,12 @@ def test_select_needs_targets_and_explains_its_options():
 def test_select_target_free_strategies_and_filters(stores, tmp_path):
     quality = gradstore("select", stores["pool"], "--strategy", "quality", "--score", "loss", "--order", "low",
                         "--k", 5, "--json")
-    examples = pq.read_table(stores["pool"] / "examples").to_pandas().set_index("row")
+    examples = pq.read_table(stores["pool"] / "segments" / "seg-000001" / "examples").to_pandas().set_index("row")
     loss = np.zeros(len(examples))
     manifest = json.loads((stores["pool"] / "manifest.json").read_text())
     for checkpoint in manifest["checkpoints"]:
-        table = pq.read_table(stores["pool"] / "features" / checkpoint["name"], columns=["row", "loss"])
+        table = pq.read_table(stores["pool"] / "segments" / "seg-000001" / "scores" / checkpoint["name"],
+                              columns=["row", "loss"])
         loss[table.column("row").to_numpy()] += checkpoint["weight"] * table.column("loss").to_numpy()
     expected = np.argsort(loss, kind="stable")[:5]
     assert [json.loads(line)["id"] for line in quality.stdout.splitlines()] == examples.loc[expected, "id"].tolist()

@@ -9,7 +9,7 @@ import pytest
 
 from gradstore.evaluate import (ComparisonResult, compare, family_share, format_table, pool_records,
                                 select_with_strategies, to_json)
-from gradstore.indexer.datastore import Datastore
+from gradstore.datastore import Datastore
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.demo_corpus import generate_corpus, generate_heldout, generate_targets, write_jsonl
 from gradstore.indexer.finetune import FinetuneSettings

@@ -79,7 +79,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from gradstore.indexer.datastore import Datastore
+from gradstore.datastore import Datastore
 from gradstore.indexer.errors import FeatureNotStoredError, StoreError
 from gradstore.indexer.faiss_index import normalized_weights
 
@@ -320,7 +320,7 @@ class SelectionEngine:
         order = np.argsort(codes, kind="stable")
         first_of_subtask = np.searchsorted(codes[order], np.arange(len(subtasks)))
         queries = [np.ascontiguousarray(query[order]) for query in queries]
-        n = self.store.num_examples
+        n = self.store.num_rows
         per_subtask = np.zeros((n, len(subtasks)), dtype=np.float32)
         best = np.zeros(n, dtype=np.float32)
         share = max(dim, targets.num_targets) * 4 * self.scan_threads
@@ -416,7 +416,7 @@ class SelectionEngine:
         else:
             chosen = ranking[:budget]
         rows = np.asarray(chosen, dtype=np.int64)
-        position = np.empty(self.store.num_examples, dtype=np.int64)
+        position = np.empty(self.store.num_rows, dtype=np.int64)
         position[ranking] = np.arange(len(ranking))
         per_subtask = result.per_subtask
         subtask_scores = per_subtask[rows] if per_subtask is not None else np.zeros((len(rows), 0), np.float32)
@@ -463,8 +463,8 @@ class SelectionEngine:
         each once), with the score of each ranked row."""
         if result.order is None:
             scores = np.asarray(result.scores, dtype=np.float32)
-            if scores.shape != (self.store.num_examples,):
-                raise ValueError(f"a strategy gave {scores.shape} scores for {self.store.num_examples} examples")
+            if scores.shape != (self.store.num_rows,):
+                raise ValueError(f"a strategy gave {scores.shape} scores for {self.store.num_rows} examples")
             ranking = rank(pool, scores)
             return ranking, scores[ranking]
         order = np.asarray(result.order, dtype=np.int64)
@@ -473,16 +473,17 @@ class SelectionEngine:
         return order, np.asarray(result.order_scores, dtype=np.float32)
 
     def pool(self, sources: Sequence[str] | None = None) -> np.ndarray:
-        """Rows (ascending) of the examples of ``sources`` (all examples when None)."""
+        """Rows (ascending) of the live examples of ``sources`` (all live examples when None)."""
         if sources is None:
-            return np.arange(self.store.num_examples, dtype=np.int64)
+            return self.store.live_rows()
         known = list(self.store.manifest.counts.by_source)
         unknown = [s for s in sources if s not in known]
         if unknown:
             raise SelectionError(f"unknown source {unknown[0]!r}: the datastore has {known}")
         codes, names = self._sources()
         wanted = [names.index(s) for s in sources if s in names]
-        return np.flatnonzero(np.isin(codes, wanted)).astype(np.int64)
+        rows = np.flatnonzero(np.isin(codes, wanted)).astype(np.int64)
+        return rows[self.store.is_live(rows)]
 
     def _capped(self, ranking: np.ndarray, budget: int, cap: int) -> np.ndarray:
         codes, _ = self._sources()
@@ -556,8 +557,8 @@ class SelectionEngine:
 
     def _checked_rows(self, rows) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if len(rows) and (rows.min() < 0 or rows.max() >= self.store.num_examples):
-            raise SelectionError(f"rows must be in 0..{self.store.num_examples - 1}")
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.store.num_rows):
+            raise SelectionError(f"rows must be in 0..{self.store.num_rows - 1}")
         return rows
 
     def _sources(self) -> tuple[np.ndarray, list[str]]:

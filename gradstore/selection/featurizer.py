@@ -24,7 +24,7 @@ from pathlib import Path
 
 from gradstore.indexer.checkpoints import CheckpointSpec, file_sha256
 from gradstore.indexer.corpus import Record, validate_record
-from gradstore.indexer.datastore import Datastore, Manifest
+from gradstore.datastore import Datastore, Manifest
 from gradstore.indexer.errors import BadRecordError, CheckpointError
 from gradstore.indexer.extras import ExtraFeatures
 from gradstore.indexer.featurize import ExampleFeaturizer, FeaturizerSettings

@@ -1,7 +1,7 @@
 """What a datastore holds and what a selection chose, as small summaries for pages and reports.
 
 Every function here reads a store through :class:`~gradstore.selection.engine.SelectionEngine`
-(or its :class:`~gradstore.indexer.datastore.Datastore`) and answers a wire model of
+(or its :class:`~gradstore.datastore.Datastore`) and answers a wire model of
 ``gradstore.client.models``, so the REST routes (``stats``, ``examples``, ``map``, selection
 ``summary``) and ``gradstore report`` give the same numbers from the same code.
 
@@ -45,7 +45,7 @@ from gradstore.client.models import (
     SourceShare,
     SubtaskSummary,
 )
-from gradstore.indexer.datastore import Manifest, examples_path, features_path
+from gradstore.datastore import Manifest
 
 from .engine import Selection, SelectionEngine
 from .errors import SelectionError
@@ -112,43 +112,39 @@ def datastore_detail(name: str, manifest: Manifest) -> DatastoreDetail:
 def store_stats(engine: SelectionEngine, name: str, bins: int = DEFAULT_BINS) -> DatastoreStats:
     """Examples per source and the histograms named in the module docstring."""
     store = engine.store
-    shards = range(store.manifest.shards.count)
-    tokens = _read_columns([examples_path(store.path, s) for s in shards], ["num_tokens"]).column("num_tokens")
+    live = store.live_rows()
+    tokens = store.examples(columns=["num_tokens"], live_only=True).column("num_tokens")
     histograms = [histogram("num_tokens", tokens.to_numpy(), bins)]
     for score in store.score_names:
         checkpoints = [None] if score in EXAMPLE_SCORES else store.checkpoint_names
-        histograms += [histogram(score, store.scores(score, checkpoint), bins, checkpoint)
+        histograms += [histogram(score, store.scores(score, checkpoint)[live], bins, checkpoint)
                        for checkpoint in checkpoints]
     return DatastoreStats(datastore=name, examples=store.num_examples, sources=dict(store.manifest.counts.by_source),
                           histograms=histograms, scores=list(store.score_names))
-
-
-def _read_columns(paths: list, columns: list[str]) -> pa.Table:
-    return pa.concat_tables([pq.read_table(path, columns=columns, memory_map=True) for path in paths])
 
 
 # -------------------------------------------------------------------------------------- examples
 
 
 def example_page(engine: SelectionEngine, name: str, offset: int, limit: int, query: str | None = None) -> ExamplePage:
-    """Examples ``offset .. offset+limit`` in row order, of all examples or of those whose id or
-    record text contains ``query`` (case-insensitive); ``total`` counts all that match."""
+    """Live examples ``offset .. offset+limit`` in row order, of all examples or of those whose id
+    or record text contains ``query`` (case-insensitive); ``total`` counts all that match."""
     store = engine.store
     query = query or None
     items: list[Example] = []
     total = 0
-    starts = np.asarray(store._starts(), dtype=np.int64)  # kept by the store: no footer read per page
-    sizes = np.diff(np.append(starts, store.num_examples))
-    for shard in range(store.manifest.shards.count):
-        path = examples_path(store.path, shard)
+    removed = store.removed_rows()
+    for shard, info in enumerate(store.shards):
+        path = store.examples_file(shard)
         if query is None:
-            size = int(sizes[shard])
+            size = info.num_rows - int(np.count_nonzero((removed >= info.first_row)
+                                                        & (removed < info.first_row + info.num_rows)))
             first, total = total, total + size
             if first + size <= offset or first >= offset + limit:
                 continue  # no row of the page in this shard: not read
-            table = pq.read_table(path, columns=EXAMPLE_COLUMNS, memory_map=True)
+            table = _live(pq.read_table(path, columns=EXAMPLE_COLUMNS, memory_map=True), store)
         else:
-            table = pq.read_table(path, columns=EXAMPLE_COLUMNS, memory_map=True)
+            table = _live(pq.read_table(path, columns=EXAMPLE_COLUMNS, memory_map=True), store)
             matches = pc.or_(pc.match_substring(table.column("id"), query, ignore_case=True),
                              pc.match_substring(table.column("record"), query, ignore_case=True))
             table = table.filter(matches)
@@ -161,6 +157,13 @@ def example_page(engine: SelectionEngine, name: str, offset: int, limit: int, qu
     return ExamplePage(datastore=name, total=total, offset=offset, limit=limit, query=query, items=items)
 
 
+def _live(table: pa.Table, store) -> pa.Table:
+    """``table`` without its removed rows (by its ``row`` column)."""
+    if not store.manifest.counts.removed:
+        return table
+    return table.filter(pa.array(store.is_live(table.column("row").to_numpy())))
+
+
 def example_model(columns: dict) -> Example:
     """The wire form of a stored example: the record parsed back from its JSON text (without its
     scores: see :func:`with_scores`)."""
@@ -171,16 +174,14 @@ def example_model(columns: dict) -> Example:
 
 def with_scores(engine: SelectionEngine, examples: list[Example]) -> list[Example]:
     """Fill each example's ``scores``: the store's scores kept in its example files (``vog``), then
-    per checkpoint those in its feature files (only the shards holding the examples are read,
-    without the feature column)."""
+    per checkpoint those in its scores files (only the shards holding the examples are read)."""
     if not examples:
         return examples
     store = engine.store
     rows = np.array([example.row for example in examples], dtype=np.int64)
-    starts = np.asarray(store._starts(), dtype=np.int64)
-    shard_of = np.searchsorted(starts, rows, side="right") - 1
-    files = [(None, lambda shard: examples_path(store.path, shard))]
-    files += [(c, lambda shard, c=c: features_path(store.path, c, shard)) for c in store.checkpoint_names]
+    shard_of = np.array([store.shard_of(row) for row in rows], dtype=np.int64)
+    files = [(None, store.examples_file)]
+    files += [(c, lambda shard, c=c: store.scores_file(c, shard)) for c in store.checkpoint_names]
     for checkpoint, path_of in files:
         names = pq.read_schema(path_of(0)).names
         wanted = [score for score in store.score_names if score in names]
@@ -189,7 +190,7 @@ def with_scores(engine: SelectionEngine, examples: list[Example]) -> list[Exampl
         for shard in np.unique(shard_of):
             table = pq.read_table(path_of(int(shard)), columns=wanted, memory_map=True)
             for i in np.flatnonzero(shard_of == shard):
-                local = int(rows[i] - starts[shard])
+                local = int(rows[i] - store.shards[shard].first_row)
                 for column in wanted:
                     value = table.column(column)[local].as_py()
                     finite = value is not None and np.isfinite(value)
@@ -218,10 +219,11 @@ def pool_map(engine: SelectionEngine, name: str, sample: int, seed: int = 0, row
     store = engine.store
     names = store.checkpoint_names
     weights = store.weights
-    total = store.num_examples
+    live = store.live_rows()
+    total = len(live)
     if total < 2:
         raise SelectionError(f"a map needs at least 2 examples; the datastore has {total}")
-    chosen = np.sort(np.random.default_rng(seed).choice(total, size=min(sample, total), replace=False))
+    chosen = np.sort(np.random.default_rng(seed).choice(live, size=min(sample, total), replace=False))
     blocks = [engine.features_at(c, chosen).astype(np.float64) for c in names]
     means = [block.mean(axis=0) for block in blocks]
     gram = np.zeros((len(chosen), len(chosen)))

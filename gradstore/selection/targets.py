@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gradstore.indexer.datastore import Datastore, Manifest
+from gradstore.datastore import Datastore, Manifest
 
 from .errors import SelectionError
 

@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/datastores/{name}", tags=["overview"], responses=
 async def pool_map_route(body: MapRequest, store: StoreDep, registry: RegistryDep,
                          settings: SettingsDep) -> MapResponse:
     check_limit("rows", len(body.rows), settings.max_k)
-    last = store.store.num_examples - 1
+    last = store.store.num_rows - 1
     bad = next((row for row in body.rows if not 0 <= row <= last), None)
     if bad is not None:
         raise invalid_query(f"rows: {bad} is not a row of datastore {store.name!r} (0..{last})", {"field": "rows"})

@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 from conftest import chat_records, write_jsonl
 from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
-from gradstore.indexer.datastore import SCORE_NAMES, Datastore
+from gradstore.datastore import SCORE_NAMES, Datastore
 from gradstore.indexer.errors import FeatureNotStoredError, JobError, StoreError
 from gradstore.indexer.extras import ExtraFeatures
 from gradstore.indexer.featurize import length_batches
@@ -188,21 +188,22 @@ def test_vog_equals_a_hand_computation(indexed):
     np.testing.assert_allclose(indexed["store"].scores("vog"), expected, rtol=1e-4)
 
 
-def test_scores_are_parquet_columns_that_duckdb_and_pandas_read(indexed):
+def test_scores_are_parquet_columns_and_vectors_npy_files_that_other_tools_read(indexed):
     store = indexed["store"]
     path = store.path
     assert store.score_names == list(SCORE_NAMES)
-    frame = pd.read_parquet(path / "features" / "ck-1")
+    frame = pd.read_parquet(path / "segments" / "seg-000001" / "scores" / "ck-1")
     assert {"loss", "grad_norm", "nuclear_norm", "effective_rank"} <= set(frame.columns)
     np.testing.assert_array_equal(store.scores("nuclear_norm", "ck-1"), frame["nuclear_norm"].to_numpy())
-    combined = sum(w * pd.read_parquet(path / "features" / c)["effective_rank"].to_numpy(np.float64)
+    combined = sum(w * pd.read_parquet(path / "segments" / "seg-000001" / "scores" / c)["effective_rank"].to_numpy(np.float64)
                    for w, c in zip(store.weights, store.checkpoint_names))
     np.testing.assert_allclose(store.scores("effective_rank"), combined, rtol=1e-6)
     assert store.weights.tolist() == pytest.approx([1 / 6, 2 / 6, 3 / 6])
-    vog = duckdb.sql(f"SELECT row, vog FROM read_parquet('{path}/examples/*.parquet') ORDER BY row").fetchall()
-    np.testing.assert_array_equal(np.array([v for _, v in vog], np.float32), store.scores("vog"))
-    reps = duckdb.sql(f"SELECT count(*), min(len(representation)) FROM read_parquet('{path}/representations/*.parquet')")
-    assert reps.fetchall() == [(19, store.representation_dim)]
+    # Every segment's examples at once, as another tool reads them.
+    vog = duckdb.sql(f"SELECT row, vog FROM read_parquet('{path}/segments/*/examples/*.parquet') ORDER BY row")
+    np.testing.assert_array_equal(np.array([v for _, v in vog.fetchall()], np.float32), store.scores("vog"))
+    reps = np.concatenate([np.load(p) for p in sorted(path.glob("segments/*/representations/part-*.npy"))])
+    assert reps.shape == (19, store.representation_dim) and reps.dtype == np.float16
     # Spectra of a real gradient: positive, rank above one; stored per checkpoint, different between them.
     assert (frame["nuclear_norm"] > 0).all() and (frame["effective_rank"] > 1).all()
     assert not np.allclose(store.scores("nuclear_norm", "ck-0"), store.scores("nuclear_norm", "ck-2"))
@@ -222,23 +223,13 @@ def test_stores_without_extras_say_what_is_missing_and_how_to_add_it(indexed, tm
     plain = Datastore.open(config.out, verify=True)
     assert not plain.has_representations and plain.representation_dim is None
     assert plain.score_names == ["loss", "grad_norm", "feature_norm"]
-    assert not (config.out / "representations").exists()
+    assert not list(config.out.glob("segments/*/representations"))
     with pytest.raises(FeatureNotStoredError, match="no representation vectors.*--no-representations"):
         plain.representations_at([0])
     with pytest.raises(FeatureNotStoredError, match="no nuclear_norm.*--no-gradient-spectra"):
         plain.scores("nuclear_norm")
     with pytest.raises(FeatureNotStoredError, match="VoG is a variance across checkpoints.*two or more"):
         plain.scores("vog")  # one checkpoint (a fresh LoRA): no VoG whatever the flag
-    # A store written before extras existed: its manifest has no "extras"; it opens and says so.
-    manifest = json.loads((config.out / "manifest.json").read_text())
-    del manifest["extras"]
-    (config.out / "manifest.json").write_text(json.dumps(manifest))
-    old = Datastore.open(config.out)
-    assert old.score_names == ["loss", "grad_norm", "feature_norm"]
-    with pytest.raises(FeatureNotStoredError, match="did not compute representations.*re-index"):
-        list(old.shard_representations(0))
-    with pytest.raises(FeatureNotStoredError, match="did not compute vog"):
-        old.scores("vog")
 
 
 def test_the_job_fingerprint_covers_the_extras(indexed, tmp_path):
@@ -272,7 +263,7 @@ def test_cli_flags_turn_each_extra_off(indexed, tmp_path, capsys):
     assert stores["no-spectra"].has_representations
     assert stores["no-spectra"].score_names == ["loss", "grad_norm", "feature_norm", "vog"]
     assert stores["no-vog"].score_names == ["loss", "grad_norm", "feature_norm", "nuclear_norm", "effective_rank"]
-    assert "vog" not in pq.read_schema(tmp_path / "no-vog" / "examples" / "part-00000.parquet").names
+    assert "vog" not in pq.read_schema(tmp_path / "no-vog" / "segments" / "seg-000001" / "examples" / "part-00000.parquet").names
     capsys.readouterr()
     assert main(["info", str(tmp_path / "no-vog")]) == 0
     assert "scores: loss, grad_norm, feature_norm, nuclear_norm, effective_rank" in capsys.readouterr().out

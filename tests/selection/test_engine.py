@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from gradstore.indexer.checkpoints import CheckpointSpec
-from gradstore.indexer.datastore import (Datastore, FeatureBatch, examples_table, finalize_store, publish_store,
+from gradstore.datastore import (Datastore, FeatureBatch, examples_table, finalize_store, publish_store,
                                          write_shard)
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.projection import ProjectionSpec
@@ -24,6 +24,7 @@ from gradstore.selection import scan as scan_module
 from gradstore.selection import SelectionEngine, SelectionError, SelectionOptions, TargetSet
 
 from conftest import SELECTION_DIM as DIM
+from conftest import features
 from conftest import SELECTION_SUBTASKS as SUBTASKS
 from conftest import build_test_store as build_store
 
@@ -46,14 +47,12 @@ def targets(stores):
 
 
 def read_features(store: Path, checkpoint: str) -> np.ndarray:
-    table = pq.read_table(store / "features" / checkpoint)
-    order = np.argsort(table.column("row").to_numpy())
-    dim = table.schema.field("feature").type.list_size
-    return table.column("feature").combine_chunks().flatten().to_numpy().reshape(-1, dim)[order].astype(np.float64)
+    return features(store, checkpoint)
 
 
 def read_examples(store: Path) -> pd.DataFrame:
-    return pq.read_table(store / "examples").to_pandas().sort_values("row").reset_index(drop=True)
+    return (pq.read_table(store / "segments" / "seg-000001" / "examples").to_pandas().sort_values("row")
+            .reset_index(drop=True))
 
 
 def manifest_weights(store: Path) -> dict[str, float]:
@@ -147,35 +146,19 @@ def test_streaming_in_small_batches_reads_one_checkpoint_batch_at_a_time(stores,
     np.testing.assert_allclose(streamed.best, reference.best, atol=1e-6)
 
 
-# ------------------------------------------------------- raw feature files, the Parquet fallback, kernels
-
-
-def copy_without_raw_features(store: Path, dest: Path) -> Path:
-    """A copy of ``store`` as written before raw feature files existed (none, none listed)."""
-    shutil.copytree(store, dest, ignore=shutil.ignore_patterns("raw_features"))
-    manifest = json.loads((dest / "manifest.json").read_text())
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith("raw_features/")}
-    (dest / "manifest.json").write_text(json.dumps(manifest))
-    return dest
+# ---------------------------------------------------------------------------- features files, kernels
 
 
 @pytest.mark.parametrize("backend", scan_module.BACKENDS)
-def test_raw_files_and_parquet_fallback_give_the_numpy_scores(stores, targets, tmp_path, backend):
-    raw_store = Datastore.open(stores["pool"])
-    assert all(raw_store.raw_features(c, s) is not None for c in raw_store.checkpoint_names
-               for s in range(raw_store.manifest.shards.count))
-    old_store = Datastore.open(copy_without_raw_features(stores["pool"], tmp_path / "old"))
-    assert old_store.raw_features("epoch-1", 0) is None
+def test_every_kernel_and_thread_count_gives_the_numpy_scores(stores, targets, backend):
+    store = Datastore.open(stores["pool"])
     expected, means, _ = reference_scores(stores["pool"], stores["target"], "max")
     results = [SelectionEngine(store, scan_threads=threads, scan_backend=backend).scores(targets)
-               for store in (raw_store, old_store) for threads in (1, 3)]
+               for threads in (1, 3)]
     for table in results:
         np.testing.assert_allclose(table.best, expected, atol=1e-5)
         np.testing.assert_allclose(table.per_subtask, means, atol=1e-5)
         np.testing.assert_allclose(table.best, results[0].best, atol=1e-6)
-    dedup = SelectionOptions(k=8, dedup_threshold=0.2)  # reads features of chosen rows (features_at)
-    assert (SelectionEngine(old_store).select(targets, dedup).rows.tolist()
-            == SelectionEngine(raw_store).select(targets, dedup).rows.tolist())
 
 
 def test_a_scan_leaves_torch_threads_as_it_found_them(engine, targets):
@@ -193,16 +176,16 @@ def test_a_damaged_raw_file_is_an_error_naming_it(stores, targets, tmp_path):
     path = tmp_path / "pool"
     shutil.copytree(stores["pool"], path)
     engine = SelectionEngine(Datastore.open(path), scan_threads=2)
-    raw = path / "raw_features" / "epoch-2" / "part-00001.npy"
+    raw = path / "segments" / "seg-000001" / "features" / "epoch-2" / "part-00001.npy"
     good = np.load(raw)
     # Same size, so opening does not notice (only verify=True would): a header with another shape.
     np.save(raw, good.reshape(good.shape[0] * 2, -1))
-    assert raw.stat().st_size == Datastore.open(path).manifest.files["raw_features/epoch-2/part-00001.npy"].bytes
-    with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: raw features file holds row-major <f2 "
+    assert raw.stat().st_size == Datastore.open(path).manifest.files["segments/seg-000001/features/epoch-2/part-00001.npy"].bytes
+    with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: the file holds row-major <f2 "
                                          r"\(32, 128\), expected row-major <f2 \(16, 256\)"):
         engine.scores(targets)
     raw.unlink()
-    with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: cannot read raw features file"):
+    with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: cannot read the matrix file"):
         engine.scores(targets)
     with pytest.raises(StoreError, match=r"epoch-2/part-00001\.npy: listed in the manifest but missing"):
         Datastore.open(path)

@@ -11,7 +11,7 @@ import pytest
 from conftest import chat_records, write_jsonl
 from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
-from gradstore.indexer.datastore import Datastore, Manifest
+from gradstore.datastore import Datastore, Manifest
 from gradstore.indexer.job import IndexJob, IndexJobConfig
 from gradstore.indexer.model import LoraSpec
 from gradstore.indexer.projection import ProjectionSpec

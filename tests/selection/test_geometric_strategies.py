@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from gradstore.indexer.datastore import (
+from gradstore.datastore import (
     Datastore,
     FeatureBatch,
     examples_table,

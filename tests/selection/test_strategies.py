@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from gradstore.indexer.datastore import Datastore
+from gradstore.datastore import Datastore
 from gradstore.selection import SelectionEngine, SelectionError, SelectionOptions, TargetSet
 from gradstore.selection.engine import Scores, rank
 from gradstore.selection.strategies import get_strategy, options_type, registry

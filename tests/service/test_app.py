@@ -167,7 +167,7 @@ def test_strategies_route_lists_the_registry(client):
 def test_select_target_free_and_legacy_forms(client, root):
     loss = np.zeros(40)
     for checkpoint, weight in weights(root / "pool").items():
-        table = pq.read_table(root / "pool" / "features" / checkpoint, columns=["row", "loss"])
+        table = pq.read_table(root / "pool" / "segments" / "seg-000001" / "scores" / checkpoint, columns=["row", "loss"])
         loss[table.column("row").to_numpy()] += weight * table.column("loss").to_numpy()
     page = select(client, strategy={"name": "quality", "score": "loss"}, k=6)
     assert [item["row"] for item in page["items"]] == top_rows(loss, 6)
@@ -403,7 +403,7 @@ def test_unexpected_errors_are_json_without_internals(root, monkeypatch):
 def test_corrupt_store_is_reported_and_the_others_keep_working(root, tmp_path):
     for name in ("pool", "targets", "truncated", "bad-manifest"):
         shutil.copytree(root / ("pool" if name in ("truncated", "bad-manifest") else name), tmp_path / name)
-    part = tmp_path / "truncated" / "features" / "epoch-1" / "part-00001.parquet"
+    part = tmp_path / "truncated" / "segments" / "seg-000001" / "scores" / "epoch-1" / "part-00001.parquet"
     part.write_bytes(part.read_bytes()[:100])
     manifest = tmp_path / "bad-manifest" / "manifest.json"
     manifest.write_text(manifest.read_text().replace('"complete"', '"partial"', 1))

@@ -338,14 +338,14 @@ def damaged_root(service_root, tmp_path):
     shutil.rmtree(root / "pool-noindex")
     for name in ("bad-footer", "wrong-checksum", "no-index", "bad-manifest"):
         shutil.copytree(root / "pool", root / name)
-    part = root / "bad-footer" / "features" / "epoch-2" / "part-00000.parquet"
+    part = root / "bad-footer" / "segments" / "seg-000001" / "scores" / "epoch-2" / "part-00000.parquet"
     data = bytearray(part.read_bytes())
     data[-8:] = b"\0" * 8  # same size, footer length and magic gone
     part.write_bytes(bytes(data))
     manifest = json.loads((root / "wrong-checksum" / "manifest.json").read_text())
-    manifest["files"]["examples/part-00001.parquet"]["sha256"] = "0" * 64
+    manifest["files"]["segments/seg-000001/examples/part-00001.parquet"]["sha256"] = "0" * 64
     (root / "wrong-checksum" / "manifest.json").write_text(json.dumps(manifest))
-    (root / "no-index" / "index.faiss").unlink()
+    (root / "no-index" / "index" / "v000001.faiss").unlink()
     (root / "bad-manifest" / "manifest.json").write_text('{"schema_version": 1, "files": ')
     return root
 
@@ -359,8 +359,8 @@ def ready_states(client) -> dict:
 
 
 def test_damaged_stores_are_refused_with_their_reason_and_the_others_keep_answering(damaged_root):
-    reasons = {"bad-footer": "features/epoch-2/part-00000.parquet: unreadable Parquet file",
-               "no-index": "index.faiss: listed in the manifest but missing",
+    reasons = {"bad-footer": "segments/seg-000001/scores/epoch-2/part-00000.parquet: unreadable Parquet file",
+               "no-index": "index/v000001.faiss: listed in the manifest but missing",
                "bad-manifest": "manifest.json: cannot read the manifest"}
     with TestClient(make_app(damaged_root)) as c:
         states = ready_states(c)
@@ -387,23 +387,23 @@ def test_damaged_stores_are_refused_with_their_reason_and_the_others_keep_answer
 def test_verify_checksums_refuses_a_store_whose_files_differ_from_the_manifest(damaged_root):
     with TestClient(make_app(damaged_root, verify_checksums=True)) as c:
         states = ready_states(c)
-        assert "examples/part-00001.parquet: sha256 mismatch" in states["wrong-checksum"]["error"]
+        assert "segments/seg-000001/examples/part-00001.parquet: sha256 mismatch" in states["wrong-checksum"]["error"]
         assert states["pool"]["loaded"] is True
         assert_error(c.get("/v1/datastores/wrong-checksum", headers=AUTH), 503, "datastore_unavailable")
         assert c.get("/v1/datastores/pool", headers=AUTH).status_code == 200
 
 
 def test_a_shard_file_swapped_for_another_is_refused_on_open(service_root, tmp_path):
-    """A features file replaced by another shard's (its listed size updated): every footer parses,
-    but its rows do not match the shard's examples (``pool``: shards of 16, 16 and 8 rows)."""
+    """A scores file replaced by another shard's (its listed size updated): every footer parses,
+    but its rows do not match the manifest's (``pool``: shards of 16, 16 and 8 rows)."""
     copy_stores(service_root, tmp_path)
     store = tmp_path / "pool"
-    relative = "features/epoch-1/part-00002.parquet"
-    shutil.copyfile(store / "features/epoch-1/part-00000.parquet", store / relative)
+    relative = "segments/seg-000001/scores/epoch-1/part-00002.parquet"
+    shutil.copyfile(store / "segments/seg-000001/scores/epoch-1/part-00000.parquet", store / relative)
     manifest = json.loads((store / "manifest.json").read_text())
     manifest["files"][relative]["bytes"] = (store / relative).stat().st_size
     (store / "manifest.json").write_text(json.dumps(manifest))
     with TestClient(make_app(tmp_path)) as c:
         error = assert_error(c.get("/v1/datastores/pool", headers=AUTH), 503, "datastore_unavailable")
-        assert f"{relative}: 16 rows, its examples file has 8" in error["message"]
+        assert f"{relative}: 16 rows, the manifest says 8" in error["message"]
         assert c.get("/v1/datastores/targets", headers=AUTH).status_code == 200

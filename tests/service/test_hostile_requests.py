@@ -93,7 +93,7 @@ def test_a_store_damaged_while_served_answers_503_on_every_route_at_once(served)
     _, root, client = served
     for response in _example_and_similar(client, "damaged"):
         assert response.status_code == 200, response.text
-    shard = root / "damaged" / "examples" / "part-00000.parquet"
+    shard = root / "damaged" / "segments" / "seg-000001" / "examples" / "part-00000.parquet"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated in place
     reason = "examples/part-00000.parquet"
     for response in _example_and_similar(client, "damaged"):

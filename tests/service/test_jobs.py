@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from gradstore.client.models import IndexJobRequest, Job
-from gradstore.indexer.datastore import Datastore
+from gradstore.datastore import Datastore
 from gradstore.service.errors import ServiceError
 from gradstore.service.jobs import JobManager
 from gradstore.service.settings import Settings

@@ -57,7 +57,7 @@ def load_server(service_root, tmp_path_factory):
 
 
 def weighted_features(store) -> dict[str, np.ndarray]:
-    """Per checkpoint, ``w_c`` × the stored features (float64, read from the Parquet files)."""
+    """Per checkpoint, ``w_c`` × the stored features (float64, read from the features files)."""
     return {c: w * features(store, c) for c, w in weights(store).items()}
 
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from fastapi.testclient import TestClient
 
-from gradstore.indexer.datastore import Datastore
+from gradstore.datastore import Datastore
 from gradstore.service.app import create_app
 from gradstore.service.settings import Settings
 
@@ -52,7 +52,7 @@ def test_stats_histograms_match_the_parquet_columns(client, service_root):
     assert by_key["num_tokens", None]["counts"] == expected.tolist()
     np.testing.assert_allclose(by_key["num_tokens", None]["edges"], edges)
     for checkpoint in ("epoch-1", "epoch-2"):
-        loss = pq.read_table(store / "features" / checkpoint, columns=["loss"]).column("loss").to_numpy()
+        loss = pq.read_table(store / "segments" / "seg-000001" / "scores" / checkpoint, columns=["loss"]).column("loss").to_numpy()
         histogram = by_key["loss", checkpoint]
         assert sum(histogram["counts"]) == histogram["count"] == 40
         assert histogram["counts"] == np.histogram(loss.astype(np.float64), bins=7)[0].tolist()

@@ -38,7 +38,7 @@ def root(service_root, service_corpus, tiny_model_dirs, tmp_path_factory):
     """The shared stores, a damaged copy of ``pool`` (``broken``), and job inputs under ``inputs/``."""
     root = copy_stores(service_root, tmp_path_factory.mktemp("ui-root"))
     shutil.copytree(root / "pool", root / "broken")
-    damaged = next((root / "broken" / "features" / "epoch-1").glob("*.parquet"))
+    damaged = next((root / "broken" / "segments" / "seg-000001" / "scores" / "epoch-1").glob("*.parquet"))
     damaged.write_bytes(damaged.read_bytes()[:100])
     inputs = root / "inputs"
     inputs.mkdir()
@@ -314,7 +314,7 @@ def open_offline(browser, report):
 
 
 def test_selection_report_opens_offline(browser, service_root, tmp_path, capsys):
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
     from gradstore.selection import SelectionEngine, TargetSet
 
     selection, scores, report = tmp_path / "selection.jsonl", tmp_path / "scores.parquet", tmp_path / "report.html"

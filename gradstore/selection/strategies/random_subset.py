@@ -30,5 +30,5 @@ class Random(Strategy):
 
         # One uniform draw per example of the store, so a row's draw does not depend on the pool
         # and ranking the pool by it is a uniformly random order.
-        draws = np.random.default_rng(options.seed).random(context.store.num_examples, dtype=np.float32)
+        draws = np.random.default_rng(options.seed).random(context.store.num_rows, dtype=np.float32)
         return StrategyResult(scores=draws, report={"seed": options.seed})

@@ -1,0 +1,161 @@
+"""File operations every part of the datastore writes and reads through.
+
+Writes are atomic: a file's content goes to a temporary name on the target's file system, is
+fsynced, and is renamed over the target, then the folder is fsynced, so a crash leaves the old
+file or the new one, never part of one. A write that fails (a full disk, a file size limit, a
+read-only folder) removes its temporary file and raises :class:`StoreError` naming the target.
+Matrices are NumPy ``.npy`` files (format 1.0, little-endian, row-major), read through memory
+maps after their header is checked against the shape the manifest implies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StoreError
+
+_HASH_CHUNK = 8 << 20
+_NPY_HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+def os_reason(err: OSError) -> str:
+    """The system's words for an OSError (``No space left on device``), else its message."""
+    return os.strerror(err.errno) if err.errno else str(err)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
+
+
+def _temp_path(final: Path, tmp_dir: Path | None) -> Path:
+    """A temporary name unique to this process and target, on the target's file system."""
+    folder = tmp_dir if tmp_dir is not None else final.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = "-".join(final.parts[-3:])
+    return folder / f".{tag}.{os.getpid()}.tmp"
+
+
+def move_into_place(tmp: Path, final: Path) -> None:
+    """fsync ``tmp``, rename it over ``final`` and fsync the directory."""
+    _fsync_file(tmp)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+
+
+@contextmanager
+def written_atomically(final: Path, tmp_dir: Path | None = None) -> Iterator[Path]:
+    """A temporary path to write ``final``'s content to; moved into place when the block ends
+    (see the module docstring for failures)."""
+    tmp = None
+    try:
+        tmp = _temp_path(final, tmp_dir)
+        yield tmp
+        move_into_place(tmp, final)
+    except OSError as err:
+        if tmp is not None:
+            with suppress(OSError):
+                tmp.unlink(missing_ok=True)
+        raise StoreError(f"{final}: cannot write: {os_reason(err)}") from err
+
+
+def atomic_write_bytes(final: Path, data: bytes, tmp_dir: Path | None = None) -> None:
+    with written_atomically(final, tmp_dir) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_matrix(matrix: np.ndarray, final: Path, tmp_dir: Path | None = None) -> None:
+    """``matrix`` as a little-endian, row-major ``.npy`` file (format 1.0), atomically."""
+    dtype = matrix.dtype.newbyteorder("<") if matrix.dtype.byteorder == ">" else matrix.dtype
+    with written_atomically(final, tmp_dir) as tmp, open(tmp, "wb") as file:
+        np.lib.format.write_array(file, np.ascontiguousarray(matrix, dtype=dtype), version=(1, 0),
+                                  allow_pickle=False)
+
+
+def rename(source: Path, target: Path) -> None:
+    """``os.rename`` with the target's folder fsynced, and an error saying what was moved where."""
+    try:
+        os.rename(source, target)
+    except OSError as err:
+        raise StoreError(f"cannot rename {source} to {target}: {os_reason(err)} (the work directory must be "
+                         f"on the same file system as the store)") from err
+    fsync_dir(target.parent)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_infos(root: Path, relatives: Sequence[str]) -> dict[str, dict]:
+    """``{relative: {bytes, sha256}}``, hashing files in parallel (hashlib releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(lambda rel: sha256(root / rel), relatives))
+    return {rel: {"bytes": (root / rel).stat().st_size, "sha256": digest}
+            for rel, digest in zip(relatives, digests)}
+
+
+def check_free_space(folder: Path, needed: int, what: str) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise StoreError(f"{folder}: {what} needs about {needed:,} bytes free, only {free:,} are")
+
+
+def matrix_offset(path: Path, shape: tuple[int, int], dtype: str) -> int:
+    """Where a ``.npy`` file's matrix begins, once its header is checked to say row-major
+    ``dtype`` of ``shape``."""
+    try:
+        with open(path, "rb") as file:
+            version = np.lib.format.read_magic(file)
+            if version not in _NPY_HEADER_READERS:
+                raise ValueError(f".npy format version {version} (1.0 or 2.0 expected)")
+            found, fortran_order, found_dtype = _NPY_HEADER_READERS[version](file)
+            offset = file.tell()
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: cannot read the matrix file ({err})") from None
+    if found_dtype != np.dtype(dtype) or found != tuple(shape) or fortran_order:
+        order = "column-major" if fortran_order else "row-major"
+        raise StoreError(f"{path}: the file holds {order} {found_dtype.str} {found}, expected row-major "
+                         f"{np.dtype(dtype).str} {tuple(shape)} (the shard's rows x the store's dimension)")
+    return offset
+
+
+def map_matrix(path: Path, shape: tuple[int, int], dtype: str, writable: bool = False,
+               offset: int | None = None) -> np.ndarray:
+    """A ``.npy`` matrix memory-mapped: read-only, or copy-on-write with ``writable`` (writes stay
+    in this process, the file never changes). ``offset`` is where the matrix begins, from an
+    earlier :func:`matrix_offset` of the same file (parsing the header costs more than mapping the
+    file); None checks the header now."""
+    if offset is None:
+        offset = matrix_offset(path, shape, dtype)
+    itemsize, count = np.dtype(dtype).itemsize, shape[0] * shape[1]
+    try:
+        with open(path, "rb") as file:
+            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
+    except (OSError, ValueError) as err:
+        raise StoreError(f"{path}: cannot read the matrix file ({err})") from None
+    if len(mapped) != offset + itemsize * count:
+        raise StoreError(f"{path}: the matrix file has {len(mapped)} bytes, its header says "
+                         f"{offset + itemsize * count} (truncated or extended)")
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
