@@ -82,7 +82,7 @@ def index_worker(config: dict) -> dict:
 
 def select_worker(store_path: Path, repeats: int, seed: int) -> dict:
     """Select the top 5 % of one store in this (fresh) process; best time and memory."""
-    from gradstore.indexer.datastore import Datastore
+    from gradstore.datastore import Datastore
     from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
 
     store = Datastore.open(store_path)

@@ -80,7 +80,7 @@ def build_store(out: Path, n: int, dim: int, checkpoints: list[str], shard_size:
                 index_kind: str = "none", index_memory_budget: int = 4 << 30) -> dict:
     """Write a synthetic store of ``n`` examples at ``out`` through the real writer (with an index
     of ``index_kind``, none by default, built within ``index_memory_budget``)."""
-    from gradstore.indexer.datastore import FeatureBatch, examples_table, finalize_store, publish_store, write_shard
+    from gradstore.datastore import FeatureBatch, examples_table, finalize_store, publish_store, write_shard
 
     work = out.parent / f".{out.name}.partial"
     rng = np.random.default_rng(seed)
@@ -250,7 +250,7 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
     ``fallback``: the same store without raw feature files, scanned once (the Parquet path)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gradstore.indexer.datastore import Datastore, raw_features_path
+    from gradstore.datastore import Datastore, raw_features_path
     from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
     from gradstore.selection.scan import scan_threads, single_threaded_worker
 
