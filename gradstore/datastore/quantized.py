@@ -14,8 +14,10 @@ row it stands for is the decoded float32 row ``x̂``. The kinds (:data:`QUANTIZA
     ``b_i = 1`` if ``x_i > 0`` else 0 (zeros count as negative), ``s = mean_i |x_i|``,
     ``x̂_i = s · (2 b_i − 1)``. This ``s`` is the least-squares factor: it minimises
     ``||x − s · sign||₂`` for the row's signs, so ``q · x̂`` is the best estimate of ``q · x``
-    for an unknown ``q`` that one scale per row allows (bench/RESULTS.md, "Quantised features",
-    compares it with a constant factor). A zero row has ``s = 0`` and decodes to zeros.
+    for an unknown ``q`` that one scale per row allows, and a zero row (``s = 0``) decodes to
+    zeros. On real features it ranks as a constant ``s = 1/√k`` does (bench/RESULTS.md,
+    "Quantised features": projected gradients spread their mass alike), so it costs 4 bytes per
+    row for the same layout as int8 and for zero rows, not for ranking.
     Codes: ``np.packbits(b, axis=1, bitorder="big")``, uint8 ``(rows, ceil(k / 8))``: element
     ``i`` is bit ``7 − i % 8`` (the most significant bit first) of byte ``i // 8``; the unused
     low bits of a row's last byte (when ``k`` is not a multiple of 8) are 0.
