@@ -183,12 +183,8 @@ def test_select_target_free_strategies_and_filters(stores, tmp_path):
 
 
 def stored_representations(store: Path) -> np.ndarray:
-    table = pq.read_table(store / "representations")
-    vectors = table.column("representation").combine_chunks().flatten().to_numpy()
-    vectors = vectors.reshape(table.num_rows, -1).astype(np.float64)
-    out = np.empty_like(vectors)
-    out[table.column("row").to_numpy()] = vectors
-    return out
+    files = sorted((store / "segments" / "seg-000001" / "representations").glob("part-*.npy"))
+    return np.concatenate([np.load(path) for path in files]).astype(np.float64)
 
 
 def test_select_rds_equals_numpy_cosines_of_the_stored_representations(stores):

@@ -30,7 +30,8 @@ _EXPORTS = {
     "MANIFEST_FILE": "layout", "PENDING_MANIFEST": "layout", "SCHEMA_VERSION": "layout", "SCORE_NAMES": "layout",
     "SHARDS_DIR": "layout", "SPECTRA_SCORES": "layout", "SegmentFiles": "layout", "work_dir_of": "layout",
     "Manifest": "manifest", "publish_folder": "publish", "publish_store": "publish", "Datastore": "reader",
-    "compact": "versions", "prune": "versions", "publish_append": "versions", "remove": "versions",
+    "compact": "versions", "prune": "versions", "publish_append": "versions", "quantize": "versions",
+    "remove": "versions",
     "FeatureBatch": "writer", "completed_shards": "writer", "examples_table": "writer", "write_shard": "writer",
     "migrate": "migrate",
 }

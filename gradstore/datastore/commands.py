@@ -1,18 +1,19 @@
 """The CLI commands that change or inspect a store's versions: ``remove``, ``compact``, ``prune``,
-``versions``, ``migrate`` (registered by ``gradstore.cli``; each prints what it did)."""
+``quantize``, ``versions``, ``migrate`` (registered by ``gradstore.cli``; each prints what it did)."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
-from .layout import DEFAULT_KEEP_VERSIONS
+from .layout import DEFAULT_KEEP_VERSIONS, QUANTIZATION_CHOICES
 
 
 def add_parsers(subparsers) -> None:
+    from gradstore.cli import DefaultsHelpFormatter
+
     p = subparsers.add_parser(
         "remove", help="mark examples of a datastore removed (a new version)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Mark the examples of a source, or of the ids listed in a file, removed, as the store's next "
                     "version: selections, searches and id lookups leave them out; their data stays until "
                     "`gradstore compact`. Readers switch to the new version without a restart.")
@@ -24,7 +25,7 @@ def add_parsers(subparsers) -> None:
 
     p = subparsers.add_parser(
         "compact", help="rewrite a datastore's live examples into one segment (a new version)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Write the live examples into one new segment (rows renumbered 0..N-1, removed examples "
                     "gone, the index rebuilt) as the store's next version, then delete what the last "
                     "--keep-versions versions do not use.")
@@ -36,11 +37,22 @@ def add_parsers(subparsers) -> None:
 
     p = subparsers.add_parser(
         "prune", help="delete the files old versions of a datastore alone use",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Delete data files and version manifests that none of the last --keep-versions versions uses.")
     p.add_argument("store", type=Path, help="datastore folder")
     p.add_argument("--keep-versions", type=int, default=DEFAULT_KEEP_VERSIONS, help="versions whose files are kept")
     p.set_defaults(handler=_run_prune)
+
+    p = subparsers.add_parser(
+        "quantize", help="add a quantised copy of a datastore's features (a new version)",
+        formatter_class=DefaultsHelpFormatter,
+        description="Add an int8 (k + 4 bytes per example and checkpoint) or 1-bit (k/8 + 4 bytes) copy of every "
+                    "feature, QLESS-style, for scans that trade a little agreement with fp16 for memory "
+                    "(`gradstore select --precision`; measured agreement: bench/RESULTS.md, 'Quantised "
+                    "features'). Appends and compactions keep it up to date.")
+    p.add_argument("store", type=Path, help="datastore folder")
+    p.add_argument("--kind", required=True, choices=QUANTIZATION_CHOICES, help="the codes")
+    p.set_defaults(handler=_run_quantize)
 
     p = subparsers.add_parser("versions", help="list a datastore's versions",
                               description="How the store came to be: one line per version (what it did, when, rows "
@@ -50,7 +62,7 @@ def add_parsers(subparsers) -> None:
 
     p = subparsers.add_parser(
         "migrate", help="convert a schema version 1 datastore to the current format",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         description="Rewrite a store written before datastore versions (schema version 1) in the current format, "
                     "in place: the same rows, features bit for bit, one stored copy of them; a Flat index is "
                     "dropped (exact searches scan the features) and an approximate one rebuilt.")
@@ -90,6 +102,16 @@ def _run_prune(args) -> int:
 
     deleted = prune(args.store, keep=args.keep_versions)
     print(f"{args.store}: {len(deleted)} files deleted")
+    return 0
+
+
+def _run_quantize(args) -> int:
+    from .versions import quantize
+
+    manifest = quantize(args.store, args.kind)
+    added = sum(info.bytes for path, info in manifest.files.items() if f"/quantized/{args.kind}/" in path)
+    print(f"{args.store}: version {manifest.version}: {args.kind} copy of the features added "
+          f"({added / 2**20:,.1f} MiB)")
     return 0
 
 

@@ -24,7 +24,7 @@ Layout of a store directory
         scores/<checkpoint>/part-00000.parquet ...   per-example scores, uncompressed
         features/<checkpoint>/part-00000.npy ...     the features: the one stored copy
         representations/part-00000.npy ...    representation vectors (stores with extras.representations)
-        quantized/<kind>/<checkpoint>/part-00000.npy ...   optional quantised features
+        quantized/<kind>/<checkpoint>/part-00000.{codes,scales}.npy ...   optional quantised features
         skipped.jsonl                         records this run skipped (only when there were some)
       index/v000001.faiss                     FAISS index (only with an approximate index kind)
       index/v000001.ivfdata                   its inverted lists (index kind "ivf-ondisk" only)
@@ -75,9 +75,11 @@ Removed rows
     the model with the first checkpoint's adapter, L2-normalised), ``<f2`` ``(rows, hidden)``, as
     the features files.
 
-``quantized/<kind>/<checkpoint>/part-XXXXX.npy`` (optional; ``features.quantized`` names the kinds)
-    A compressed copy of the features for fast approximate scans, specified in
-    :mod:`gradstore.datastore.quantized`.
+``quantized/<kind>/<checkpoint>/part-XXXXX.codes.npy`` and ``.scales.npy`` (optional)
+    A compressed copy of the shard's features (``kind``: ``int8`` or ``1bit``, QLESS-style; every
+    shard has the kinds ``features.quantized`` names), specified in
+    :mod:`gradstore.datastore.quantized`; ``gradstore quantize`` adds one to a store as a new
+    version, and appends and compactions write it for their rows.
 
 ``index/vNNNNNN.faiss``
     ``faiss.write_index`` output, metric inner product, one vector per row in row order (removed
@@ -134,6 +136,8 @@ SCORES_DIR = "scores"
 FEATURES_DIR = "features"
 REPRESENTATIONS_DIR = "representations"
 QUANTIZED_DIR = "quantized"
+#: The kinds of quantised copy (``gradstore.datastore.quantized.QUANTIZATIONS`` is this tuple).
+QUANTIZATION_CHOICES = ("int8", "1bit")
 #: Bookkeeping of a work directory (done markers, job fingerprint, temporary files): never published.
 SHARDS_DIR = "_shards"
 TMP_DIR = "tmp"
@@ -222,7 +226,8 @@ class SegmentFiles:
         return self.root / REPRESENTATIONS_DIR / f"{shard_name(shard)}.npy"
 
     def quantized(self, kind: str, checkpoint: str, shard: int) -> Path:
-        return self.root / QUANTIZED_DIR / kind / checkpoint / f"{shard_name(shard)}.npy"
+        """The stem of a quantised copy: ``STEM.codes.npy`` and ``STEM.scales.npy`` are its files."""
+        return self.root / QUANTIZED_DIR / kind / checkpoint / shard_name(shard)
 
     @property
     def skipped(self) -> Path:

@@ -4,7 +4,7 @@ Fields (unknown keys are errors):
 
 - ``format`` = ``"gradstore-datastore"``, ``schema_version`` (:data:`~.layout.SCHEMA_VERSION`),
   ``status`` = ``"complete"``, ``version`` (1 for a new store, +1 for each append, removal or
-  compaction), ``created_at`` (the store's first version, ISO 8601), ``updated_at`` (this
+  compaction or quantised copy), ``created_at`` (the store's first version, ISO 8601), ``updated_at`` (this
   version's), ``gradstore_version``;
 - ``model`` {path, sha256, architecture, dtype, device}; ``tokenizer`` (the formatter's
   description, free-form); ``lora`` {r, alpha, target_modules, params: name -> shape, num_params,
@@ -28,7 +28,7 @@ Fields (unknown keys are errors):
   shard), count (every segment's)};
 - ``tombstones``: the store-relative path of the removed-rows file, or null;
 - ``history`` [{version, at, action (``build``, ``append``, ``remove``, ``compact``,
-  ``migrate``), rows_added, rows_removed}]: how the store came to be;
+  ``migrate``, ``quantize``), rows_added, rows_removed}]: how the store came to be;
 - ``files``: store-relative path -> {bytes, sha256} for every file of the version but the
   manifests.
 """
@@ -49,7 +49,7 @@ from .files import atomic_write_bytes
 from .layout import MANIFEST_FILE, SCHEMA_VERSION, check_checkpoint_name, segment_number
 
 POOLING = "position-weighted-mean"
-ACTIONS = ("build", "append", "remove", "compact", "migrate")
+ACTIONS = ("build", "append", "remove", "compact", "migrate", "quantize")
 
 
 class _Strict(BaseModel):
@@ -148,7 +148,7 @@ class ShardInfo(_Strict):
 class HistoryEntry(_Strict):
     version: int
     at: str
-    action: Literal["build", "append", "remove", "compact", "migrate"]
+    action: Literal["build", "append", "remove", "compact", "migrate", "quantize"]
     rows_added: int = 0
     rows_removed: int = 0
 

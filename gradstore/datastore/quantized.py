@@ -42,10 +42,12 @@ from pathlib import Path
 
 import numpy as np
 
+from .layout import QUANTIZATION_CHOICES
+
 # The float16 scan's block rules apply unchanged: the buffer is the same float32 block.
 from gradstore.selection.scan import _BLOCK_BYTES, _OPENBLAS_ONE_THREAD_MNK
 
-QUANTIZATIONS = ("int8", "1bit")
+QUANTIZATIONS = QUANTIZATION_CHOICES
 BIT_ORDER = "big"
 _INT8_LEVELS = 127
 # Rows encoded at once: bounds the float32 working copy of a large input (4 MiB at k = 1024).
@@ -204,12 +206,14 @@ def code_paths(stem: str | Path) -> tuple[Path, Path]:
     return stem.with_name(stem.name + ".codes.npy"), stem.with_name(stem.name + ".scales.npy")
 
 
-def save(quantized: QuantizedFeatures, stem: str | Path) -> tuple[Path, Path]:
-    """Write ``quantized`` as :func:`code_paths` ``(stem)`` (plain ``np.save``, no atomicity:
-    the store writer publishes files its own way); return the two paths."""
+def save(quantized: QuantizedFeatures, stem: str | Path, tmp_dir: Path | None = None) -> tuple[Path, Path]:
+    """Write ``quantized`` as :func:`code_paths` ``(stem)``, each file atomically
+    (:func:`gradstore.datastore.files.write_matrix`); return the two paths."""
+    from .files import write_matrix
+
     codes_path, scales_path = code_paths(stem)
-    np.save(codes_path, np.ascontiguousarray(quantized.codes), allow_pickle=False)
-    np.save(scales_path, np.ascontiguousarray(quantized.scales), allow_pickle=False)
+    write_matrix(quantized.codes, codes_path, tmp_dir)
+    write_matrix(quantized.scales.reshape(-1), scales_path, tmp_dir)
     return codes_path, scales_path
 
 

@@ -27,6 +27,8 @@ from .errors import ExampleNotFoundError, FeatureNotStoredError, StoreError
 from .files import file_infos, map_matrix, matrix_offset
 from .layout import MANIFEST_FILE, SCORE_NAMES, SEGMENTS_DIR, SPECTRA_SCORES, SegmentFiles
 from .manifest import Manifest, RepresentationInfo, SegmentInfo
+from .quantized import QuantizedFeatures, code_paths
+from .quantized import load as load_quantized
 
 FEATURE_DTYPE = "<f2"
 
@@ -286,6 +288,19 @@ class Datastore:
         self._check_checkpoint(checkpoint)
         return self._map(info.files.features(checkpoint, info.local), (info.num_rows, self.dim), writable)
 
+    def quantized_features(self, kind: str, checkpoint: str, shard: int) -> QuantizedFeatures:
+        """One shard's quantised copy of ``kind`` (memory-mapped codes and scales)."""
+        if kind not in self.manifest.features.quantized:
+            raise FeatureNotStoredError(f"{self.path}: no {kind} copy of the features (the store has "
+                                        f"{self.manifest.features.quantized or 'none'}); add one with "
+                                        f"`gradstore quantize {self.path} --kind {kind}`")
+        info = self.shards[shard]
+        self._check_checkpoint(checkpoint)
+        try:
+            return load_quantized(info.files.quantized(kind, checkpoint, info.local), kind, self.dim)
+        except (OSError, ValueError) as err:
+            raise StoreError(f"cannot read a quantised copy: {err}") from None
+
     def features(self, checkpoint: str) -> np.ndarray:
         """All of one checkpoint's features, float16 ``(num_rows, k)`` (for small stores)."""
         out = np.empty((self.num_rows, self.dim), dtype=np.float16)
@@ -458,7 +473,8 @@ def required_files(root: Path, manifest: Manifest) -> list[Path]:
         required.append(files.examples(local))
         for checkpoint in manifest.checkpoints:
             required += [files.scores(checkpoint.name, local), files.features(checkpoint.name, local)]
-            required += [files.quantized(kind, checkpoint.name, local) for kind in manifest.features.quantized]
+            for kind in manifest.features.quantized:
+                required += code_paths(files.quantized(kind, checkpoint.name, local))
         if representations:
             required.append(files.representations(local))
     if manifest.index is not None:

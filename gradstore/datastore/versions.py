@@ -17,6 +17,8 @@ computes without it and is refused at publication if another change was publishe
 * **compact** (:func:`compact`): the live rows rewritten into one new segment (rows renumbered
   ``0..N-1``, shards of the store's shard size), the index rebuilt, no removed rows; then
   :func:`prune`.
+* **quantize** (:func:`quantize`): a quantised copy (``int8``, ``1bit``) of every shard's
+  features added; appends and compactions then write one for their rows too.
 * **prune** (:func:`prune`): files and version manifests that none of the last ``keep`` versions
   uses are deleted (default 2: the current and the previous version, so a query that started on
   the previous one finishes).
@@ -37,14 +39,16 @@ import pyarrow.parquet as pq
 from gradstore.indexer.faiss_index import factory_for
 
 from .errors import StoreError
-from .files import file_infos, rename, write_matrix, written_atomically
+from .files import file_infos, map_matrix, rename, write_matrix, written_atomically
 from .finalize import (FinishedSegment, commit_manifest, live_summary, now, version_files)
 from .index import build_store_index, can_extend, extend_store_index
 from .layout import (DEFAULT_KEEP_VERSIONS, INDEX_DIR, MANIFEST_FILE, PENDING_MANIFEST, SEGMENTS_DIR, SHARDS_DIR, SKIPPED_FILE,
                      TMP_DIR, TOMBSTONES_DIR, VERSIONS_DIR, SegmentFiles, index_file, segment_name,
                      segment_number, tombstones_file, version_manifest)
 from .manifest import IndexInfo, Manifest, SegmentInfo
-from .reader import Datastore, store_shards
+from .quantized import QUANTIZATIONS, encode
+from .quantized import save as save_quantized
+from .reader import FEATURE_DTYPE, Datastore, Shard, store_shards
 
 LOCK_FILE = ".lock"
 
@@ -126,6 +130,8 @@ def _append_manifest(store: Path, work_dir: Path, base: Manifest, segment: Finis
     tombstones = _write_tombstones(work_dir, version, removed, tmp_dir) if len(removed) else None
     index = _appended_index(store, work_dir, base, old_shards, new_shards, version, budget, tmp_dir)
     counts, tokens = live_summary(old_shards + new_shards, removed)
+    write_quantized(new_shards, [c.name for c in base.checkpoints], base.features.quantized, base.features.dim,
+                    tmp_dir)
     new_files = file_infos(work_dir, version_files(work_dir))
     kept = {path: info.model_dump() for path, info in base.files.items()
             if path != base.tombstones and (base.index is None or index is None or
@@ -266,6 +272,7 @@ def compact(store: str | Path, keep_versions: int = DEFAULT_KEEP_VERSIONS,
         fields = _next(base, "compact", rows_removed=base.counts.removed)
         version = fields["version"]
         shards = store_shards(store, [info])
+        write_quantized(shards, current.checkpoint_names, base.features.quantized, base.features.dim, tmp_dir)
         counts, tokens = live_summary(shards, np.empty(0, np.int64))
         index = None
         if base.index is not None:
@@ -325,6 +332,44 @@ def _gather_table(store: Datastore, rows: np.ndarray, path_of) -> pa.Table:
 def _write_table(table: pa.Table, final: Path, tmp_dir: Path, compression: str) -> None:
     with written_atomically(final, tmp_dir) as tmp:
         pq.write_table(table, tmp, compression=compression, use_dictionary=compression != "none")
+
+
+# -------------------------------------------------------------------------------------- quantize
+
+
+def quantize(store: str | Path, kind: str) -> Manifest:
+    """Add a quantised copy of ``kind`` (:data:`~.quantized.QUANTIZATIONS`) of every shard's
+    features, as a new version."""
+    store = Path(store)
+    if kind not in QUANTIZATIONS:
+        raise StoreError(f"unknown quantisation {kind!r}: expected one of {', '.join(QUANTIZATIONS)}")
+    with store_lock(store):
+        current = Datastore.open(store)
+        base = current.manifest
+        if kind in base.features.quantized:
+            raise StoreError(f"{store}: already holds a {kind} copy of its features")
+        tmp_dir = store / SHARDS_DIR
+        written = write_quantized(current.shards, current.checkpoint_names, [kind], current.dim, tmp_dir)
+        data = base.model_dump(mode="json")
+        data.update(_next(base, "quantize"), features={**data["features"], "quantized": base.features.quantized + [kind]},
+                    files={**data["files"], **file_infos(store, [p.relative_to(store).as_posix() for p in written])})
+        manifest = Manifest.validated(data, store)
+        commit_manifest(store, manifest, tmp_dir)
+    shutil.rmtree(store / SHARDS_DIR, ignore_errors=True)
+    return manifest
+
+
+def write_quantized(shards: Sequence[Shard], checkpoints: Sequence[str], kinds: Sequence[str], dim: int,
+                    tmp_dir: Path) -> list[Path]:
+    """Write the ``kinds`` of quantised copy of every shard's features beside them; returns the files."""
+    written = []
+    for shard in shards:
+        for checkpoint in checkpoints:
+            features = map_matrix(shard.files.features(checkpoint, shard.local), (shard.num_rows, dim), FEATURE_DTYPE)
+            for kind in kinds:
+                written += save_quantized(encode(features, kind), shard.files.quantized(kind, checkpoint, shard.local),
+                                          tmp_dir)
+    return written
 
 
 # ----------------------------------------------------------------------------------------- prune

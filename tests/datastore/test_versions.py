@@ -258,3 +258,28 @@ def wait_for(read, expected, seconds: float = 30.0):
     while (value := read()) != expected and time.monotonic() < deadline:
         time.sleep(0.1)
     return value
+
+
+def test_a_quantised_copy_is_added_as_a_version_and_kept_up_to_date_by_appends(stores, service_corpus, tmp_path):
+    from gradstore.datastore import quantize
+    from gradstore.datastore.quantized import decode, encode
+
+    store = copy(stores, "half", tmp_path)
+    quantize(store, "int8")
+    quantized = Datastore.open(store, verify=True)
+    assert quantized.version == 2 and quantized.manifest.features.quantized == ["int8"]
+    with pytest.raises(StoreError, match="already holds a int8 copy"):
+        quantize(store, "int8")
+    gradstore(*append_command(store, service_corpus[0] / "more.jsonl")[3:])
+    appended = Datastore.open(store, verify=True)
+    assert appended.version == 3 and appended.num_examples == 40
+    for checkpoint in appended.checkpoint_names:
+        for shard, info in enumerate(appended.shards):
+            stored = appended.quantized_features("int8", checkpoint, shard)
+            features = appended.raw_features(checkpoint, shard)
+            expected = encode(np.asarray(features), "int8")
+            np.testing.assert_array_equal(stored.codes, expected.codes)
+            np.testing.assert_array_equal(stored.scales, expected.scales)
+            assert np.abs(decode(stored) - features.astype(np.float32)).max() <= stored.scales.max() / 2 + 1e-6
+    with pytest.raises(StoreError, match="no 1bit copy of the features.*gradstore quantize"):
+        appended.quantized_features("1bit", "epoch-1", 0)

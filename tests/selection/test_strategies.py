@@ -26,7 +26,7 @@ def stored_column(store, name: str) -> np.ndarray:
     opened = Datastore.open(store)
     total = np.zeros(opened.num_examples)
     for checkpoint, weight in zip(opened.checkpoint_names, opened.weights):
-        table = pq.read_table(store / "features" / checkpoint, columns=["row", name])
+        table = pq.read_table(store / "segments" / "seg-000001" / "scores" / checkpoint, columns=["row", name])
         rows = table.column("row").to_numpy()
         total[rows] += weight * table.column(name).to_numpy().astype(np.float64)
     return total
@@ -69,7 +69,7 @@ def test_quality_ranks_by_the_stored_score(selection_stores, engine, order):
 
 
 def test_quality_of_one_checkpoint(selection_stores, engine):
-    table = pq.read_table(selection_stores["pool"] / "features" / "epoch-2", columns=["row", "grad_norm"])
+    table = pq.read_table(selection_stores["pool"] / "segments" / "seg-000001" / "scores" / "epoch-2", columns=["row", "grad_norm"])
     values = np.empty(table.num_rows)
     values[table.column("row").to_numpy()] = table.column("grad_norm").to_numpy()
     selection = engine.select(None, {"k": 5, "strategy": {"name": "quality", "score": "grad_norm",

@@ -111,9 +111,8 @@ def test_a_store_damaged_while_served_answers_503_on_every_route_at_once(served)
 def test_a_store_whose_features_vanish_while_served_answers_503(served):
     _, root, client = served
     assert client.post("/v1/datastores/removed/select", json={"targets": TARGETS, "k": 3}).status_code == 200
-    for folder in ("features", "raw_features"):
-        for path in (root / "removed" / folder).rglob("part-00001.*"):
-            path.unlink()
+    for path in (root / "removed" / "segments" / "seg-000001" / "features").rglob("part-00001.*"):
+        path.unlink()
     error = error_of(client.post("/v1/datastores/removed/select", json={"targets": TARGETS, "k": 5}),
                      503, "datastore_unavailable")
     assert "part-00001" in error["message"]

@@ -47,7 +47,7 @@ def test_stats_histograms_match_the_parquet_columns(client, service_root):
     store = service_root / "pool"
     assert stats["examples"] == 40 and stats["sources"] == {"toy": 28, "more": 12}
     by_key = {(h["name"], h["checkpoint"]): h for h in stats["histograms"]}
-    tokens = pq.read_table(store / "examples", columns=["num_tokens"]).column("num_tokens").to_numpy()
+    tokens = pq.read_table(store / "segments" / "seg-000001" / "examples", columns=["num_tokens"]).column("num_tokens").to_numpy()
     expected, edges = np.histogram(tokens, bins=7)
     assert by_key["num_tokens", None]["counts"] == expected.tolist()
     np.testing.assert_allclose(by_key["num_tokens", None]["edges"], edges)
@@ -62,7 +62,7 @@ def test_stats_histograms_match_the_parquet_columns(client, service_root):
     assert set(by_key) == {("num_tokens", None)} | {(n, None) if n == "vog" else (n, c) for n in names
                                                     for c in ("epoch-1", "epoch-2")}
     if "vog" in names:
-        vog = pq.read_table(store / "examples", columns=["vog"]).column("vog").to_numpy().astype(np.float64)
+        vog = pq.read_table(store / "segments" / "seg-000001" / "examples", columns=["vog"]).column("vog").to_numpy().astype(np.float64)
         assert by_key["vog", None]["counts"] == np.histogram(vog[np.isfinite(vog)], bins=7)[0].tolist()
 
 
