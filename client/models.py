@@ -87,6 +87,9 @@ class DatastoreDetail(DatastoreSummary):
     tokens: dict[str, Any]
     created_at: str
     gradstore_version: str
+    version: int | None = Field(None, description="the store's version: 1 when built, +1 for each append, "
+                                                   "removal, compaction or quantised copy (None: an older service)")
+    updated_at: str | None = Field(None, description="when this version was published")
 
 
 class DatastoreList(_Response):

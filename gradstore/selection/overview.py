@@ -102,7 +102,7 @@ def datastore_detail(name: str, manifest: Manifest) -> DatastoreDetail:
     return DatastoreDetail(
         **summary_fields(name, m), sources=m.counts.by_source, model=m.model.model_dump(),
         lora=m.lora.model_dump(), projection=m.projection, tokens=m.tokens, created_at=m.created_at,
-        gradstore_version=m.gradstore_version,
+        gradstore_version=m.gradstore_version, version=m.version, updated_at=m.updated_at,
     )
 
 

@@ -1,8 +1,9 @@
 """Selection routes: run a selection (any strategy), page through it by cursor, download its export.
 
 A selection is identified by ``selection_id``, the SHA-256 of the canonical request (without
-``page_size`` and ``export``), the datastore's name and creation time (and the target store's,
-for datastore targets): the same request gives the same id. Finished selections are kept in an
+``page_size`` and ``export``), the datastore's name, creation time and version (and the target
+store's, for datastore targets): the same request on the same version gives the same id, and a new
+version of the store (an append, a removal) a new one. Finished selections are kept in an
 LRU cache; a cursor (opaque, URL-safe) names a selection and an offset in it. A selection that
 left the cache answers 410 ``selection_expired``: repeat the select request.
 """
@@ -72,9 +73,11 @@ def selection_key(body: SelectRequest, store: StoreHandle, registry: DatastoreRe
     """The deterministic selection id of a request on a store (see the module docstring)."""
     request = body.model_dump(mode="json", exclude={"page_size", "export"})
     request["targets_kind"] = type(body.targets).__name__
-    key = {"request": request, "datastore": store.name, "created_at": store.manifest.created_at}
+    key = {"request": request, "datastore": store.name, "created_at": store.manifest.created_at,
+           "version": store.manifest.version}
     if isinstance(body.targets, TargetDatastore):
-        key["targets_created_at"] = registry.manifest(body.targets.datastore).created_at
+        targets = registry.manifest(body.targets.datastore)
+        key["targets_created_at"], key["targets_version"] = targets.created_at, targets.version
     canonical = json.dumps(key, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

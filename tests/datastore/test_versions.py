@@ -239,10 +239,15 @@ def test_a_served_store_switches_versions_under_load_without_an_error(stores, tm
         try:
             with Client(service.url, "k") as client:
                 assert client.get_datastore("pool").examples == 40
+                first = client.select("pool", targets, k=5).selection_id
                 remove(root / "pool", ids=["ex-1", "ex-2"])
                 compact(root / "pool")
                 remove(root / "pool", source="more")
                 counts = wait_for(lambda: client.get_datastore("pool").examples, 26)
+                detail = client.get_datastore("pool")
+                assert detail.version == 5 and detail.updated_at is not None
+                # The same request on a new version is a new selection, not the cached one.
+                assert client.select("pool", targets, k=5).selection_id != first
         finally:
             stop.set()
             for thread in threads:
