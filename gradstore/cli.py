@@ -324,7 +324,10 @@ def _run_info(args) -> int:
         print(json.dumps(m.model_dump(mode="json"), indent=2))
         return 0
     print(f"datastore     {store.path}")
-    print(f"examples      {m.counts.examples:,} ({m.counts.skipped:,} skipped, {m.counts.truncated:,} truncated)")
+    print(f"version       {m.version} ({m.history[-1].action}, {m.updated_at}); {len(m.segments)} segment(s), "
+          f"{m.shards.count} shard(s)")
+    removed = f", {m.counts.removed:,} removed" if m.counts.removed else ""
+    print(f"examples      {m.counts.examples:,} ({m.counts.skipped:,} skipped, {m.counts.truncated:,} truncated{removed})")
     for source, count in m.counts.by_source.items():
         print(f"  {source:<12}{count:,}")
     print(f"model         {m.model.path} ({m.model.architecture}, {m.model.dtype})")
@@ -337,7 +340,11 @@ def _run_info(args) -> int:
         print(f"  {c.name:<12}weight {c.weight:.4f}  {c.path or '(fresh LoRA)'}")
     if m.index is not None:
         print(f"index         {m.index.kind} ({m.index.factory}), dim {m.index.dim}, {m.index.ntotal:,} vectors")
-    representations = m.extras.representations if m.extras is not None else None
+    else:
+        print("index         none (exact searches scan the features)")
+    if m.features.quantized:
+        print(f"quantised     {', '.join(m.features.quantized)} copies of the features")
+    representations = m.extras.representations
     print(f"extras        representations: "
           f"{f'{representations.dim} dims ({representations.checkpoint})' if representations else 'none'}; "
           f"scores: {', '.join(store.score_names)}")

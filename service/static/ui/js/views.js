@@ -175,10 +175,12 @@
     root.append(section("Datastore",
       table(["", ""], [
         ["examples", fmt(detail.examples)], ["health", state], ["gradient type", detail.gradient_type],
-        ["index", detail.index || "none"], ["feature dimension", fmt(detail.dim)],
+        ["index", detail.index || "none (exact scans)"], ["feature dimension", fmt(detail.dim)],
         ["model", detail.model && (detail.model.path || detail.model.architecture)],
         ["projection", detail.projection ? `${detail.projection.kind || ""} k=${detail.projection.dim} seed=${detail.projection.seed}` : "–"],
-        ["created", detail.created_at], ["gradstore", detail.gradstore_version],
+        ["created", detail.created_at],
+        ["version", detail.version == null ? "–" : `${detail.version} (published ${detail.updated_at})`],
+        ["gradstore", detail.gradstore_version],
       ], { class: "kv" })));
     root.append(section("Checkpoints and weights",
       table(["checkpoint", "weight", "learning rate"], detail.checkpoints.map((c) => [c.name, fmt(c.weight, 4), fmt(c.learning_rate)]))));
