@@ -279,7 +279,7 @@ def measure_faiss(args) -> dict:
                "faiss": faiss.__version__, "cpu_threads": faiss.omp_get_max_threads(), "kinds": {},
                "gpu": gpu_missing or {"devices": faiss.get_num_gpus()}}
     for kind in args.index_kinds:
-        factory = factory_for(kind, args.n)
+        factory = factory_for(kind, args.n, args.faiss_dim)
         sample = training_sample(factory, vectors, args.seed)
         start = time.perf_counter()
         index = build_index(vector_batches(vectors), factory, args.faiss_dim, sample)

@@ -12,25 +12,45 @@ every training example under ``METRIC_INNER_PRODUCT`` (FAISS has no cosine metri
 here), with FAISS id == insertion order == the example's ``row``; a query is ``v(z)`` built by the
 same :func:`concat_weighted` from the target's normalised per-checkpoint vectors.
 
-Index kinds (``choose_factory``):
+Index kinds (:data:`INDEX_KINDS`, factories from :func:`factory_for`; ``d`` = the vectors' dim,
+checkpoints × k; bytes per vector as :func:`index_bytes` counts them):
 
-    flat   "Flat"               exact; float32, n·dim·4 bytes
-    sq16   "SQfp16"             near-exact (fp16 storage; the features are fp16 anyway); half of flat
-    ivf    "IVF{nlist},SQfp16"  approximate, faster search; nlist ≈ 4·sqrt(n); nprobe is set per query
-                                (a default of IVF_NPROBE is stored in the index); memory as sq16
-    ivf-ondisk  (as ivf)        the same index with its inverted lists in a second file, ``<index
-                                name>.ivfdata`` next to the index file (:func:`lists_path`), built
-                                without holding them in memory (:func:`build_ondisk_ivf`)
-    hnsw   "HNSW32,SQfp16"      approximate graph search; memory of sq16 plus the graph links
-    none                        no index file (scoring then streams the features)
+    none                            no index file: exact search scans the stored fp16 features
+    flat      "Flat"                exact; float32, 4·d bytes (twice the features)
+    sq16      "SQfp16"              exact up to fp16 rounding (the features are fp16 anyway); 2·d
+    sq8       "SQ8"                 8-bit scalar quantizer (a range per dimension, trained); d
+    pq        "PQ{M}x4fs"           product quantizer, M sub-vectors of 4 bits, searched by FAISS's
+                                    SIMD fast scan; M/2 bytes (128 for any d >= 1024)
+    ivf       "IVF{nlist},SQfp16"   approximate, probes IVF_NPROBE of nlist ≈ 4·sqrt(n) lists (nprobe
+                                    is stored, and may be set per query); 2·d + 8 (the id)
+    ivf-sq8   "IVF{nlist},SQ8"      as ivf over sq8 codes; d + 8
+    ivf-pq    "IVF{nlist},PQ{M}x4fs" as ivf over pq codes of the residuals; M/2 + 8
+    hnsw      "HNSW32,SQfp16"       approximate graph search; 2·d plus about 270 bytes of links
+    hnsw-sq8  "HNSW32,SQ8"          as hnsw over sq8 codes; d plus the links
+    ivf-ondisk  (as ivf)            the same index with its inverted lists in a second file, ``<index
+                                    name>.ivfdata`` next to the index file (:func:`lists_path`), built
+                                    without holding them in memory (:func:`build_ondisk_ivf`)
 
-``auto`` takes flat when it fits the memory budget, else sq16 when that fits, else ivf-ondisk: ivf
-needs about as much memory to build as sq16 (it buys search speed, not space), so only the on-disk
-build stays within a budget that sq16 exceeds.
+The product quantizers use 4-bit codes because FAISS trains and searches them far faster than
+8-bit ones at these dimensions (bench/RESULTS.md, "Index kinds"), and M is at most 256
+(:data:`PQ_MAX_SUBQUANTIZERS`): fast scan sums M 8-bit table entries in 16-bit integers, which
+overflow (silently, ranking garbage) above 257 of them.
+
+``auto`` (:func:`auto_kind`): ``none`` while the store's fp16 features are at most
+:data:`AUTO_EXACT_MAX_BYTES` (the exact scan answers fast enough and exactly, and no index is
+built or stored), else the first of :data:`AUTO_APPROXIMATE_KINDS` whose index fits the memory
+budget (:func:`index_bytes`), else ivf-ondisk, the one build whose memory is bounded by the budget
+whatever n.
+
+Appending rows: :func:`extend_index` adds new rows' vectors to a built index file's index, ids
+continuing the row numbering, with the quantizers, lists and codebooks it was trained with; kinds
+for which :func:`can_extend` is false need a rebuild.
 
 Reading: :func:`read_index` memory-maps the vectors of every kind (``IO_FLAG_MMAP_IFC``), so a
 service holds an index in the page cache, shared and evictable, instead of its own memory; an
-index larger than RAM is searched at disk speed rather than refused. An ivf-ondisk index's lists
+index larger than RAM is searched at disk speed rather than refused. Except pq: FAISS reads a
+fast-scan index's code blocks into memory whatever the flags (its 128 bytes a vector; ivf-pq's
+lists are mapped). An ivf-ondisk index's lists
 are memory-mapped from its ``.ivfdata`` file, found in the index file's own folder
 (``IO_FLAG_ONDISK_SAME_DIR``), so the two files can be moved or copied together anywhere.
 """
@@ -44,10 +64,48 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+AUTO_KIND = "auto"
+NO_INDEX_KIND = "none"
 ONDISK_KIND = "ivf-ondisk"
-INDEX_KINDS = ("auto", "flat", "sq16", "ivf", ONDISK_KIND, "hnsw", "none")
+# Every value of a store's index setting (the CLI's --index, the job config, the manifest's
+# index.kind), with what it is, for help texts; auto resolves to one of the others.
+INDEX_KINDS = {
+    AUTO_KIND: "none for small stores, else the first approximate index that fits the memory budget",
+    NO_INDEX_KIND: "no index: exact search scans the stored features",
+    "flat": "exact, float32 (twice the features' bytes)",
+    "sq16": "exact up to fp16 rounding (the features' bytes again)",
+    "sq8": "8-bit scalar quantizer (half the features' bytes)",
+    "pq": "4-bit product quantizer, fast scan (128 bytes a vector)",
+    "ivf": "inverted lists of fp16 codes (approximate)",
+    "ivf-sq8": "inverted lists of 8-bit codes (approximate)",
+    "ivf-pq": "inverted lists of 4-bit product codes (approximate)",
+    "hnsw": "HNSW graph over fp16 codes (approximate)",
+    "hnsw-sq8": "HNSW graph over 8-bit codes (approximate)",
+    ONDISK_KIND: "ivf with its lists merged on disk, built within the memory budget",
+}
+# auto builds no index while the store's fp16 features (n · d · 2 bytes) are at most this. The
+# exact scan took 62 ms for one query over 100,000 × 2,048 (410 MB) on one core in memory
+# (bench/RESULTS.md, "Index kinds"), so about 0.16 s at 1 GiB, and about 0.35 s through the
+# engine's memory-mapped files (about 3 GB/s, "Selection scan"): still interactive, exact, and no
+# index to build, store or keep in step with appends.
+AUTO_EXACT_MAX_BYTES = 1 << 30
+# auto's choice above AUTO_EXACT_MAX_BYTES: the first of these whose index fits the memory budget.
+# Same run, 100,000 × 2,048: ivf-sq8 recall@10 0.998 at 2.3 ms a query and 2,160 bytes a vector
+# (half the features'); ivf-pq 0.77 (0.999 within its top 100, for an exact re-ranking) at 0.24 ms
+# and 265 bytes. hnsw-sq8 is as good as ivf-sq8 but its graph is read at random, slow from disk
+# when the index outgrows the page cache, where IVF reads only the lists it probes.
+AUTO_APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
+FEATURE_BYTES = 2  # the stored features are fp16
 LISTS_SUFFIX = ".ivfdata"
 HNSW_LINKS = 32
+# Per vector: 2·HNSW_LINKS neighbours at level 0 and, on average, a little over one more in the
+# upper levels (int32 each), its offset into them (8 bytes) and its level (4 bytes).
+HNSW_LINK_BYTES = (2 * HNSW_LINKS + 2) * 4 + 12
+# Product quantizer: about 4 dimensions per 4-bit sub-quantizer (d/8 bytes a vector), at most 256
+# of them, as fast scan adds M table entries of up to 255 in 16-bit integers: 256 · 255 < 2**16.
+# 1,024 of them at d = 4,096 gave recall@10 0.017 (overflow); 512 happened to work there.
+PQ_DIMS_PER_SUBQUANTIZER = 4
+PQ_MAX_SUBQUANTIZERS = 256
 # HNSW build and search breadths stored in the index. The FAISS defaults (40 and 16) lose
 # noticeable recall on high-dimensional vectors: on 1M clustered d=1024 vectors, efSearch 256 gave
 # recall@100 0.959 at 10.1× the queries/s of exact search, 128 only 0.903 (bench/RESULTS.md).
@@ -107,31 +165,69 @@ def ivf_nlist(n: int) -> int:
     return max(1, min(n, round(4 * math.sqrt(n))))
 
 
-def factory_for(kind: str, n: int) -> str:
-    """The FAISS factory string of an explicit index kind (``""`` for none)."""
+def pq_subquantizers(dim: int) -> int:
+    """Sub-quantizers of the product quantizer for ``dim``: the largest divisor of ``dim`` that is
+    at most ``dim / PQ_DIMS_PER_SUBQUANTIZER`` and at most ``PQ_MAX_SUBQUANTIZERS`` (1 at least)."""
+    cap = max(1, min(PQ_MAX_SUBQUANTIZERS, dim // PQ_DIMS_PER_SUBQUANTIZER))
+    return next(m for m in range(cap, 0, -1) if dim % m == 0)
+
+
+def factory_for(kind: str, n: int, dim: int) -> str | None:
+    """The FAISS factory string of an explicit index kind for ``n`` vectors of ``dim`` (None for none)."""
+    ivf = f"IVF{ivf_nlist(n)}"
+    pq = f"PQ{pq_subquantizers(dim)}x4fs"
     factories = {
+        NO_INDEX_KIND: None,
         "flat": "Flat",
         "sq16": "SQfp16",
-        "ivf": f"IVF{ivf_nlist(n)},SQfp16",
-        ONDISK_KIND: f"IVF{ivf_nlist(n)},SQfp16",
+        "sq8": "SQ8",
+        "pq": pq,
+        "ivf": f"{ivf},SQfp16",
+        "ivf-sq8": f"{ivf},SQ8",
+        "ivf-pq": f"{ivf},{pq}",
         "hnsw": f"HNSW{HNSW_LINKS},SQfp16",
-        "none": "",
+        "hnsw-sq8": f"HNSW{HNSW_LINKS},SQ8",
+        ONDISK_KIND: f"{ivf},SQfp16",
     }
     if kind not in factories:
-        raise ValueError(f"unknown index kind {kind!r}: expected one of {INDEX_KINDS}")
+        raise ValueError(f"unknown index kind {kind!r}: expected one of {', '.join(INDEX_KINDS)}")
     return factories[kind]
 
 
-def choose_factory(kind: str, n: int, dim: int, memory_budget: int) -> tuple[str, str]:
-    """``(kind, factory)`` for ``n`` vectors of ``dim`` float32s; ``auto`` resolves by memory."""
-    if kind == "auto":
-        if n * dim * 4 <= memory_budget:
-            kind = "flat"
-        elif n * dim * 2 <= memory_budget:
-            kind = "sq16"
-        else:
-            kind = ONDISK_KIND
-    return kind, factory_for(kind, n)
+def choose_factory(kind: str, n: int, dim: int, memory_budget: int) -> tuple[str, str | None]:
+    """``(kind, factory)`` for ``n`` vectors of ``dim`` float32s; ``auto`` resolves by
+    :func:`auto_kind` (kind ``none``, factory None: no index, the exact scan answers)."""
+    if kind == AUTO_KIND:
+        kind = auto_kind(n, dim, memory_budget)
+    return kind, factory_for(kind, n, dim)
+
+
+def auto_kind(n: int, dim: int, memory_budget: int) -> str:
+    """``none`` up to ``AUTO_EXACT_MAX_BYTES`` of fp16 features, else the first of
+    ``AUTO_APPROXIMATE_KINDS`` whose index fits ``memory_budget``, else ivf-ondisk."""
+    if n * dim * FEATURE_BYTES <= AUTO_EXACT_MAX_BYTES:
+        return NO_INDEX_KIND
+    for kind in AUTO_APPROXIMATE_KINDS:
+        if index_bytes(factory_for(kind, n, dim), n, dim) <= memory_budget:
+            return kind
+    return ONDISK_KIND
+
+
+def index_bytes(factory: str, n: int, dim: int) -> int:
+    """Memory an index of ``factory`` holding ``n`` vectors takes once built: codes, ids (IVF),
+    graph links (HNSW) and coarse centroids (IVF); codebooks and scalar-quantizer ranges, a few
+    ``dim``-sized tables, are left out. The training sample comes on top while it is built."""
+    index = _new_index(factory, dim)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        # Fast scan stores each list's codes in blocks of `bbs` vectors, half a block unused on average.
+        padding = ivf.nlist * getattr(faiss.downcast_index(ivf), "bbs", 0) // 2
+        return (n + padding) * ivf.code_size + n * 8 + ivf.nlist * dim * 4
+    # downcast gives a view of the same object: `index` must stay referenced while it is used.
+    concrete = faiss.downcast_index(index)
+    if isinstance(concrete, faiss.IndexHNSW):
+        return n * (faiss.downcast_index(concrete.storage).code_size + HNSW_LINK_BYTES)
+    return n * concrete.code_size
 
 
 def _new_index(factory: str, dim: int) -> faiss.Index:
@@ -145,7 +241,9 @@ def train_sample_size(factory: str, n: int, dim: int, memory_budget: int) -> int
     """Rows to sample for training ``factory`` (0 when it needs no training).
 
     IVF takes ``IVF_TRAIN_POINTS_PER_LIST`` points per list, capped by what fits in the memory
-    budget as float32 but never below nlist (k-means needs one point per centroid at least).
+    budget as float32 but never below nlist (k-means needs one point per centroid at least); the
+    other trained kinds (sq8's ranges, pq's 16 centroids per sub-quantizer) take as many as IVF with
+    256 lists would.
     """
     index = _new_index(factory, dim)
     if index.is_trained:
@@ -171,8 +269,8 @@ def build_index(vector_batches: Iterable[np.ndarray], factory: str, dim: int,
                 train_sample: np.ndarray | None = None) -> faiss.Index:
     """An inner-product index of ``factory`` holding the batches in order (id == insertion order).
 
-    ``train_sample`` (float32, ``(m, dim)``) is required by factories that need training (IVF) and
-    ignored by the others.
+    ``train_sample`` (float32, ``(m, dim)``) is required by factories that need training (IVF, SQ8,
+    PQ) and ignored by the others.
     """
     index = trained_index(factory, dim, train_sample)
     for batch in vector_batches:
@@ -188,7 +286,54 @@ def trained_index(factory: str, dim: int, train_sample: np.ndarray | None = None
     if not index.is_trained:
         if train_sample is None or len(train_sample) == 0:
             raise ValueError(f"index {factory!r} needs training vectors: pass train_sample")
-        index.train(_as_vectors(train_sample, dim, "train_sample"))
+        try:
+            index.train(_as_vectors(train_sample, dim, "train_sample"))
+        except RuntimeError as err:  # e.g. fewer points than a k-means has centroids
+            raise ValueError(f"FAISS cannot train index {factory!r} on {len(train_sample)} vectors: {err}; "
+                             f"choose a kind that needs no training (flat, sq16, hnsw) or none") from err
+    return index
+
+
+def can_extend(kind: str) -> bool:
+    """Whether a store whose index is of ``kind`` takes appended rows without a rebuild: by
+    :func:`extend_index`, or with nothing to do for ``none``.
+
+    ivf-ondisk cannot: FAISS grows an on-disk list by moving it to the end of the lists file and
+    resizing that file through its memory map, in place, so an append would rewrite the published,
+    checksummed ``.ivfdata`` file under its readers, and a crash midway would leave it torn;
+    reading it into memory instead would give up the bound on memory it was built for. It is
+    rebuilt (:func:`build_ondisk_ivf`), which re-reads every row's features.
+    """
+    if kind not in INDEX_KINDS or kind == AUTO_KIND:
+        built_kinds = ", ".join(k for k in INDEX_KINDS if k != AUTO_KIND)
+        raise ValueError(f"can_extend needs the kind a store's index was built with ({built_kinds}), got {kind!r}")
+    return kind != ONDISK_KIND
+
+
+def extend_index(index_path: str | Path, vector_batches: Iterable[np.ndarray], first_row: int) -> faiss.Index:
+    """The index stored at ``index_path``, read into memory, with ``vector_batches`` added in order
+    as rows ``first_row``, ``first_row + 1``, ...; the file is left as it is, for the caller to
+    replace (atomically) with the result.
+
+    FAISS numbers added vectors from the index's ``ntotal`` on, so ``first_row`` must be
+    ``ntotal``: the ids continue the row numbering without a gap. Nothing is retrained: the new
+    rows are encoded with the quantizer ranges, codebooks and IVF centroids (and stored search
+    defaults) trained on the first rows, which serve appended rows as well only while these come
+    from the same distribution. The index is read, not memory-mapped, because a mapped index's
+    vectors are read-only views and FAISS aborts the process (an assertion, not an exception) when
+    one is added to; memory is the whole index plus one batch. ivf-ondisk indexes are refused (see
+    :func:`can_extend`).
+    """
+    path = Path(index_path)
+    if lists_path(path).exists():
+        raise ValueError(f"{path}: an ivf-ondisk index (lists in {lists_path(path).name}) cannot be extended; "
+                         f"rebuild it over all rows")
+    index = read_index(path, memory_mapped=False)
+    if first_row != index.ntotal:
+        raise ValueError(f"{path} holds rows 0..{index.ntotal - 1}, so appended rows start at {index.ntotal}, "
+                         f"not {first_row}; extend it with the rows it lacks, in order")
+    for batch in vector_batches:
+        index.add(_as_vectors(batch, index.d, "vector batch"))
     return index
 
 
