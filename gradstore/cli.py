@@ -114,11 +114,11 @@ def _add_index_parser(subparsers) -> None:
                      help=f"most examples in a batch (default: {cuda_batch[1]} on CUDA, {cpu_batch[1]} on CPU)")
     run.add_argument("--shard-size", type=int, default=1024,
                      help="examples per shard (the unit of resumption and of multi-process work)")
-    run.add_argument("--index", default="auto",
-                     help="FAISS index for approximate search: auto, flat, sq16, ivf, ivf-ondisk (IVF built in "
-                          "parts, its lists merged on disk: for stores whose index does not fit in memory), hnsw "
-                          "or none (exact searches scan the stored features); auto takes none while exact scans "
-                          "are fast enough, then a compressed index that fits --index-memory")
+    from gradstore.datastore.layout import INDEX_KINDS  # no FAISS: --help works with the base install
+
+    run.add_argument("--index", default="auto", choices=list(INDEX_KINDS), metavar="KIND",
+                     help="FAISS index for approximate search; exact searches scan the stored features. "
+                          + "; ".join(f"{kind}: {what}" for kind, what in INDEX_KINDS.items()))
     run.add_argument("--index-memory", type=_size, default="4GiB",
                      help="memory budget steering --index auto and bounding an ivf-ondisk build (e.g. 4GiB)")
     extra = p.add_argument_group("extra per-example features (computed by default, in the same pass)")

@@ -44,8 +44,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-# The pooling of a representation vector, as the manifest names it.
-from gradstore.datastore.manifest import POOLING  # noqa: E402
 
 
 @dataclass(frozen=True)

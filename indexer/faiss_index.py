@@ -64,25 +64,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-AUTO_KIND = "auto"
-NO_INDEX_KIND = "none"
-ONDISK_KIND = "ivf-ondisk"
-# Every value of a store's index setting (the CLI's --index, the job config, the manifest's
-# index.kind), with what it is, for help texts; auto resolves to one of the others.
-INDEX_KINDS = {
-    AUTO_KIND: "none for small stores, else the first approximate index that fits the memory budget",
-    NO_INDEX_KIND: "no index: exact search scans the stored features",
-    "flat": "exact, float32 (twice the features' bytes)",
-    "sq16": "exact up to fp16 rounding (the features' bytes again)",
-    "sq8": "8-bit scalar quantizer (half the features' bytes)",
-    "pq": "4-bit product quantizer, fast scan (128 bytes a vector)",
-    "ivf": "inverted lists of fp16 codes (approximate)",
-    "ivf-sq8": "inverted lists of 8-bit codes (approximate)",
-    "ivf-pq": "inverted lists of 4-bit product codes (approximate)",
-    "hnsw": "HNSW graph over fp16 codes (approximate)",
-    "hnsw-sq8": "HNSW graph over 8-bit codes (approximate)",
-    ONDISK_KIND: "ivf with its lists merged on disk, built within the memory budget",
-}
+# The kinds are part of the store's format (its manifest names one): defined beside it.
+from gradstore.datastore.layout import AUTO_KIND, INDEX_KINDS, NO_INDEX_KIND, ONDISK_KIND  # noqa: E402,F401
+
 # auto builds no index while the store's fp16 features (n · d · 2 bytes) are at most this. The
 # exact scan took 62 ms for one query over 100,000 × 2,048 (410 MB) on one core in memory
 # (bench/RESULTS.md, "Index kinds"), so about 0.16 s at 1 GiB, and about 0.35 s through the

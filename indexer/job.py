@@ -54,6 +54,7 @@ from .corpus import Corpus, CorpusSource, SkippedRecord, read_corpus, write_skip
 from gradstore.datastore import (MANIFEST_FILE, PENDING_MANIFEST, SHARDS_DIR, Datastore, FeatureBatch,
                                  SegmentFiles, SettingsMismatchError, completed_shards, finalize_segment,
                                  finalize_store, os_reason, publish_append, publish_store, work_dir_of, write_shard)
+from gradstore.datastore.layout import INDEX_KINDS
 from gradstore.datastore.versions import next_segment_name
 
 from .errors import BadRecordError, JobError, StoreError
@@ -108,6 +109,8 @@ class IndexJobConfig:
         if self.gradient_type in ("adam", "less") and not any(c.path for c in self.checkpoints):
             raise JobError(f"gradient type {self.gradient_type!r} needs checkpoints with optimizer state "
                            "(--checkpoint DIR); use 'sgd' or 'sign' for a fresh LoRA")
+        if self.index not in INDEX_KINDS:
+            raise JobError(f"unknown index kind {self.index!r}: expected one of {', '.join(INDEX_KINDS)}")
         names = [c.name for c in self.checkpoints]
         if len(set(names)) != len(names):
             raise JobError(f"checkpoint names must be unique, got {names}; name them with NAME=DIR")

@@ -18,8 +18,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from gradstore.indexer.faiss_index import (ONDISK_KIND, build_index, build_ondisk_ivf, concat_weighted,
-                                           lists_path, read_index, train_sample_size, trained_index)
+from gradstore.indexer.faiss_index import (ONDISK_KIND, build_index, build_ondisk_ivf, concat_weighted, extend_index,
+                                           lists_path, train_sample_size, trained_index)
 
 from .errors import StoreError
 from .files import check_free_space, map_matrix, written_atomically
@@ -29,11 +29,6 @@ from .reader import FEATURE_DTYPE, Shard
 _BATCH_BYTES = 256 << 20
 # faiss reports a failed write as a RuntimeError ending in "(<the system's reason>)".
 _FAISS_WRITE_ERROR = re.compile(r"write error in .*\(([^()]+)\)\s*$", re.DOTALL)
-
-
-def can_extend(kind: str) -> bool:
-    """Whether new rows can be added to an index of ``kind`` without rebuilding it."""
-    return kind != ONDISK_KIND
 
 
 def weighted_vectors(shards: Sequence[Shard], checkpoints: Sequence[str], weights: np.ndarray, dim: int,
@@ -77,14 +72,14 @@ def build_store_index(path: Path, info: IndexInfo, shards: Sequence[Shard], chec
 
 def extend_store_index(base: Path, path: Path, info: IndexInfo, new_shards: Sequence[Shard],
                        checkpoints: Sequence[str], weights: np.ndarray, dim: int, tmp_dir: Path) -> None:
-    """Write to ``path`` the index at ``base`` with the rows of ``new_shards`` added (ids continue
-    the row numbering: the base holds every earlier row)."""
-    index = read_index(base, memory_mapped=False)
-    first = new_shards[0].first_row if new_shards else index.ntotal
-    if index.ntotal != first:
-        raise StoreError(f"{base}: holds {index.ntotal} vectors, the new rows start at {first}")
-    for _, vectors in weighted_vectors(new_shards, checkpoints, weights, dim):
-        index.add(vectors)
+    """Write to ``path`` the index at ``base`` with the rows of ``new_shards`` added
+    (``faiss_index.extend_index``: ids continue the row numbering, nothing is retrained)."""
+    first = new_shards[0].first_row if new_shards else info.ntotal
+    vectors = (v for _, v in weighted_vectors(new_shards, checkpoints, weights, dim))
+    try:
+        index = extend_index(base, vectors, first)
+    except ValueError as err:
+        raise StoreError(str(err)) from None
     _check_count(index, info, path)
     write_index(index, path, tmp_dir)
 

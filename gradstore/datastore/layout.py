@@ -138,6 +138,26 @@ REPRESENTATIONS_DIR = "representations"
 QUANTIZED_DIR = "quantized"
 #: The kinds of quantised copy (``gradstore.datastore.quantized.QUANTIZATIONS`` is this tuple).
 QUANTIZATION_CHOICES = ("int8", "1bit")
+AUTO_KIND = "auto"
+NO_INDEX_KIND = "none"
+ONDISK_KIND = "ivf-ondisk"
+#: Every value of a store's index setting (the CLI's --index, the job config, the manifest's
+#: index.kind), with what it is, for help texts; auto resolves to one of the others
+#: (``gradstore.indexer.faiss_index`` builds them).
+INDEX_KINDS = {
+    AUTO_KIND: "none for small stores, else the first approximate index that fits the memory budget",
+    NO_INDEX_KIND: "no index: exact search scans the stored features",
+    "flat": "exact, float32 (twice the features' bytes)",
+    "sq16": "exact up to fp16 rounding (the features' bytes again)",
+    "sq8": "8-bit scalar quantizer (half the features' bytes)",
+    "pq": "4-bit product quantizer, fast scan (128 bytes a vector)",
+    "ivf": "inverted lists of fp16 codes (approximate)",
+    "ivf-sq8": "inverted lists of 8-bit codes (approximate)",
+    "ivf-pq": "inverted lists of 4-bit product codes (approximate)",
+    "hnsw": "HNSW graph over fp16 codes (approximate)",
+    "hnsw-sq8": "HNSW graph over 8-bit codes (approximate)",
+    ONDISK_KIND: "ivf with its lists merged on disk, built within the memory budget",
+}
 #: Bookkeeping of a work directory (done markers, job fingerprint, temporary files): never published.
 SHARDS_DIR = "_shards"
 TMP_DIR = "tmp"

@@ -107,7 +107,7 @@ def _index(old: dict, work: Path, shards, checkpoints: list[str], budget: int, t
     if index is None or index["kind"] == "flat":
         return None
     rows = sum(s.num_rows for s in shards)
-    info = IndexInfo(**{**index, "file": index_file(1), "factory": factory_for(index["kind"], rows)})
+    info = IndexInfo(**{**index, "file": index_file(1), "factory": factory_for(index["kind"], rows, index["dim"])})
     weights = normalized_weights([c["weight"] for c in old["checkpoints"]])
     build_store_index(work / info.file, info, shards, checkpoints, weights, old["features"]["dim"], budget, tmp_dir)
     return info.model_dump()

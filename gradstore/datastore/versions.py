@@ -36,12 +36,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from gradstore.indexer.faiss_index import factory_for
+from gradstore.indexer.faiss_index import can_extend, factory_for
 
 from .errors import StoreError
 from .files import file_infos, map_matrix, rename, write_matrix, written_atomically
 from .finalize import (FinishedSegment, commit_manifest, live_summary, now, version_files)
-from .index import build_store_index, can_extend, extend_store_index
+from .index import build_store_index, extend_store_index
 from .layout import (DEFAULT_KEEP_VERSIONS, INDEX_DIR, MANIFEST_FILE, PENDING_MANIFEST, SEGMENTS_DIR, SHARDS_DIR, SKIPPED_FILE,
                      TMP_DIR, TOMBSTONES_DIR, VERSIONS_DIR, SegmentFiles, index_file, segment_name,
                      segment_number, tombstones_file, version_manifest)
@@ -173,7 +173,7 @@ def _appended_index(store: Path, work_dir: Path, base: Manifest, old_shards, new
     if can_extend(kind):
         extend_store_index(store / base.index.file, path, info, new_shards, names, weights, dim, tmp_dir)
     else:
-        info = IndexInfo(**{**info.model_dump(), "factory": factory_for(kind, rows)})
+        info = IndexInfo(**{**info.model_dump(), "factory": factory_for(kind, rows, info.dim)})
         build_store_index(path, info, list(old_shards) + list(new_shards), names, weights, dim, budget, tmp_dir)
     return info.model_dump()
 
@@ -278,7 +278,7 @@ def compact(store: str | Path, keep_versions: int = DEFAULT_KEEP_VERSIONS,
         if base.index is not None:
             kind = base.index.kind
             index = IndexInfo(**{**base.index.model_dump(), "file": index_file(version), "ntotal": len(live),
-                                 "factory": factory_for(kind, len(live))})
+                                 "factory": factory_for(kind, len(live), base.index.dim)})
             build_store_index(store / index.file, index, shards, current.checkpoint_names, base.weights,
                               base.features.dim, index_memory_budget, tmp_dir)
             index = index.model_dump()
