@@ -45,7 +45,6 @@ from dataclasses import asdict, dataclass
 import torch
 
 
-
 @dataclass(frozen=True)
 class ExtraFeatures:
     """Which extra per-example features a job computes (``gradstore index --no-…`` turns each off)."""
