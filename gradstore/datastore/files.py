@@ -11,7 +11,6 @@ maps after their header is checked against the shape the manifest implies.
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -143,19 +142,22 @@ def matrix_offset(path: Path, shape: tuple[int, int], dtype: str) -> int:
 
 def map_matrix(path: Path, shape: tuple[int, int], dtype: str, writable: bool = False,
                offset: int | None = None) -> np.ndarray:
-    """A ``.npy`` matrix memory-mapped: read-only, or copy-on-write with ``writable`` (writes stay
-    in this process, the file never changes). ``offset`` is where the matrix begins, from an
-    earlier :func:`matrix_offset` of the same file (parsing the header costs more than mapping the
-    file); None checks the header now."""
+    """A ``.npy`` matrix as a ``numpy.memmap``: read-only, or copy-on-write with ``writable``
+    (writes stay in this process, the file never changes). ``offset`` is where the matrix begins,
+    from an earlier :func:`matrix_offset` of the same file (parsing the header costs more than
+    mapping the file); None checks the header now. A ``memmap`` keeps its file's name and offset,
+    so a reader may also read the file directly instead of through the map (the selection scan
+    does, ``gradstore.selection.scan``)."""
     if offset is None:
         offset = matrix_offset(path, shape, dtype)
-    itemsize, count = np.dtype(dtype).itemsize, shape[0] * shape[1]
+    expected = offset + np.dtype(dtype).itemsize * shape[0] * shape[1]
     try:
-        with open(path, "rb") as file:
-            mapped = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY if writable else mmap.ACCESS_READ)
+        size = os.stat(path).st_size
+        if size != expected:
+            raise StoreError(f"{path}: the matrix file has {size} bytes, its header says {expected} "
+                             f"(truncated or extended)")
+        if shape[0] * shape[1] == 0:  # nothing to map: mmap refuses an empty range
+            return np.empty(shape, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="c" if writable else "r", offset=offset, shape=shape)
     except (OSError, ValueError) as err:
         raise StoreError(f"{path}: cannot read the matrix file ({err})") from None
-    if len(mapped) != offset + itemsize * count:
-        raise StoreError(f"{path}: the matrix file has {len(mapped)} bytes, its header says "
-                         f"{offset + itemsize * count} (truncated or extended)")
-    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
