@@ -24,8 +24,11 @@ is compared with the best timed scan of each set-up. The kernels are compiled (n
 before any timing: once per process, reported as ``kernel_warm_up``.
 
 The throughput of a scan is the feature bytes it reads (N × k × 2 bytes × checkpoints) over its
-wall time. Memory, for the default set-up over each kind of store: ``VmHWM`` (peak resident set,
-reset just before the scans) of the child after the scans, its resident set before them, and the peaks of ``RssAnon``
+wall time. Each timed scan also records the process's CPU time (user + system, all threads): CPU
+time over wall time is how many cores the scan actually ran on, which on a shared machine can be
+fewer than its threads (the scheduler shares the CPUs between sessions, not threads). Memory, for
+the default set-up over each kind of store: ``VmHWM`` (peak resident set, reset just before the
+scans) of the child after the scans, its resident set before them, and the peaks of ``RssAnon``
 (anonymous memory) and ``RssFile`` (store pages mapped at the moment) sampled every 10 ms during
 them. A fresh process per N makes the peaks comparable.
 
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -235,6 +239,12 @@ def profile_kernels(dim: int, num_targets: int, scratch: Path, seed: int = 0) ->
     return {"block_bytes": half.nbytes, "rows": rows, "kernels": results}
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -309,8 +319,14 @@ def timed_scans(engine, targets, repeats: int, measure_memory: bool) -> tuple[di
     start = time.perf_counter()
     scores = engine.scores(targets)
     first = time.perf_counter() - start
-    times = [_timed(lambda: engine.scores(targets)) for _ in range(repeats)]
-    result = {"scores_first_s": first, "scores_s": times, "scores_best_s": min(times)}
+    times, cpu = [], []
+    for _ in range(repeats):
+        before = _cpu_seconds()
+        times.append(_timed(lambda: engine.scores(targets)))
+        cpu.append(_cpu_seconds() - before)
+    best = int(np.argmin(times))
+    result = {"scores_first_s": first, "scores_s": times, "scores_best_s": times[best], "cpu_s": cpu,
+              "cpu_of_best_s": cpu[best]}
     if measure_memory:
         sampler.__exit__()
         result["memory"] = {"rss_before_bytes": rss_before, "vmhwm_after_scores_bytes": proc_status()["VmHWM"],
@@ -432,7 +448,9 @@ def print_report(results: list[dict], target_share: float) -> None:
         for scan in r["scans"]:
             print(f"  N={r['n']:,} k={r['dim']}: {scan['label']:<48} {scan['scores_best_s']:>7.2f} s "
                   f"{scan['scores_gbps']:>6.2f} GB/s {scan['scores_gbps'] / mmap_gbps:>5.0%} "
-                  f"{scan['scores_gbps'] / ram_gbps:>5.0%}  "
+                  f"{scan['scores_gbps'] / ram_gbps:>5.0%}  CPU {scan['cpu_of_best_s']:.2f} s "
+                  f"({scan['cpu_of_best_s'] / scan['scores_best_s']:.2f} cores, "
+                  f"{gbps(r['feature_bytes'], scan['cpu_of_best_s']):.2f} GB per CPU-s)  "
                   f"(scans {', '.join(f'{t:.2f}' for t in scan['scores_s'])} s)")
         if "parquet_fallback" in r:
             old = r["parquet_fallback"]

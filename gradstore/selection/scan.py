@@ -8,12 +8,13 @@ into one result. Memory is the kernel's buffers and the result, whatever the bat
 
 Reading
 =======
-The kernel brings a batch's rows, one block at a time, into a float16 staging buffer of its own
-(``_STAGING_BYTES``), where it stays in the core's cache while it is converted and multiplied. A read-only ``np.memmap`` of a whole file region (``Datastore.raw_features``) is
-read with ``os.preadv`` from its file at the map's offset, never through the map: touching a map
-makes the kernel map each 4 KiB page into the process and unmap it again, which on our machines
-costs more than reading the bytes (bench/RESULTS.md: a shard file copied out of its map at
-4.3–5 GB/s, read into a reused buffer at 8–12 GB/s, on one thread). Any other array (a map
+The kernel brings a batch's rows, one block of ``_STAGING_BYTES`` at a time, into a float16
+staging buffer of its own, where they stay in the core's cache while they are converted and
+multiplied. A read-only ``np.memmap`` of a whole file region (what ``Datastore.raw_features``
+gives) is read with ``os.preadv`` from its file at the map's offset, never through the map:
+touching a map makes the kernel map each 4 KiB page into the process and unmap it again, which
+costs more than reading the bytes (bench/RESULTS.md: the raw files copied out of their maps at
+3–5 GB/s, read into a reused buffer at 8–17 GB/s, on one thread). Any other array (a map
 without a file name, a slice of one, a decoded Parquet batch) is copied into the buffer.
 
 Kernels
@@ -23,12 +24,14 @@ installed, the fastest first, and the first is the default:
 
 * ``numba`` (numba comes with the ``cpu`` and ``gpu`` extras): one compiled call per block,
   without the GIL, that converts four rows at a time exactly to float32 (the integer operations
-  of :func:`half_to_float`) into a tile that stays in the L1 cache and multiplies the tile with
-  four targets at a time, sixteen sums in registers.
+  of :func:`half_to_float`) into a small tile and multiplies the tile with four targets at a
+  time, sixteen sums in registers. numba is imported, and the kernel compiled (about 2 s; cached
+  on disk where numba can write), on the first scan that uses it; the import adds about 35 MiB of
+  private memory and 100 MiB of shared library pages to the process.
 * ``torch`` (the ``indexer`` extra): torch's vectorised (F16C) fp16→fp32 conversion of the block
   into a float32 buffer, then its single-threaded MKL product.
-* ``numpy``: an exact fp16→fp32 conversion by integer operations (:func:`half_to_float`), about
-  3× faster than numpy's own scalar cast, and ``np.matmul``.
+* ``numpy``: an exact fp16→fp32 conversion by integer operations (:func:`half_to_float`), several
+  times faster than numpy's own scalar cast, and ``np.matmul``.
 
 Threads
 =======
@@ -180,8 +183,8 @@ class ScanKernel:
 
     def _multiply_numba(self, block: np.ndarray, query: np.ndarray, out: np.ndarray) -> None:
         if self._tile is None:
-            self._tile = np.empty((_TILE_ROWS, self.dim), dtype=np.float32)
-        _numba_products()(block.view(np.int16), query, out, self._tile)
+            self._tile, self._products = np.empty((_TILE_ROWS, self.dim), dtype=np.float32), _numba_products()
+        self._products(block.view(np.int16), query, out, self._tile)
 
     def _multiply_torch(self, block: np.ndarray, query: np.ndarray, out: np.ndarray) -> None:
         if self._buffer is None:
