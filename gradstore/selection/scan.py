@@ -20,7 +20,7 @@ without a file name, a slice of one, a decoded Parquet batch) is copied into the
 Kernels
 =======
 Three implementations compute the same thing (to float32 rounding); ``BACKENDS`` lists those
-installed, the fastest first, and the first is the default:
+installed, the fastest first, and the first that imports is the default:
 
 * ``numba`` (numba comes with the ``cpu`` and ``gpu`` extras): one compiled call per block,
   without the GIL, that converts four rows at a time exactly to float32 (the integer operations
@@ -49,6 +49,7 @@ them on the calling thread by its own rule (see ``_OPENBLAS_ONE_THREAD_MNK``).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import mmap
 import os
@@ -66,7 +67,7 @@ BACKENDS = tuple(name for name, installed in (("numba", importlib.util.find_spec
 # float16 bytes per staged block. Large enough that the few Python calls per block are a small
 # share of its time (they hold the GIL), small enough to stay in a core's L2 or L3 cache while it
 # is converted and multiplied: 1 MiB measured best of 128 KiB-2 MiB with the numba and torch
-# kernels (k = 1024, 8 targets; bench/RESULTS.md).
+# kernels (k = 1024, 8 targets, CPU time per byte, on the machine of bench/RESULTS.md).
 _STAGING_BYTES = 1 << 20
 # OpenBLAS computes a GEMM on the calling thread alone when M·N·K <= 65536 × GEMM_MULTITHREAD_THRESHOLD
 # (4 unless built otherwise; interface/gemm.c). Measured: the numpy kernel at k = 1024 and 8
@@ -90,7 +91,18 @@ def scan_threads() -> int:
 
 
 def default_backend() -> str:
-    return BACKENDS[0]
+    """The first of ``BACKENDS`` that works here (numba's only if it imports)."""
+    return next(backend for backend in BACKENDS if backend != "numba" or _numba_import_error() is None)
+
+
+@functools.cache
+def _numba_import_error() -> str | None:
+    """Why numba, installed, cannot be imported (say, built for another numpy), or None."""
+    try:
+        import numba  # noqa: F401
+    except ImportError as err:
+        return str(err)
+    return None
 
 
 def single_threaded_worker() -> None:
@@ -141,6 +153,8 @@ class ScanKernel:
         backend = backend or default_backend()
         if backend not in BACKENDS:
             raise ValueError(f"unknown scan backend {backend!r}: available here are {', '.join(BACKENDS)}")
+        if backend == "numba" and _numba_import_error() is not None:
+            raise ValueError(f"scan backend 'numba' is installed but cannot be imported: {_numba_import_error()}")
         self.backend = backend
         self.dim = dim
         self.block_rows = max(1, _STAGING_BYTES // (2 * dim))
@@ -148,7 +162,9 @@ class ScanKernel:
         self._multiply = {"numba": self._multiply_numba, "torch": self._multiply_torch,
                           "numpy": self._multiply_numpy}[backend]
         self._owner = threading.get_ident()
-        self._buffer = self._tile = None  # made on first use, at the size of the block then
+        # Each backend's own scratch, made on its first block: the float32 block (torch, numpy) or
+        # the tile and the compiled function (numba).
+        self._buffer = self._tile = self._products = None
 
     def add_products(self, features: np.ndarray, query: np.ndarray, out: np.ndarray, start: int = 0) -> None:
         """``out += query @ features[start:start + n].astype(float32).T``: ``features`` float16

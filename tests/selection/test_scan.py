@@ -86,6 +86,14 @@ def test_a_file_shorter_than_its_map_is_an_error_naming_it(tmp_path):
         ScanKernel(8, "numpy").add_products(mapped, np.ones((1, 8), np.float32), np.zeros((1, 64), np.float32))
 
 
+def test_an_installed_numba_that_does_not_import_is_not_the_default(monkeypatch):
+    monkeypatch.setattr(scan_module, "BACKENDS", ("numba", "numpy"))
+    monkeypatch.setattr(scan_module, "_numba_import_error", lambda: "Numba needs NumPy 2.3 or less")
+    assert scan_module.default_backend() == "numpy"
+    with pytest.raises(ValueError, match="scan backend 'numba' is installed but cannot be imported: Numba needs"):
+        ScanKernel(8, "numba")
+
+
 def test_kernel_refuses_an_unknown_backend_other_threads_and_rows_it_lacks():
     with pytest.raises(ValueError, match="unknown scan backend 'fortran'"):
         ScanKernel(8, "fortran")
