@@ -32,6 +32,10 @@ scans) of the child after the scans, its resident set before them, and the peaks
 (anonymous memory) and ``RssFile`` (store pages mapped at the moment) sampled every 10 ms during
 them. A fresh process per N makes the peaks comparable.
 
+For reference, two processes then scan the whole store at the same moment, one scan thread each,
+over maps and over file maps: their aggregate GB/s shows what a scan over worker processes would
+get on the same machine.
+
 The smallest store is also scanned through the Parquet fallback (a copy without raw files, as a
 store written before they existed), and with ``--profile`` (on by default, largest store) the
 conversion and product kernels are timed on one in-memory block, and the scan kernels on the same
@@ -309,6 +313,58 @@ def read_copy(paths: list[Path], repeats: int) -> dict:
     return {"bytes": total, "seconds": min(times), "gbps": gbps(total, min(times))}
 
 
+def random_targets(store, num_targets: int, seed: int):
+    """``num_targets`` random target vectors per checkpoint, in two subtasks."""
+    from gradstore.selection import TargetSet
+
+    rng = np.random.default_rng(seed)
+    subtasks = [f"s{i * 2 // num_targets}" for i in range(num_targets)]
+    return TargetSet.from_vectors({name: rng.standard_normal((num_targets, store.dim))
+                                   for name in store.checkpoint_names}, subtasks)
+
+
+def process_pair(store_path: Path, file_maps: bool, num_targets: int, repeats: int, seed: int) -> dict:
+    """Two processes scanning the whole store at once, one scan thread each (numba's kernel where
+    installed): the aggregate GB/s of each round (both scans' bytes over the time from the first
+    start to the last end) and the cores the two used together; the best round is reported."""
+    start_at = time.time() + 10  # after both have imported, opened the store and scanned once
+    command = [sys.executable, __file__, "--pair-scan", str(store_path), "--targets", str(num_targets),
+               "--repeats", str(repeats), "--seed", str(seed), "--start-at", str(start_at)]
+    children = [subprocess.Popen(command + (["--file-maps"] if file_maps else []), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = []
+    for child in children:
+        out, err = child.communicate()
+        line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
+        if child.returncode != 0 or line is None:
+            raise RuntimeError(f"pair scan failed ({child.returncode}):\n{out}\n{err}")
+        runs.append(json.loads(line[len("RESULT "):]))
+    rounds = []
+    for first, second in zip(runs[0]["rounds"], runs[1]["rounds"]):
+        wall = max(first["end"], second["end"]) - min(first["start"], second["start"])
+        rounds.append({"wall_s": wall, "gbps": gbps(2 * runs[0]["feature_bytes"], wall),
+                       "cores": (first["cpu_s"] + second["cpu_s"]) / wall})
+    return {"rounds": rounds, "best": max(rounds, key=lambda r: r["gbps"])}
+
+
+def pair_scan(store_path: Path, file_maps: bool, num_targets: int, repeats: int, seed: int, start_at: float) -> dict:
+    """One process of :func:`process_pair`: one untimed scan, then ``repeats`` from ``start_at``."""
+    from gradstore.indexer.datastore import Datastore
+    from gradstore.selection import SelectionEngine
+
+    store = file_map_store(store_path) if file_maps else Datastore.open(store_path)
+    targets = random_targets(store, num_targets, seed)
+    engine = SelectionEngine(store, scan_threads=1)
+    engine.scores(targets)
+    time.sleep(max(0.0, start_at - time.time()))
+    rounds = []
+    for _ in range(repeats):
+        cpu, start = _cpu_seconds(), time.time()
+        engine.scores(targets)
+        rounds.append({"start": start, "end": time.time(), "cpu_s": _cpu_seconds() - cpu})
+    return {"feature_bytes": store.num_examples * store.dim * 2 * len(store.checkpoint_names), "rounds": rounds}
+
+
 def timed_scans(engine, targets, repeats: int, measure_memory: bool) -> tuple[dict, object]:
     """One untimed ``scores()``, then ``repeats`` timed; with ``measure_memory``, the process's
     resident set before and its peaks during them."""
@@ -343,15 +399,12 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
     from concurrent.futures import ThreadPoolExecutor
 
     from gradstore.indexer.datastore import Datastore, raw_features_path
-    from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
+    from gradstore.selection import SelectionEngine, SelectionOptions
     from gradstore.selection.scan import ScanKernel, scan_threads, single_threaded_worker
 
     store = Datastore.open(store_path)
     names = store.checkpoint_names
-    rng = np.random.default_rng(seed)
-    subtasks = [f"s{i * 2 // num_targets}" for i in range(num_targets)]
-    targets = TargetSet.from_vectors({name: rng.standard_normal((num_targets, store.dim)) for name in names},
-                                     subtasks)
+    targets = random_targets(store, num_targets, seed)
     feature_bytes = store.num_examples * store.dim * 2 * len(names)
     paths = [raw_features_path(store.path, name, s) for name in names for s in range(store.manifest.shards.count)]
     configs = scan_configs(scan_threads())
@@ -405,6 +458,8 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
         "kernel_warm_up": warm_up,
         "copies_before_after": [copies_before, copies_after],
         "ram_copy_2threads": ram_copy(feature_bytes, 2, repeats=1),
+        "two_processes": {kind: process_pair(store_path, kind == "file maps", num_targets, repeats, seed)
+                          for kind in ("maps", "file maps")},
     }
     if fallback is not None:
         old = SelectionEngine(Datastore.open(fallback))
@@ -462,6 +517,11 @@ def print_report(results: list[dict], target_share: float) -> None:
               f"VmHWM {fmt_bytes(files['vmhwm_after_scores_bytes'])}, peak anon "
               f"{fmt_bytes(files['peak_rss_anon_during_scores_bytes'])}, peak file "
               f"{fmt_bytes(files['peak_rss_file_during_scores_bytes'])}")
+        for kind, pair in r["two_processes"].items():
+            best = pair["best"]
+            print(f"  N={r['n']:,} k={r['dim']}: two processes at once ({kind}, 1 scan thread each): "
+                  f"{best['gbps']:.2f} GB/s together, {best['gbps'] / mmap_gbps:.0%} / {best['gbps'] / ram_gbps:.0%}, "
+                  f"{best['cores']:.2f} cores")
         print(f"  N={r['n']:,} k={r['dim']}: read() copy {r['read_copy']['gbps']:.2f} GB/s; "
               f"RAM copy on 2 threads {r['ram_copy_2threads']['gbps']:.2f} GB/s; "
               f"store {fmt_bytes(r['build']['store_bytes'])}, Parquet features "
@@ -509,8 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fallback", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pair-scan", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--file-maps", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.pair_scan is not None:
+        result = pair_scan(args.pair_scan, args.file_maps, args.targets, args.repeats, args.seed, args.start_at)
+        print("RESULT " + json.dumps(result))
+        return 0
     if args.worker is not None:
         result = worker(args.worker, args.targets, args.repeats, args.profile, args.seed, args.fallback)
         print("RESULT " + json.dumps(result))
