@@ -14,7 +14,7 @@ multiplied. A read-only ``np.memmap`` of a whole file region (what ``Datastore.r
 gives) is read with ``os.preadv`` from its file at the map's offset, never through the map:
 touching a map makes the kernel map each 4 KiB page into the process and unmap it again, which
 costs more than reading the bytes (bench/RESULTS.md: the raw files copied out of their maps at
-3–5 GB/s, read into a reused buffer at 8–17 GB/s, on one thread). Any other array (a map
+8–14 GB/s, read into a reused buffer at 12–24 GB/s, on one thread). Any other array (a map
 without a file name, a slice of one, a decoded Parquet batch) is copied into the buffer.
 
 Kernels
@@ -37,8 +37,9 @@ Threads
 =======
 One kernel serves one thread. A scan runs its kernels in worker threads of its own (see
 :func:`scan_threads`), split by shards. Each step of a block (the read, the conversion, the
-product) is one native call that releases the GIL, so the workers run in parallel: the Python
-work left is a few calls per block of ``_STAGING_BYTES``. Each kernel is single-threaded: a
+product) is one native call that releases the GIL, so the workers run in parallel (two threads
+used 1.7–1.8 of 2 cores when the machine had them free, bench/RESULTS.md): the Python work left
+is a few calls per block of ``_STAGING_BYTES`` and each shard's set-up and reductions. Each kernel is single-threaded: a
 multi-threaded BLAS wakes its threads for every small block product, which on a busy machine
 costs far more than the arithmetic. torch's thread count belongs to the calling thread with its
 OpenMP backend (that of the PyPI wheels), so each worker sets its own to one
