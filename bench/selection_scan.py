@@ -6,27 +6,40 @@ random L2-normalised fp16 features, ``--checkpoints`` checkpoints, the indexer's
 size, Parquet feature files and their raw ``.npy`` copies. A fresh child process then opens it and
 times ``SelectionEngine(store).scores(targets)`` for ``--targets`` random targets in two subtasks
 (warm page cache: the store was just written and one untimed scan runs first), for each engine
-set-up (the default: torch kernel if installed, one scan thread per CPU up to 4; then one scan
-thread; then the numpy kernel), checks that they all give the same scores, and measures, in the
-same process, the machine's copy bandwidth:
+set-up (the default: the first of ``scan.BACKENDS`` installed, numba's kernel with the ``cpu``
+extra, one scan thread per CPU up to 4; then one scan thread; then each other kernel), each twice:
+over the store as ``Datastore`` opens it, and over "file maps", the same store opened so that
+``raw_features`` gives each raw file as a read-only ``np.memmap`` (the reorganised datastore's
+contract), which the kernels read from the files instead of through the maps. It checks that all
+give the same scores, and measures, in the same process, the machine's copy bandwidth:
 
 * ``mmap copy``: every raw feature file the scan reads, memory-mapped with ``np.memmap`` and
   copied with ``np.copyto`` into a reused buffer: the same bytes, files and page cache as the scan;
 * ``RAM copy``: ``np.copyto`` between two in-memory arrays of the scanned size (at most 1 GiB,
-  repeated to the same total bytes), on one thread (and once on two threads, halves in parallel).
+  repeated to the same total bytes), on one thread (and once on two threads, halves in parallel);
+* ``read() copy``: every raw feature file read with ``readinto`` into a reused 1 MiB buffer.
 
-The machine may be shared, so both copies are timed before and after the scans, and the best
-copy is compared with the best timed scan of the default set-up.
+The machine may be shared, so the copies are timed before and after the scans, and the best copy
+is compared with the best timed scan of each set-up. The kernels are compiled (numba) and loaded
+before any timing: once per process, reported as ``kernel_warm_up``.
 
 The throughput of a scan is the feature bytes it reads (N × k × 2 bytes × checkpoints) over its
-wall time. Memory, for the default set-up: ``VmHWM`` (peak resident set, reset just before the
+wall time. Each timed scan also records the process's CPU time (user + system, all threads): CPU
+time over wall time is how many cores the scan actually ran on, which on a shared machine can be
+fewer than its threads (the scheduler shares the CPUs between sessions, not threads). Memory, for
+the default set-up over each kind of store: ``VmHWM`` (peak resident set, reset just before the
 scans) of the child after the scans, its resident set before them, and the peaks of ``RssAnon``
 (anonymous memory) and ``RssFile`` (store pages mapped at the moment) sampled every 10 ms during
 them. A fresh process per N makes the peaks comparable.
 
+For reference, two processes then scan the whole store at the same moment, one scan thread each,
+over maps and over file maps: their aggregate GB/s shows what a scan over worker processes would
+get on the same machine.
+
 The smallest store is also scanned through the Parquet fallback (a copy without raw files, as a
 store written before they existed), and with ``--profile`` (on by default, largest store) the
-conversion and product kernels are timed on one in-memory block.
+conversion and product kernels are timed on one in-memory block, and the scan kernels on the same
+block given as a file map.
 
     python bench/selection_scan.py                      # N = 125k, 250k, 500k at k = 1024, 2 checkpoints
     python bench/selection_scan.py --n 50000 --dim 8192 --json scan.json
@@ -37,6 +50,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -176,9 +190,11 @@ def ram_copy(total: int, threads: int, repeats: int) -> dict:
 # ---------------------------------------------------------------------------------- profile
 
 
-def profile_kernels(dim: int, num_targets: int, seed: int = 0) -> dict:
+def profile_kernels(dim: int, num_targets: int, scratch: Path, seed: int = 0) -> dict:
     """Conversion and product kernels on one in-memory 128 MiB fp16 block (out of the L2 cache
-    like a scan's input), on one thread with single-threaded torch; GB/s of fp16 input."""
+    like a scan's input), and the scan kernels on the same block saved to ``scratch`` and given
+    as a file map (read from the page cache), on one thread with single-threaded torch; GB/s of
+    fp16 input."""
     import torch
 
     from gradstore.selection.scan import BACKENDS, ScanKernel, half_to_float
@@ -189,6 +205,8 @@ def profile_kernels(dim: int, num_targets: int, seed: int = 0) -> dict:
     query = rng.standard_normal((num_targets, dim), dtype=np.float32)
     out = np.zeros((num_targets, rows), dtype=np.float32)
     source, target = np.ones(half.nbytes, dtype=np.uint8), np.ones(half.nbytes, dtype=np.uint8)
+    np.save(scratch, half)
+    mapped = np.load(scratch, mmap_mode="r")
     kernel = {backend: ScanKernel(dim, backend) for backend in BACKENDS}
     block_rows = kernel["numpy"].block_rows
     buffer = np.ones((block_rows, dim), dtype=np.float32)
@@ -212,13 +230,23 @@ def profile_kernels(dim: int, num_targets: int, seed: int = 0) -> dict:
             lambda a, b: torch_buffer[:b - a].copy_(torch_half[a:b])),
         **{f"ScanKernel({backend!r}): conversion + product, {block_rows}-row blocks":
            (lambda k=k: k.add_products(half, query, out)) for backend, k in kernel.items()},
+        **{f"ScanKernel({backend!r}) on the block's file map (read, convert, multiply)":
+           (lambda k=k: k.add_products(mapped, query, out)) for backend, k in kernel.items()},
     }
     results = {}
     for name, run in kernels.items():
         run()
         seconds = min(_timed(run) for _ in range(3))
         results[name] = {"seconds": seconds, "gbps": gbps(half.nbytes, seconds)}
+    del mapped
+    scratch.unlink()
     return {"block_bytes": half.nbytes, "rows": rows, "kernels": results}
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process, all threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _timed(fn) -> float:
@@ -231,16 +259,136 @@ def _timed(fn) -> float:
 
 
 def scan_configs(threads: int) -> list[dict]:
-    """The engine set-ups timed on every store: the default first (its memory is measured)."""
+    """The engine set-ups timed on every store: the default first (its memory is measured), then
+    one scan thread, the other kernels, and the same over raw files given as ``np.memmap``."""
     from gradstore.selection.scan import BACKENDS
 
-    configs = [{"label": f"default: {BACKENDS[0]} kernel, {threads} scan threads", "backend": BACKENDS[0],
-                "threads": threads}]
+    default = BACKENDS[0]
+    configs = [{"label": f"default: {default} kernel, {threads} scan threads", "backend": default,
+                "threads": threads, "file_maps": False}]
     if threads > 1:
-        configs.append({"label": f"{BACKENDS[0]} kernel, 1 scan thread", "backend": BACKENDS[0], "threads": 1})
-    if BACKENDS[0] != "numpy":
-        configs.append({"label": f"numpy kernel, {threads} scan threads", "backend": "numpy", "threads": threads})
+        configs.append({"label": f"{default} kernel, 1 scan thread", "backend": default, "threads": 1,
+                        "file_maps": False})
+    configs += [{"label": f"{backend} kernel, {threads} scan threads", "backend": backend, "threads": threads,
+                 "file_maps": False} for backend in BACKENDS[1:]]
+    configs += [{**config, "label": f"file maps: {config['label'].removeprefix('default: ')}", "file_maps": True}
+                for config in list(configs)]
     return configs
+
+
+def file_map_store(path: Path):
+    """The store opened with ``raw_features`` giving each raw file as a read-only ``np.memmap``
+    (the contract of the reorganised datastore), so the kernels read the files instead of the
+    maps (see ``gradstore.selection.scan``). Headers are checked on a shard's first use."""
+    from gradstore.datastore import Datastore, raw_features_offset, raw_features_path
+
+    class FileMapDatastore(Datastore):
+        layout: dict = {}
+
+        def raw_features(self, checkpoint: str, shard: int, writable: bool = False):
+            if (checkpoint, shard) not in self.layout:
+                raw = super().raw_features(checkpoint, shard)
+                if raw is None:
+                    return None
+                file = raw_features_path(self.path, checkpoint, shard)
+                self.layout[checkpoint, shard] = (file, raw_features_offset(file, *raw.shape), raw.shape)
+            file, offset, shape = self.layout[checkpoint, shard]
+            return np.memmap(file, dtype="<f2", mode="r", offset=offset, shape=shape)
+
+    return FileMapDatastore.open(path)
+
+
+def read_copy(paths: list[Path], repeats: int) -> dict:
+    """Best of ``repeats`` passes reading every file into a reused 1 MiB buffer (``readinto``)."""
+    buffer = memoryview(np.empty(1 << 20, dtype=np.uint8))
+    total = sum(p.stat().st_size for p in paths)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for path in paths:
+            with open(path, "rb", buffering=0) as file:
+                while file.readinto(buffer):
+                    pass
+        times.append(time.perf_counter() - start)
+    return {"bytes": total, "seconds": min(times), "gbps": gbps(total, min(times))}
+
+
+def random_targets(store, num_targets: int, seed: int):
+    """``num_targets`` random target vectors per checkpoint, in two subtasks."""
+    from gradstore.selection import TargetSet
+
+    rng = np.random.default_rng(seed)
+    subtasks = [f"s{i * 2 // num_targets}" for i in range(num_targets)]
+    return TargetSet.from_vectors({name: rng.standard_normal((num_targets, store.dim))
+                                   for name in store.checkpoint_names}, subtasks)
+
+
+def process_pair(store_path: Path, file_maps: bool, num_targets: int, repeats: int, seed: int) -> dict:
+    """Two processes scanning the whole store at once, one scan thread each (numba's kernel where
+    installed): the aggregate GB/s of each round (both scans' bytes over the time from the first
+    start to the last end) and the cores the two used together; the best round is reported."""
+    start_at = time.time() + 10  # after both have imported, opened the store and scanned once
+    command = [sys.executable, __file__, "--pair-scan", str(store_path), "--targets", str(num_targets),
+               "--repeats", str(repeats), "--seed", str(seed), "--start-at", str(start_at)]
+    children = [subprocess.Popen(command + (["--file-maps"] if file_maps else []), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    runs = []
+    for child in children:
+        out, err = child.communicate()
+        line = next((l for l in out.splitlines() if l.startswith("RESULT ")), None)
+        if child.returncode != 0 or line is None:
+            raise RuntimeError(f"pair scan failed ({child.returncode}):\n{out}\n{err}")
+        runs.append(json.loads(line[len("RESULT "):]))
+    rounds = []
+    for first, second in zip(runs[0]["rounds"], runs[1]["rounds"]):
+        wall = max(first["end"], second["end"]) - min(first["start"], second["start"])
+        rounds.append({"wall_s": wall, "gbps": gbps(2 * runs[0]["feature_bytes"], wall),
+                       "cores": (first["cpu_s"] + second["cpu_s"]) / wall})
+    return {"rounds": rounds, "best": max(rounds, key=lambda r: r["gbps"])}
+
+
+def pair_scan(store_path: Path, file_maps: bool, num_targets: int, repeats: int, seed: int, start_at: float) -> dict:
+    """One process of :func:`process_pair`: one untimed scan, then ``repeats`` from ``start_at``."""
+    from gradstore.datastore import Datastore
+    from gradstore.selection import SelectionEngine
+
+    store = file_map_store(store_path) if file_maps else Datastore.open(store_path)
+    targets = random_targets(store, num_targets, seed)
+    engine = SelectionEngine(store, scan_threads=1)
+    engine.scores(targets)
+    time.sleep(max(0.0, start_at - time.time()))
+    rounds = []
+    for _ in range(repeats):
+        cpu, start = _cpu_seconds(), time.time()
+        engine.scores(targets)
+        rounds.append({"start": start, "end": time.time(), "cpu_s": _cpu_seconds() - cpu})
+    return {"feature_bytes": store.num_examples * store.dim * 2 * len(store.checkpoint_names), "rounds": rounds}
+
+
+def timed_scans(engine, targets, repeats: int, measure_memory: bool) -> tuple[dict, object]:
+    """One untimed ``scores()``, then ``repeats`` timed; with ``measure_memory``, the process's
+    resident set before and its peaks during them."""
+    if measure_memory:
+        reset_peak_rss()  # the copy buffers are not the engine's memory
+        rss_before = proc_status()["VmRSS"]
+        sampler = RssSampler().__enter__()
+    start = time.perf_counter()
+    scores = engine.scores(targets)
+    first = time.perf_counter() - start
+    times, cpu = [], []
+    for _ in range(repeats):
+        before = _cpu_seconds()
+        times.append(_timed(lambda: engine.scores(targets)))
+        cpu.append(_cpu_seconds() - before)
+    best = int(np.argmin(times))
+    result = {"scores_first_s": first, "scores_s": times, "scores_best_s": times[best], "cpu_s": cpu,
+              "cpu_of_best_s": cpu[best]}
+    if measure_memory:
+        sampler.__exit__()
+        result["memory"] = {"rss_before_bytes": rss_before, "vmhwm_after_scores_bytes": proc_status()["VmHWM"],
+                            "peak_rss_anon_during_scores_bytes": sampler.peak_anon,
+                            "peak_rss_file_during_scores_bytes": sampler.peak_file}
+    return result, scores
 
 
 def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed: int,
@@ -250,45 +398,43 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
     ``fallback``: the same store without raw feature files, scanned once (the Parquet path)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from gradstore.datastore import Datastore, raw_features_path
-    from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
-    from gradstore.selection.scan import scan_threads, single_threaded_worker
+    from gradstore.datastore import Datastore
+    from gradstore.selection import SelectionEngine, SelectionOptions
+    from gradstore.selection.scan import ScanKernel, scan_threads, single_threaded_worker
 
     store = Datastore.open(store_path)
     names = store.checkpoint_names
-    rng = np.random.default_rng(seed)
-    subtasks = [f"s{i * 2 // num_targets}" for i in range(num_targets)]
-    targets = TargetSet.from_vectors({name: rng.standard_normal((num_targets, store.dim)) for name in names},
-                                     subtasks)
+    targets = random_targets(store, num_targets, seed)
     feature_bytes = store.num_examples * store.dim * 2 * len(names)
     paths = [raw_features_path(store.path, name, s) for name in names for s in range(store.manifest.shards.count)]
     configs = scan_configs(scan_threads())
+    file_maps = file_map_store(store_path)
 
     # Copy bandwidth is measured before and after the scans (the machine is shared: the best of
     # each is compared with the best scan).
-    copies_before = {"mmap": mmap_copy(paths, repeats=1), "ram": ram_copy(feature_bytes, 1, repeats=1)}
-    results, reference = [], None
-    for number, config in enumerate(configs):
-        engine = SelectionEngine(store, scan_threads=config["threads"], scan_backend=config["backend"])
-        if number == 0:
-            reset_peak_rss()  # the copy buffers are not the engine's memory
-            rss_before = proc_status()["VmRSS"]
-            sampler = RssSampler().__enter__()
-        start = time.perf_counter()
-        scores = engine.scores(targets)
-        first = time.perf_counter() - start
-        times = [_timed(lambda: engine.scores(targets)) for _ in range(repeats)]
-        if number == 0:
-            sampler.__exit__()
-            memory = {"rss_before_bytes": rss_before, "vmhwm_after_scores_bytes": proc_status()["VmHWM"],
-                      "peak_rss_anon_during_scores_bytes": sampler.peak_anon,
-                      "peak_rss_file_during_scores_bytes": sampler.peak_file}
+    copies_before = {"mmap": mmap_copy(paths, repeats=1), "ram": ram_copy(feature_bytes, 1, repeats=1),
+                     "read": read_copy(paths, repeats=1)}
+    # The kernels compile (numba) or load (torch) on first use: once per process, not the scan's.
+    start = time.perf_counter()
+    for backend in {config["backend"] for config in configs}:
+        ScanKernel(store.dim, backend).add_products(np.zeros((1, store.dim), np.float16),
+                                                    np.zeros((1, store.dim), np.float32), np.zeros((1, 1), np.float32))
+    warm_up = {"seconds": time.perf_counter() - start, "vmrss_after_bytes": proc_status()["VmRSS"]}
+    results, reference, memory = [], None, {}
+    for config in configs:
+        engine = SelectionEngine(file_maps if config["file_maps"] else store, scan_threads=config["threads"],
+                                 scan_backend=config["backend"])
+        # Memory is measured for the first (default) set-up of each kind of store.
+        measured = not any(r["file_maps"] == config["file_maps"] for r in results)
+        result, scores = timed_scans(engine, targets, repeats, measured)
+        if reference is None:
             reference = scores
         elif not (np.allclose(scores.best, reference.best, atol=1e-5)
                   and np.allclose(scores.per_subtask, reference.per_subtask, atol=1e-5)):
             raise AssertionError(f"{config['label']}: scores differ from the default set-up's")
-        results.append({**config, "scores_first_s": first, "scores_s": times, "scores_best_s": min(times),
-                        "scores_gbps": gbps(feature_bytes, min(times))})
+        if measured:
+            memory["file_maps_memory" if config["file_maps"] else "memory"] = result.pop("memory")
+        results.append({**config, **result, "scores_gbps": gbps(feature_bytes, result["scores_best_s"])})
         del scores
 
     engine = SelectionEngine(store)
@@ -298,16 +444,22 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
     after_select = proc_status()
     del selection
 
-    copies_after = {"mmap": mmap_copy(paths, repeats=1), "ram": ram_copy(feature_bytes, 1, repeats=1)}
+    copies_after = {"mmap": mmap_copy(paths, repeats=1), "ram": ram_copy(feature_bytes, 1, repeats=1),
+                    "read": read_copy(paths, repeats=1)}
     result = {
         "n": store.num_examples, "dim": store.dim, "checkpoints": len(names), "targets": num_targets,
         "shards": store.manifest.shards.count, "feature_bytes": feature_bytes, "scans": results,
         "scores_best_s": results[0]["scores_best_s"], "scores_gbps": results[0]["scores_gbps"],
-        **memory, "select_fraction_0.05_s": select_s, "vmhwm_after_select_bytes": after_select["VmHWM"],
+        **memory["memory"], "file_maps_memory": memory["file_maps_memory"],
+        "select_fraction_0.05_s": select_s, "vmhwm_after_select_bytes": after_select["VmHWM"],
         "mmap_copy": max(copies_before["mmap"], copies_after["mmap"], key=lambda c: c["gbps"]),
         "ram_copy_1thread": max(copies_before["ram"], copies_after["ram"], key=lambda c: c["gbps"]),
+        "read_copy": max(copies_before["read"], copies_after["read"], key=lambda c: c["gbps"]),
+        "kernel_warm_up": warm_up,
         "copies_before_after": [copies_before, copies_after],
         "ram_copy_2threads": ram_copy(feature_bytes, 2, repeats=1),
+        "two_processes": {kind: process_pair(store_path, kind == "file maps", num_targets, repeats, seed)
+                          for kind in ("maps", "file maps")},
     }
     if fallback is not None:
         old = SelectionEngine(Datastore.open(fallback))
@@ -316,7 +468,8 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
         result["parquet_fallback"] = {"scores_s": seconds, "scores_gbps": gbps(feature_bytes, seconds)}
     if profile:
         with ThreadPoolExecutor(1, initializer=single_threaded_worker) as pool:
-            result["profile_kernels"] = pool.submit(profile_kernels, store.dim, num_targets, seed).result()
+            result["profile_kernels"] = pool.submit(profile_kernels, store.dim, num_targets,
+                                                    store_path.parent / "profile-block.npy", seed).result()
     return result
 
 
@@ -343,33 +496,49 @@ def print_report(results: list[dict], target_share: float) -> None:
               f"{fmt_bytes(r['vmhwm_after_scores_bytes']):>9} {fmt_bytes(r['peak_rss_anon_during_scores_bytes']):>9} "
               f"{fmt_bytes(r['peak_rss_file_during_scores_bytes']):>9} {r['select_fraction_0.05_s']:>8.2f} "
               f"{fmt_bytes(r['vmhwm_after_select_bytes']):>9}")
-    print("\nEvery set-up (best timed scan, GB/s, share of the run's mmap / RAM copy):")
+    print("\nEvery set-up (best timed scan, GB/s, share of the run's mmap / RAM copy; 'file maps': raw_features "
+          "gives np.memmap, read from the files):")
     for r in results:
         mmap_gbps, ram_gbps = r["mmap_copy"]["gbps"], r["ram_copy_1thread"]["gbps"]
         for scan in r["scans"]:
-            print(f"  N={r['n']:,} k={r['dim']}: {scan['label']:<36} {scan['scores_best_s']:>7.2f} s "
+            print(f"  N={r['n']:,} k={r['dim']}: {scan['label']:<48} {scan['scores_best_s']:>7.2f} s "
                   f"{scan['scores_gbps']:>6.2f} GB/s {scan['scores_gbps'] / mmap_gbps:>5.0%} "
-                  f"{scan['scores_gbps'] / ram_gbps:>5.0%}  "
+                  f"{scan['scores_gbps'] / ram_gbps:>5.0%}  CPU {scan['cpu_of_best_s']:.2f} s "
+                  f"({scan['cpu_of_best_s'] / scan['scores_best_s']:.2f} cores, "
+                  f"{gbps(r['feature_bytes'], scan['cpu_of_best_s']):.2f} GB per CPU-s)  "
                   f"(scans {', '.join(f'{t:.2f}' for t in scan['scores_s'])} s)")
         if "parquet_fallback" in r:
             old = r["parquet_fallback"]
-            print(f"  N={r['n']:,} k={r['dim']}: {'Parquet fallback (no raw files)':<36} {old['scores_s']:>7.2f} s "
+            print(f"  N={r['n']:,} k={r['dim']}: {'Parquet fallback (no raw files)':<48} {old['scores_s']:>7.2f} s "
                   f"{old['scores_gbps']:>6.2f} GB/s {old['scores_gbps'] / mmap_gbps:>5.0%} "
                   f"{old['scores_gbps'] / ram_gbps:>5.0%}")
-        print(f"  N={r['n']:,} k={r['dim']}: RAM copy on 2 threads {r['ram_copy_2threads']['gbps']:.2f} GB/s; "
+        files = r["file_maps_memory"]
+        print(f"  N={r['n']:,} k={r['dim']}: file maps, default set-up: RSS before {fmt_bytes(files['rss_before_bytes'])}, "
+              f"VmHWM {fmt_bytes(files['vmhwm_after_scores_bytes'])}, peak anon "
+              f"{fmt_bytes(files['peak_rss_anon_during_scores_bytes'])}, peak file "
+              f"{fmt_bytes(files['peak_rss_file_during_scores_bytes'])}")
+        for kind, pair in r["two_processes"].items():
+            best = pair["best"]
+            print(f"  N={r['n']:,} k={r['dim']}: two processes at once ({kind}, 1 scan thread each): "
+                  f"{best['gbps']:.2f} GB/s together, {best['gbps'] / mmap_gbps:.0%} / {best['gbps'] / ram_gbps:.0%}, "
+                  f"{best['cores']:.2f} cores")
+        print(f"  N={r['n']:,} k={r['dim']}: read() copy {r['read_copy']['gbps']:.2f} GB/s; "
+              f"RAM copy on 2 threads {r['ram_copy_2threads']['gbps']:.2f} GB/s; "
               f"store {fmt_bytes(r['build']['store_bytes'])}, Parquet features "
               f"{fmt_bytes(r['build']['feature_file_bytes'])}, raw features "
               f"{fmt_bytes(r['build']['raw_feature_file_bytes'])}")
     print()
-    for reference, name in (("mmap_copy", "the memory-mapped copy of the same files"),
-                            ("ram_copy_1thread", "the in-memory copy")):
-        worst = min(r["scores_gbps"] / r[reference]["gbps"] for r in results)
-        print(f"Target: scan >= {target_share:.0%} of {name}: {'MET' if worst >= target_share else 'NOT MET'} "
-              f"(worst {worst:.0%})")
+    for kind, file_maps in (("the default set-up", False), ("the default set-up over file maps", True)):
+        for reference, name in (("mmap_copy", "the memory-mapped copy of the same files"),
+                                ("ram_copy_1thread", "the in-memory copy")):
+            worst = min(next(scan["scores_gbps"] for scan in r["scans"] if scan["file_maps"] == file_maps)
+                        / r[reference]["gbps"] for r in results)
+            print(f"Target: {kind} >= {target_share:.0%} of {name}: "
+                  f"{'MET' if worst >= target_share else 'NOT MET'} (worst {worst:.0%})")
     for r in results:
         if "profile_kernels" in r:
             kernels = r["profile_kernels"]
-            print(f"\nKernels on one in-memory block ({fmt_bytes(kernels['block_bytes'])} fp16, "
+            print(f"\nKernels on one 128 MiB block ({fmt_bytes(kernels['block_bytes'])} fp16, "
                   f"{kernels['rows']:,} x {r['dim']}, {r['targets']} targets), one thread, GB/s of fp16 input:")
             for name, value in kernels["kernels"].items():
                 print(f"  {name:<72} {value['gbps']:>7.2f} GB/s")
@@ -400,8 +569,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fallback", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--pair-scan", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--file-maps", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--start-at", type=float, default=0.0, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.pair_scan is not None:
+        result = pair_scan(args.pair_scan, args.file_maps, args.targets, args.repeats, args.seed, args.start_at)
+        print("RESULT " + json.dumps(result))
+        return 0
     if args.worker is not None:
         result = worker(args.worker, args.targets, args.repeats, args.profile, args.seed, args.fallback)
         print("RESULT " + json.dumps(result))
@@ -449,7 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     info["loadavg_end"] = os.getloadavg()
-    print_report(results, 0.5)
+    print_report(results, 0.6)
     print(f"\nload average at start {info['loadavg_start']}, at end {info['loadavg_end']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

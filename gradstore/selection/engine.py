@@ -32,16 +32,15 @@ Every target has a subtask (a field of its record, or one subtask ``"all"``):
 
 Streaming
 =========
-Features are read in row batches, shard by shard, and for each batch one checkpoint at a time:
-a shard's raw ``.npy`` features memory-mapped where the store has them (no decoding: the scan
-runs at about half the speed of copying those files, bench/RESULTS.md), its Parquet file decoded
-otherwise (stores without raw files give the same scores, more slowly). Shards are shared out
-between a few worker threads, each with its own :class:`~gradstore.selection.scan.ScanKernel`
-converting and multiplying cache-sized blocks.
-A worker never holds more than one checkpoint's batch, whatever the store's size. A batch's
+Shards are shared out between a few worker threads, each with its own
+:class:`~gradstore.selection.scan.ScanKernel`. A worker takes a shard's features of every
+checkpoint as ``Datastore.raw_features`` gives them (read-only ``numpy.memmap`` s of the
+features' ``.npy`` files, which the kernel reads a cache-sized block at a time), and scores the
+shard in row batches, for each batch one checkpoint after the other. A batch's
 per-target scores ``(targets, batch)`` are reduced at once to the per-subtask means and the
 maximum over targets, so what persists is ``O(N × subtasks)`` (plus ``O(N)`` for the maximum),
-never ``O(N × targets)``.
+never ``O(N × targets)``; the shards' results are placed in row order as they come back, each
+after the rows of the shards before it.
 
 * ``round_robin`` (``rds``): subtasks take turns, each adding its best example (by its mean)
   not yet taken.
@@ -68,7 +67,7 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -273,12 +272,12 @@ class SelectionEngine:
         self.check_targets(targets, names)
         used = [(name, weight) for name, weight in zip(names, w) if weight > 0]
 
-        def streams(shard: int, batch_rows: int) -> list[Iterator]:
-            return [self.store.shard_features(name, shard, batch_rows, writable=True) for name, _ in used]
+        def matrices(shard: int) -> list[np.ndarray]:
+            return [self.store.raw_features(name, shard) for name, _ in used]
 
         # (T, k) per checkpoint, the weight folded in: query @ feature = w_c · cos(f_c, g_c).
         queries = [np.float32(weight) * targets.vectors[name] for name, weight in used]
-        per_subtask, best, subtasks, counts = self._target_scores(targets, queries, streams, self.store.dim,
+        per_subtask, best, subtasks, counts = self._target_scores(targets, queries, matrices, self.store.dim,
                                                                   [name for name, _ in used])
         return Scores(per_subtask, best, subtasks, counts, names, w)
 
@@ -301,17 +300,18 @@ class SelectionEngine:
             raise SelectionError("the target representations come from another model than the datastore's; compute "
                                  "them with this datastore's model")
 
-        def streams(shard: int, batch_rows: int) -> list[Iterator]:
-            return [self.store.shard_representations(shard, batch_rows, writable=True)]
+        def matrices(shard: int) -> list[np.ndarray]:
+            return [self.store.raw_representations(shard)]
 
         per_subtask, best, subtasks, counts = self._target_scores(
-            targets, [targets.representations], streams, dim, ["representations"])
+            targets, [targets.representations], matrices, dim, ["representations"])
         return Scores(per_subtask, best, subtasks, counts, [], np.zeros(0, dtype=np.float32))
 
     def _target_scores(self, targets: TargetSet, queries: list[np.ndarray],
-                       streams: Callable[[int, int], list[Iterator]], dim: int, names: list[str]):
+                       matrices: Callable[[int], list[np.ndarray]], dim: int, names: list[str]):
         """Per-subtask means ``(N, S)`` and maxima ``(N,)`` over the targets of
-        ``Σ_space queries_space @ features_space.T``, with the subtask names and counts."""
+        ``Σ_space queries_space @ features_space.T``, with the subtask names and counts;
+        ``matrices(shard)`` gives the shard's float16 ``(rows, dim)`` matrix of each space."""
         subtasks = targets.subtask_names()
         code_of = {name: i for i, name in enumerate(subtasks)}
         codes = np.array([code_of[s] for s in targets.subtasks], dtype=np.int64)
@@ -319,63 +319,66 @@ class SelectionEngine:
         # Targets ordered by subtask, so a subtask's scores are adjacent columns (np.add.reduceat).
         order = np.argsort(codes, kind="stable")
         first_of_subtask = np.searchsorted(codes[order], np.arange(len(subtasks)))
-        queries = [np.ascontiguousarray(query[order]) for query in queries]
+        queries = [np.ascontiguousarray(query[order], dtype=np.float32) for query in queries]
         n = self.store.num_rows
         per_subtask = np.zeros((n, len(subtasks)), dtype=np.float32)
         best = np.zeros(n, dtype=np.float32)
         share = max(dim, targets.num_targets) * 4 * self.scan_threads
         batch_rows = max(1, min(65536, _BATCH_BYTES // share))
+        placed = 0
 
-        def reduce(rows: np.ndarray, total: np.ndarray) -> None:  # total: (T, rows)
+        def reduce(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # total: (T, rows)
             sums = np.add.reduceat(total, first_of_subtask, axis=0)
-            per_subtask[rows] = (sums / counts.astype(np.float32)[:, None]).T
-            best[rows] = total.max(axis=0)
+            return (sums / counts.astype(np.float32)[:, None]).T, total.max(axis=0)
 
-        self._scan(names, queries, lambda shard: streams(shard, batch_rows), dim, reduce)
+        def place(means: np.ndarray, top: np.ndarray) -> None:
+            nonlocal placed
+            if placed + len(top) > n:
+                raise StoreError(f"{self.store.path}: the shards hold more rows than the store's {n}")
+            per_subtask[placed:placed + len(top)] = means
+            best[placed:placed + len(top)] = top
+            placed += len(top)
+
+        self._scan(names, queries, matrices, dim, batch_rows, reduce, place)
+        if placed != n:
+            raise StoreError(f"{self.store.path}: the shards hold {placed} rows, the store {n}")
         return per_subtask, best, subtasks, counts
 
-    def _scan(self, names: list[str], queries: list[np.ndarray], streams: Callable[[int], list[Iterator]],
-              dim: int, reduce) -> None:
-        """``reduce(rows, Σ_i queries_i @ features_i.T)`` (targets × rows) for every row batch of
-        the store, the shards shared out between worker threads (rows of calls never overlap);
-        ``streams(shard)`` gives each feature space's ``(rows, features)`` batches of a shard."""
+    def _scan(self, names: list[str], queries: list[np.ndarray], matrices: Callable[[int], list[np.ndarray]],
+              dim: int, batch_rows: int, reduce: Callable, place: Callable) -> None:
+        """``place(*reduce(Σ_i queries_i @ features_i.T))`` (targets × rows) for every row batch
+        of the store, in row order; the shards are shared out between worker threads (reduce runs
+        in them), ``place`` runs in the calling thread."""
         kernels = threading.local()
 
-        def scan_shard(shard: int) -> None:
+        def scan_shard(shard: int) -> list:
             if not hasattr(kernels, "kernel"):
                 kernels.kernel = ScanKernel(dim, self.scan_backend)
-            for rows, total in self._shard_scores(shard, names, queries, streams(shard), kernels.kernel):
-                reduce(rows, total)
+            spaces = matrices(shard)
+            self._check_rows(shard, names, spaces)
+            results = []
+            for start in range(0, len(spaces[0]), batch_rows):
+                total = np.zeros((queries[0].shape[0], min(batch_rows, len(spaces[0]) - start)), dtype=np.float32)
+                for features, query in zip(spaces, queries):
+                    kernels.kernel.add_products(features, query, total, start)
+                results.append(reduce(total))
+            return results
 
         pool = ThreadPoolExecutor(self.scan_threads, thread_name_prefix="gradstore-scan",
                                   initializer=single_threaded_worker)
         try:
-            for _ in pool.map(scan_shard, range(self.store.manifest.shards.count)):
-                pass
+            for results in pool.map(scan_shard, range(len(self.store.shards))):
+                for result in results:
+                    place(*result)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the shards not begun
             restore_torch_threads()
 
-    def _shard_scores(self, shard: int, names: list[str], queries: list[np.ndarray], streams: list[Iterator],
-                      kernel: ScanKernel):
-        """``(rows, Σ_i queries_i @ features_i.T)`` per row batch of a shard, one feature space's
-        batch at a time."""
-        for rows, feature in streams[0]:
-            total = np.zeros((queries[0].shape[0], len(rows)), dtype=np.float32)
-            kernel.add_products(feature, queries[0], total)
-            del feature
-            for name, stream, query in zip(names[1:], streams[1:], queries[1:]):
-                item = next(stream, None)
-                if item is None or not np.array_equal(item[0], rows):
-                    raise StoreError(f"{self.store.path}: shard {shard}: the features of checkpoint {name!r} do "
-                                     f"not have the rows of checkpoint {names[0]!r}")
-                kernel.add_products(item[1], query, total)
-                del item
-            yield rows, total
-        for name, stream in zip(names[1:], streams[1:]):
-            if next(stream, None) is not None:
-                raise StoreError(f"{self.store.path}: shard {shard}: checkpoint {name!r} has more feature rows "
-                                 f"than {names[0]!r}")
+    def _check_rows(self, shard: int, names: list[str], spaces: list[np.ndarray]) -> None:
+        for name, features in zip(names[1:], spaces[1:]):
+            if len(features) != len(spaces[0]):
+                raise StoreError(f"{self.store.path}: shard {shard}: checkpoint {name!r} has {len(features)} "
+                                 f"feature rows, checkpoint {names[0]!r} has {len(spaces[0])}")
 
     def score_values(self, name: str, checkpoint: str | None = None) -> np.ndarray:
         """float32 ``(N,)``, row order: a stored per-example score (see ``Datastore.scores``)."""

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import threading
-import weakref
 from pathlib import Path
 
 import numpy as np
@@ -117,33 +116,75 @@ def test_aggregations_differ_and_one_subtask_makes_less_equal_mean(stores, engin
     assert not np.allclose(table.aggregate("max"), table.aggregate("mean"))
 
 
-def test_streaming_in_small_batches_reads_one_checkpoint_batch_at_a_time(stores, targets, monkeypatch):
+def given_shard(given: dict, checkpoint: str, shard: int) -> np.ndarray:
+    return next(raw for key_checkpoint, key_shard, raw in given.values()
+                if (key_checkpoint, key_shard) == (checkpoint, shard))
+
+
+def test_scan_reads_the_raw_maps_in_small_batches_of_every_row_once(stores, targets, monkeypatch):
     store = Datastore.open(stores["pool"])
     reference = SelectionEngine(store).scores(targets)
     monkeypatch.setattr(engine_module, "_BATCH_BYTES", 4 * DIM * 5)  # 5 rows per batch (one worker)
     monkeypatch.setattr(Datastore, "features", lambda *a, **k: pytest.fail("features() loads a whole checkpoint"))
-    live, peak, sizes = [0], [0], []
-    original = Datastore.shard_features
+    given, original_raw = {}, Datastore.raw_features
 
-    def release():
-        live[0] -= 1
+    def recording_raw(self, checkpoint, shard, *args, **kwargs):
+        raw = original_raw(self, checkpoint, shard, *args, **kwargs)
+        given[id(raw)] = (checkpoint, shard, raw)  # kept alive, so ids stay unique
+        return raw
 
-    def counting(self, checkpoint, shard, batch_rows=65536, writable=False):
-        # Each batch handed out is a copy whose lifetime is the engine's: count the ones alive.
-        assert batch_rows == 5
-        for rows, feature in original(self, checkpoint, shard, batch_rows, writable):
-            box = [np.array(feature)]
-            weakref.finalize(box[0], release)
-            live[0] += 1
-            peak[0] = max(peak[0], live[0])
-            sizes.append(len(rows))
-            yield rows, box.pop()
+    calls, original_add = [], scan_module.ScanKernel.add_products
 
-    monkeypatch.setattr(Datastore, "shard_features", counting)
+    def recording_add(self, features, query, out, start=0):
+        calls.append((given[id(features)][:2], start, out.shape[1]))
+        original_add(self, features, query, out, start)
+
+    monkeypatch.setattr(Datastore, "raw_features", recording_raw)
+    monkeypatch.setattr(scan_module.ScanKernel, "add_products", recording_add)
     streamed = SelectionEngine(store, scan_threads=1).scores(targets)
-    assert peak[0] == 1 and max(sizes) == 5 and sum(sizes) == 2 * store.num_examples
+    assert max(width for _, _, width in calls) == 5
+    for checkpoint in store.checkpoint_names:  # each shard's rows once, in batches, from its raw map
+        for shard in range(store.manifest.shards.count):
+            batches = sorted((start, width) for key, start, width in calls if key == (checkpoint, shard))
+            rows = len(given_shard(given, checkpoint, shard))
+            assert [start for start, _ in batches] == list(range(0, rows, 5))
+            assert sum(width for _, width in batches) == rows
     np.testing.assert_allclose(streamed.per_subtask, reference.per_subtask, atol=1e-6)
     np.testing.assert_allclose(streamed.best, reference.best, atol=1e-6)
+
+
+def test_checkpoints_with_different_rows_in_a_shard_are_an_error(stores, targets, monkeypatch):
+    original_raw = Datastore.raw_features
+
+    def one_row_short(self, checkpoint, shard, *args, **kwargs):
+        raw = original_raw(self, checkpoint, shard, *args, **kwargs)
+        return raw[:-1] if (checkpoint, shard) == ("epoch-2", 1) else raw
+
+    monkeypatch.setattr(Datastore, "raw_features", one_row_short)
+    engine = SelectionEngine(Datastore.open(stores["pool"]), scan_threads=2)
+    with pytest.raises(StoreError, match=r"shard 1: checkpoint 'epoch-2' has 15 feature rows, checkpoint "
+                                         r"'epoch-1' has 16"):
+        engine.scores(targets)
+
+
+def test_the_features_files_are_read_directly_not_through_their_maps(stores, targets, monkeypatch):
+    """``raw_features`` gives ``numpy.memmap`` s: every kernel reads their files (``os.preadv``)."""
+    store = Datastore.open(stores["pool"])
+    reference = reference_scores(stores["pool"], stores["target"], "max")
+    read_from = set()
+
+    def recording_read(descriptor, block, offset, path):
+        read_from.add(Path(path).relative_to(store.path).as_posix())
+        original_read(descriptor, block, offset, path)
+
+    original_read = scan_module._read_exactly
+    monkeypatch.setattr(scan_module, "_read_exactly", recording_read)
+    for backend in scan_module.BACKENDS:
+        read_from.clear()
+        mapped = SelectionEngine(store, scan_threads=2, scan_backend=backend).scores(targets)
+        np.testing.assert_allclose(mapped.best, reference[0], atol=1e-5)
+        np.testing.assert_allclose(mapped.per_subtask, reference[1], atol=1e-5)
+        assert read_from == {name for name in store.manifest.files if "/features/" in name}, backend
 
 
 # ---------------------------------------------------------------------------- features files, kernels
