@@ -37,7 +37,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-
 from measure import machine_info
 
 SHARES = (0.01, 0.05, 0.10)
@@ -50,10 +49,11 @@ def log(message: str) -> None:
 
 def build_store(out: Path, examples: int, pretrain_steps: int) -> Path:
     """The demo's store (see the module docstring) at ``out/store``."""
-    from gradstore.demo import build_base_model, index_corpus
     from gradstore.indexer.corpus import CorpusSource
     from gradstore.indexer.demo_corpus import generate_corpus, write_jsonl
     from gradstore.indexer.warmup import WarmupConfig, run_warmup
+
+    from gradstore.demo import build_base_model, index_corpus
 
     corpus = generate_corpus(examples, seed=0)
     corpus_file = write_jsonl(corpus, out / "corpus.jsonl")
@@ -70,7 +70,7 @@ def build_store(out: Path, examples: int, pretrain_steps: int) -> Path:
 
 def quantized_scores(codes: dict, targets, names: list[str], weights: np.ndarray) -> np.ndarray:
     """LESS scores (one subtask: the mean over targets) from each checkpoint's quantised copy."""
-    from gradstore.datastore.quantized import QuantizedScanKernel
+    from gradstore.selection.quantized_scan import QuantizedScanKernel
 
     first = codes[names[0]]
     total = np.zeros((targets.num_targets, len(first)), dtype=np.float32)
@@ -138,7 +138,7 @@ def best_seconds(run, repeats: int = 5) -> float:
 
 def scan_throughput(rows: int, dim: int, targets: int) -> dict:
     """Rows per second and input bytes per second of each kernel on one in-memory block."""
-    from gradstore.datastore.quantized import QuantizedScanKernel, encode
+    from gradstore.selection.quantized_scan import QuantizedScanKernel, encode
     from gradstore.selection.scan import BACKENDS, ScanKernel, single_threaded_worker
 
     single_threaded_worker()
@@ -206,10 +206,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see gradstore/demo.py
 
-    from gradstore.datastore.quantized import QuantizedFeatures, bytes_per_row, encode
-    from gradstore.evaluate import pool_records
     from gradstore.indexer.datastore import Datastore
     from gradstore.indexer.demo_corpus import FAMILIES, generate_targets
+
+    from gradstore.datastore.quantized import QuantizedFeatures, bytes_per_row, encode
+    from gradstore.evaluate import pool_records
     from gradstore.selection import SelectionEngine, TargetFeaturizer
 
     started = time.perf_counter()

@@ -27,7 +27,7 @@ Scales: float32 ``(rows,)``, both kinds. On disk (:func:`save`, :func:`load`) a 
 are not in them (the store's manifest records them), so :func:`load` is told both and checks the
 files against them.
 
-Scanning: :class:`QuantizedScanKernel` adds ``query @ x̂.T`` into a float32 ``(targets, rows)``
+Scanning: :class:`gradstore.selection.quantized_scan.QuantizedScanKernel` adds ``query @ x̂.T`` into a float32 ``(targets, rows)``
 result, as :class:`gradstore.selection.scan.ScanKernel` does for float16 features and with its
 block sizes: the codes are expanded block by block into a float32 buffer that stays in cache,
 multiplied with the float32 queries (asymmetric: only the features are quantised) and scaled
@@ -36,16 +36,12 @@ per row. numpy only: torch's kernels measured no faster on these conversions.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .layout import QUANTIZATION_CHOICES
-
-# The float16 scan's block rules apply unchanged: the buffer is the same float32 block.
-from gradstore.selection.scan import _BLOCK_BYTES, _OPENBLAS_ONE_THREAD_MNK
 
 QUANTIZATIONS = QUANTIZATION_CHOICES
 BIT_ORDER = "big"
@@ -140,64 +136,6 @@ def decode(quantized: QuantizedFeatures) -> np.ndarray:
         bits = np.unpackbits(quantized.codes, axis=1, count=quantized.dim, bitorder=BIT_ORDER)
         values = bits.astype(np.float32) * 2 - 1
     return values * quantized.scales[:, None]
-
-
-class QuantizedScanKernel:
-    """``out += query @ x̂.T`` for one kind of quantised rows of dimension ``dim``, in cache-sized
-    blocks; one per thread (it owns its buffer)."""
-
-    def __init__(self, kind: str, dim: int):
-        _check_kind(kind)
-        self.kind = kind
-        self.dim = dim
-        # 1bit: a block is expanded to all the bits of its bytes, padding included (see add_products).
-        self.columns = dim if kind == "int8" else 8 * code_columns(kind, dim)
-        self.block_rows = max(1, _BLOCK_BYTES // (4 * self.columns))
-        self._buffer = np.empty((self.block_rows, self.columns), dtype=np.float32)
-        self._owner = threading.get_ident()
-
-    def add_products(self, codes: np.ndarray, scales: np.ndarray, query: np.ndarray, out: np.ndarray) -> None:
-        """``out += query @ decode(QuantizedFeatures(kind, dim, codes, scales)).T``: ``codes``
-        and ``scales`` of ``n`` rows (read-only arrays and memory maps are fine), ``query`` float32
-        ``(t, dim)``, ``out`` float32 ``(t, n)``."""
-        if threading.get_ident() != self._owner:
-            raise RuntimeError("a QuantizedScanKernel is used by the thread that made it only (it owns a buffer)")
-        check_codes(self.kind, self.dim, codes, scales)
-        if query.dtype != np.float32 or query.ndim != 2 or query.shape[1] != self.dim:
-            raise ValueError(f"query must be float32 (targets, {self.dim}), got {query.dtype} {query.shape}")
-        if out.dtype != np.float32 or out.shape != (query.shape[0], len(scales)):
-            raise ValueError(f"out must be float32 {(query.shape[0], len(scales))} (targets, rows), got "
-                             f"{out.dtype} {out.shape}")
-        weights, offsets = self._weights(query)
-        targets = max(1, query.shape[0])
-        block_rows = max(1, min(self.block_rows, _OPENBLAS_ONE_THREAD_MNK // (self.columns * targets)))
-        product = np.empty((block_rows, query.shape[0]), dtype=np.float32)
-        for start in range(0, len(scales), block_rows):
-            stop = min(len(scales), start + block_rows)
-            block = self._expand(codes[start:stop], self._buffer[:stop - start])
-            part = np.matmul(block, weights.T, out=product[:stop - start])
-            if offsets is not None:
-                part -= offsets
-            part *= scales[start:stop, None]
-            out[:, start:stop] += part.T
-
-    def _weights(self, query: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """What the expanded codes are multiplied with, and what is then subtracted per target.
-
-        int8: the query itself. 1bit: the block is expanded to its 0/1 bits (a fast copy, unlike
-        a ±1 table lookup), and ``q · (2b − 1) = 2 q · b − Σ q``; the query is zero-padded over
-        the last byte's unused bits, so their values never matter.
-        """
-        if self.kind == "int8":
-            return np.ascontiguousarray(query), None
-        weights = np.zeros((query.shape[0], self.columns), dtype=np.float32)
-        weights[:, :self.dim] = 2 * query
-        return weights, query.sum(axis=1, dtype=np.float32)
-
-    def _expand(self, codes: np.ndarray, block: np.ndarray) -> np.ndarray:
-        source = codes if self.kind == "int8" else np.unpackbits(codes, axis=1, bitorder=BIT_ORDER)
-        np.copyto(block, source, casting="unsafe")
-        return block
 
 
 def code_paths(stem: str | Path) -> tuple[Path, Path]:

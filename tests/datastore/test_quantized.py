@@ -8,8 +8,16 @@ import threading
 import numpy as np
 import pytest
 
-from gradstore.datastore.quantized import (QUANTIZATIONS, QuantizedFeatures, QuantizedScanKernel, bytes_per_row,
-                                           decode, encode, load, save)
+from gradstore.datastore.quantized import (
+    QUANTIZATIONS,
+    QuantizedFeatures,
+    bytes_per_row,
+    decode,
+    encode,
+    load,
+    save,
+)
+from gradstore.selection.quantized_scan import QuantizedScanKernel
 
 
 def unit_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:
