@@ -312,3 +312,21 @@ def kill_at(command: list[str], owner: str, function: str, text: str, nth: int, 
                             env=ONE_THREAD)
     where = f"{function} ({text!r}, call {nth}, {moment})"
     assert result.returncode == -signal.SIGKILL, f"not killed at {where}:\n{result.stderr[-3000:]}"
+
+
+def errors_in_another_thread(call) -> list[str]:
+    """The messages of the RuntimeErrors ``call()`` raises when run in a new thread."""
+    import threading
+
+    errors = []
+
+    def run():
+        try:
+            call()
+        except RuntimeError as err:
+            errors.append(str(err))
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return errors

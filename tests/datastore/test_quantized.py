@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ from gradstore.datastore.quantized import (
     load,
     save,
 )
+from conftest import errors_in_another_thread
 from gradstore.selection.quantized_scan import QuantizedScanKernel
 
 
@@ -161,16 +161,6 @@ def test_errors_name_what_is_wrong():
 
 def test_kernel_refuses_other_threads():
     kernel = QuantizedScanKernel("int8", 8)
-    errors = []
-
-    def use():
-        try:
-            kernel.add_products(np.zeros((2, 8), np.int8), np.zeros(2, np.float32), np.zeros((1, 8), np.float32),
-                                np.zeros((1, 2), np.float32))
-        except RuntimeError as err:
-            errors.append(str(err))
-
-    thread = threading.Thread(target=use)
-    thread.start()
-    thread.join()
+    errors = errors_in_another_thread(lambda: kernel.add_products(
+        np.zeros((2, 8), np.int8), np.zeros(2, np.float32), np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32)))
     assert errors == ["a QuantizedScanKernel is used by the thread that made it only (it owns a buffer)"]

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
 
+from conftest import errors_in_another_thread
 from gradstore.selection import scan as scan_module
 from gradstore.selection.scan import BACKENDS, ScanKernel, file_region, half_to_float
 
@@ -103,16 +103,6 @@ def test_kernel_refuses_an_unknown_backend_other_threads_and_rows_it_lacks():
     with pytest.raises(ValueError, match=r"rows 1\.\.3 are not all among the 2 rows"):
         kernel.add_products(np.zeros((2, 8), np.float16), np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32),
                             start=1)
-    errors = []
-
-    def use():
-        try:
-            kernel.add_products(np.zeros((2, 8), np.float16), np.zeros((1, 8), np.float32),
-                                np.zeros((1, 2), np.float32))
-        except RuntimeError as err:
-            errors.append(str(err))
-
-    thread = threading.Thread(target=use)
-    thread.start()
-    thread.join()
+    errors = errors_in_another_thread(lambda: kernel.add_products(
+        np.zeros((2, 8), np.float16), np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32)))
     assert errors == ["a ScanKernel is used by the thread that made it only (it owns a buffer)"]
