@@ -25,8 +25,24 @@ HNSW insertion on 2 cores is slow at this dimension, so HNSW is built on the fir
 
 Target: recall@100 >= 0.95 at >= 10x the queries/s of exact search on the same vectors.
 
+Index kinds (``--kinds``, instead of the sweep above): for each size of ``--sizes``, the same
+mixture's vectors rounded to fp16 (as a store keeps its features), every listed kind of
+``faiss_index.INDEX_KINDS`` built as a store builds it (``choose_factory``; ``train_sample_size``
+rows sampled with the seed, within ``--index-memory``; ``trained_index``; batches added) with its
+stored search defaults, and for each: bytes per vector (the serialized index over N), training
+and adding time, the latency of one query searched alone (median of ``--single``), the time per
+query of the ``--queries`` batch in one call, recall@10 against the exact top 10 (float32 products
+over the same fp16 vectors), and recall@10 within its top 100 (what re-ranking 100 candidates
+exactly would recover). Kind ``none`` is the exact scan: the selection engine's kernel
+(``gradstore.selection.scan.ScanKernel``, one thread, vectors in memory) scoring every vector,
+then the top 10; one query alone and a batch of 8. ``ivf-ondisk`` searches as ``ivf`` does and is
+not built here. FAISS builds with its default threads and searches on one, as the scan does (on a
+shared machine, a one-query search on 2 OpenMP threads waits on whichever is descheduled: 15 ms
+instead of 2 for a 20,000 × 256 Flat index at load average 3).
+
     python bench/approximate_search.py                       # N = 1M, d = 1024, HNSW on 100k
     python bench/approximate_search.py --n 200000 --hnsw-n 50000 --json ann.json
+    python bench/approximate_search.py --kinds all --sizes 20000,100000 --dim 2048 --json kinds.json
 """
 
 from __future__ import annotations
@@ -107,6 +123,121 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return float(np.mean([len(np.intersect1d(f[f >= 0], t)) / k for f, t in zip(found, truth)]))
 
 
+# ------------------------------------------------------------------------------ index kinds
+
+
+def compare_kinds(args) -> int:
+    """The ``--kinds`` comparison (module docstring); one table row per size and kind."""
+    from gradstore.indexer.faiss_index import INDEX_KINDS, ONDISK_KIND
+
+    info = machine_info()
+    print(f"{info['cpu']}, {info['cores']} cores; faiss {info['faiss']}, {info['faiss_threads']} threads; "
+          f"load average {info['loadavg_start']}", flush=True)
+    built = [k for k in INDEX_KINDS if k not in ("auto", ONDISK_KIND)]
+    kinds = built if args.kinds == "all" else [k.strip() for k in args.kinds.split(",")]
+    unknown = sorted(set(kinds) - set(built))
+    if unknown:
+        raise SystemExit(f"--kinds: {', '.join(unknown)} not measurable here; choose from {', '.join(built)}")
+    mixture = Mixture(args.dim, args.clusters, args.subspace, args.seed)
+    queries = mixture.batch(stream=1, index=0, size=args.queries)
+    rows = []
+    for n in (int(v) for v in args.sizes.split(",")):
+        features = np.concatenate(list(mixture.batches(0, n, args.batch))).astype(np.float16)
+        vectors = features.astype(np.float32)
+        truth = exact_top(queries, vectors, 10)
+        for kind in kinds:
+            row = {"n": n, "dim": args.dim, "kind": kind, "loadavg": os.getloadavg()[0]}
+            if kind == "none":
+                row.update(measure_exact_scan(features, queries, truth, args.single))
+            else:
+                row.update(measure_kind(kind, vectors, queries, truth, args))
+            rows.append(row)
+            print(kind_line(row), flush=True)
+        del features, vectors
+    print_kind_table(rows)
+    if args.json:
+        info["loadavg_end"] = os.getloadavg()
+        payload = {"benchmark": "approximate_search --kinds", "args": {**vars(args), "json": str(args.json)},
+                   "machine": info, "results": rows}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        print(f"results written to {args.json}")
+    return 0
+
+
+def exact_top(queries: np.ndarray, vectors: np.ndarray, k: int) -> np.ndarray:
+    scores = queries @ vectors.T
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, axis=1), axis=1), axis=1)
+
+
+def measure_kind(kind: str, vectors: np.ndarray, queries: np.ndarray, truth: np.ndarray, args) -> dict:
+    """Build ``kind`` over ``vectors`` as a store does and time and score its searches."""
+    from gradstore.indexer.faiss_index import choose_factory, train_sample_size, trained_index
+
+    n, dim = vectors.shape
+    _, factory = choose_factory(kind, n, dim, args.index_memory)
+    sample_size = train_sample_size(factory, n, dim, args.index_memory)
+    rng = np.random.default_rng(args.seed)
+    sample = vectors[np.sort(rng.choice(n, size=sample_size, replace=False))] if sample_size else None
+    start = time.perf_counter()
+    index = trained_index(factory, dim, sample)
+    trained = time.perf_counter()
+    for first in range(0, n, args.batch):
+        index.add(vectors[first:first + args.batch])
+    added = time.perf_counter()
+    del sample
+    size = faiss.serialize_index(index).size
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)  # searches on one core, as the exact scan
+    single = [timed_search(index, queries[i:i + 1], 10)[1] for i in range(min(args.single, len(queries)))]
+    ids, batch_s = timed_search(index, queries, 10)
+    top100 = index.search(queries, 100)[1]
+    faiss.omp_set_num_threads(threads)
+    return {"factory": factory, "train_rows": sample_size, "train_s": trained - start, "add_s": added - trained,
+            "bytes_per_vector": size / n, "single_ms": 1e3 * float(np.median(single)),
+            "batch_ms_per_query": 1e3 * batch_s / len(queries), "recall_at_10": recall(ids, truth),
+            "recall_10_in_100": recall(top100, truth)}
+
+
+def measure_exact_scan(features: np.ndarray, queries: np.ndarray, truth: np.ndarray, single: int) -> dict:
+    """The exact scan: every fp16 vector scored by the engine's kernel (one thread), then the top 10."""
+    from gradstore.selection.scan import ScanKernel, restore_torch_threads, single_threaded_worker
+
+    single_threaded_worker()  # as in each of the engine's scan workers
+    kernel = ScanKernel(features.shape[1])
+
+    def scan(batch: np.ndarray) -> tuple[np.ndarray, float]:
+        start = time.perf_counter()
+        scores = np.zeros((len(batch), len(features)), dtype=np.float32)
+        kernel.add_products(features, np.ascontiguousarray(batch), scores)
+        top = np.argpartition(-scores, 10, axis=1)[:, :10]
+        return top, time.perf_counter() - start
+
+    one = [scan(queries[i:i + 1])[1] for i in range(min(single, len(queries)))]
+    eight = [scan(queries[i:i + 8])[1] for i in range(0, 8 * 5, 8)]
+    found = np.concatenate([scan(queries[i:i + 8])[0] for i in range(0, len(queries), 8)])
+    restore_torch_threads()
+    return {"factory": f"scan ({kernel.backend} kernel, 1 thread)", "train_rows": 0, "train_s": 0.0, "add_s": 0.0,
+            "bytes_per_vector": 0.0, "single_ms": 1e3 * float(np.median(one)),
+            "batch_ms_per_query": 1e3 * float(np.median(eight)) / 8, "recall_at_10": recall(found, truth),
+            "recall_10_in_100": 1.0}
+
+
+def kind_line(r: dict) -> str:
+    return (f"{r['n']:>9,} {r['kind']:<9} {r['factory']:<28} {r['bytes_per_vector']:>8.0f} "
+            f"{r['train_s']:>7.1f} {r['add_s']:>7.1f} {r['single_ms']:>9.2f} {r['batch_ms_per_query']:>9.3f} "
+            f"{r['recall_at_10']:>7.3f} {r['recall_10_in_100']:>7.3f} {r['loadavg']:>5.1f}")
+
+
+def print_kind_table(rows: list[dict]) -> None:
+    header = (f"{'N':>9} {'kind':<9} {'factory':<28} {'B/vector':>8} {'train s':>7} {'add s':>7} "
+              f"{'1 query ms':>9} {'batch ms/q':>9} {'r@10':>7} {'10@100':>7} {'load':>5}")
+    print("\n" + header + "\n" + "-" * len(header))
+    for r in rows:
+        print(kind_line(r))
+
+
 def main(argv: list[str] | None = None) -> int:
     from gradstore.indexer.faiss_index import build_index, choose_factory, ivf_nlist
 
@@ -129,7 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=50_000, help="vectors generated / added per batch")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--kinds", default=None,
+                        help="compare these index kinds (comma-separated, or 'all') instead of the sweep")
+    parser.add_argument("--sizes", default="20000,100000", help="vector counts for --kinds")
+    parser.add_argument("--single", type=int, default=50, help="queries timed one at a time, for --kinds")
+    parser.add_argument("--index-memory", type=int, default=4 << 30,
+                        help="memory budget bounding the training sample, for --kinds (bytes; the store's default)")
     args = parser.parse_args(argv)
+    if args.kinds:
+        return compare_kinds(args)
 
     info = machine_info()
     print(f"{info['cpu']}, {info['cores']} cores; faiss {info['faiss']} ({info['faiss_compile_options'].strip()}), "
