@@ -367,7 +367,8 @@ def test_create_job_wait_and_query_the_new_datastore(service, service_corpus, ti
     listed = {store.name: store for store in service.client.list_datastores()}
     assert STORES | {name} <= set(listed)
     new = listed[name]
-    assert (new.examples, new.dim, new.gradient_type, new.index) == (6, DIM, "sgd", "flat")
+    # A small store gets no index by default: exact searches scan its features.
+    assert (new.examples, new.dim, new.gradient_type, new.index) == (6, DIM, "sgd", None)
     assert service.client.get_example(name, "tgt-2").record == records["tgt"][2]
     # Its own vectors, read from its Parquet files, find their example.
     vectors = {c.name: features(service.root / name, c.name)[2] for c in new.checkpoints}
