@@ -108,7 +108,7 @@ def test_fresh_lora_store_matches_single_example_features(tmp_path, tiny_model_d
 def test_adam_store_with_two_checkpoints_scores_weighted_influence(tmp_path, tiny_model_dirs, corpus_dir, warmup_run):
     checkpoints = [CheckpointSpec.parse(str(warmup_run / name)) for name in ("epoch-1", "epoch-2")]
     config = make_config(tmp_path, tiny_model_dirs["gpt2"], corpus_dir, checkpoints=checkpoints,
-                         gradient_type="adam")
+                         gradient_type="adam", index="flat")  # exact FAISS search, to compare with numpy
     IndexJob(config, log=lambda *_: None).run()
     store = Datastore.open(config.out)
     lrs = [json.loads((warmup_run / n / "gradstore_checkpoint.json").read_text())["average_learning_rate"]
