@@ -49,6 +49,7 @@ from .files import atomic_write_bytes
 from .layout import MANIFEST_FILE, SCHEMA_VERSION, check_checkpoint_name, segment_number
 
 POOLING = "position-weighted-mean"
+#: What made a version (its ``history`` entry).
 ACTIONS = ("build", "append", "remove", "compact", "migrate", "quantize")
 
 
@@ -148,7 +149,7 @@ class ShardInfo(_Strict):
 class HistoryEntry(_Strict):
     version: int
     at: str
-    action: Literal["build", "append", "remove", "compact", "migrate", "quantize"]
+    action: Literal[ACTIONS]
     rows_added: int = 0
     rows_removed: int = 0
 

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -71,11 +72,11 @@ def copy(stores: Path, name: str, dest: Path) -> Path:
     return dest / name
 
 
-def pool_targets(store: Datastore) -> TargetSet:
-    """Three training examples' own features as targets, in two subtasks."""
-    rows = [store.row_of(id) for id in ("ex-3", "ex-20", "more-5")]
+def pool_targets(store: Datastore, ids=("ex-3", "ex-20", "more-5"), subtasks=("a", "a", "b")) -> TargetSet:
+    """Training examples' own features (and representations) as targets, in the given subtasks."""
+    rows = [store.row_of(id) for id in ids]
     return TargetSet({c: store.features_at(c, rows).astype(np.float32) for c in store.checkpoint_names},
-                     ["a", "a", "b"], representations=store.representations_at(rows).astype(np.float32))
+                     list(subtasks), representations=store.representations_at(rows).astype(np.float32))
 
 
 def test_half_then_append_equals_one_shot_bit_for_bit(stores):
@@ -130,12 +131,8 @@ def test_append_refuses_other_settings_and_taken_ids_and_replaces_when_asked(sto
         np.testing.assert_array_equal(replaced.features(checkpoint)[28:], replaced.features(checkpoint)[:28])
     engine = SelectionEngine(replaced)
     assert engine.pool().tolist() == list(range(28, 56))
-    assert set(engine.select(pool_targets_of(replaced), SelectionOptions(k=28)).rows.tolist()) == set(range(28, 56))
-
-
-def pool_targets_of(store: Datastore) -> TargetSet:
-    rows = [store.row_of("ex-3"), store.row_of("ex-20")]
-    return TargetSet({c: store.features_at(c, rows).astype(np.float32) for c in store.checkpoint_names}, ["a", "a"])
+    targets = pool_targets(replaced, ids=("ex-3", "ex-20"), subtasks=("a", "a"))
+    assert set(engine.select(targets, SelectionOptions(k=28)).rows.tolist()) == set(range(28, 56))
 
 
 @pytest.mark.slow
@@ -257,8 +254,6 @@ def test_a_served_store_switches_versions_under_load_without_an_error(stores, tm
 
 
 def wait_for(read, expected, seconds: float = 30.0):
-    import time
-
     deadline = time.monotonic() + seconds
     while (value := read()) != expected and time.monotonic() < deadline:
         time.sleep(0.1)
