@@ -77,7 +77,7 @@ def quantized_scores(codes: dict, targets, names: list[str], weights: np.ndarray
     kernel = QuantizedScanKernel(first.kind, first.dim)
     for name, weight in zip(names, weights):
         query = np.ascontiguousarray(np.float32(weight) * targets.vectors[name])
-        kernel.add_products(codes[name].codes, codes[name].scales, query, total)
+        kernel.add_products(codes[name], query, total)
     return total.mean(axis=0)
 
 
@@ -156,7 +156,7 @@ def scan_throughput(rows: int, dim: int, targets: int) -> dict:
         results[f"fp16 ({backend} kernel)"] = {"seconds": seconds, "bytes": features.nbytes}
     for kind in ("int8", "1bit"):
         quantized, kernel = encode(features, kind), QuantizedScanKernel(kind, dim)
-        seconds = best_seconds(lambda: kernel.add_products(quantized.codes, quantized.scales, query, out))
+        seconds = best_seconds(lambda: kernel.add_products(quantized, query, out))
         results[kind] = {"seconds": seconds, "bytes": quantized.nbytes}
     for item in results.values():
         item |= {"rows_per_s": rows / item["seconds"], "gb_per_s": item["bytes"] / item["seconds"] / 1e9}

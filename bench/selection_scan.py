@@ -4,15 +4,18 @@ For each store size N, a synthetic store is written through the real writer
 (``datastore.write_shard`` + ``finalize_store`` with index kind ``none`` + ``publish_store``):
 random L2-normalised fp16 features, ``--checkpoints`` checkpoints, the indexer's default shard
 size; the features are stored once, as ``.npy`` fp16 matrices
-(``segments/<segment>/features/<checkpoint>/part-NNNNN.npy``). A fresh child process then opens
-it and times ``SelectionEngine(store).scores(targets)`` for ``--targets`` random targets in two
-subtasks (warm page cache: the store was just written and one untimed scan runs first), for each
-engine set-up (the default: the first of ``scan.BACKENDS`` installed, numba's kernel with the
-``cpu`` extra, one scan thread per CPU up to 4; then one scan thread; then each other kernel),
-over the store as ``Datastore`` opens it: ``raw_features`` gives each feature file as a read-only
-``np.memmap``, which the kernels read from the file (``os.preadv``) rather than through the map.
-It checks that all give the same scores, and measures, in the same process, the machine's copy
-bandwidth:
+(``segments/<segment>/features/<checkpoint>/part-NNNNN.npy``); then ``gradstore quantize`` adds
+its int8 and 1bit copies (timed). A fresh child process opens it and times
+``SelectionEngine(store).scores(targets)`` for ``--targets`` random targets in two subtasks (warm
+page cache: the store was just written), for each engine set-up (the default: the first of
+``scan.BACKENDS`` installed, numba's kernel with the ``cpu`` extra, one scan thread per CPU up to
+4; then one scan thread; then each other kernel), over the store as ``Datastore`` opens it:
+``raw_features`` gives each feature file as a read-only ``np.memmap`` that the store keeps open,
+and the kernels read the rows in place. The first scan of the process maps the files' pages
+(one page fault each) and is reported apart; the timed scans read maps already made, as every
+query after the first does in a serving process. It checks that all set-ups give the same
+scores, then times the default set-up scanning the int8 and the 1bit copies (``precision``),
+and measures, in the same process, the machine's copy bandwidth:
 
 * ``mmap copy``: every feature file the scan reads, memory-mapped with ``np.memmap`` and copied
   with ``np.copyto`` into a reused buffer: the same bytes, files and page cache as the scan;
@@ -25,16 +28,15 @@ is compared with the best timed scan of each set-up. The kernels are compiled (n
 before any timing: once per process, reported as ``kernel_warm_up``.
 
 The throughput of a scan is the feature bytes it reads (N × k × 2 bytes × checkpoints) over its
-wall time. Each timed scan also records the process's CPU time (user + system, all threads): CPU
-time over wall time is how many cores the scan actually ran on, which on a shared machine can be
-fewer than its threads (the scheduler shares the CPUs between sessions, not threads). Memory, for
-the default set-up: ``VmHWM`` (peak resident set, reset just before the scans) of the child after
-the scans, its resident set before them, and the peaks of ``RssAnon`` (anonymous memory) and
-``RssFile`` (store pages mapped at the moment) sampled every 10 ms during them. A fresh process
-per N makes the peaks comparable.
+wall time (for a quantised copy, also its codes and scales over the wall time). Each timed scan
+also records the process's CPU time (user + system, all threads): CPU time over wall time is how
+many cores the scan actually ran on, which on a shared machine can be fewer than its threads.
+Memory, for the default set-up: ``VmHWM`` (peak resident set, reset just before the scans) of
+the child after the scans, its resident set before them, and the peaks of ``RssAnon``
+(anonymous memory) and ``RssFile`` (store pages mapped, which the open maps keep) sampled every
+10 ms during them. A fresh process per N makes the peaks comparable.
 
-For reference, two processes then scan the whole store at the same moment, one scan thread each:
-their aggregate GB/s shows what a scan over worker processes would get on the same machine.
+For reference, two processes then scan the whole store at the same moment, one scan thread each.
 
 With ``--profile`` (on by default, largest store) the conversion and product kernels are timed on
 one in-memory block, and the scan kernels on the same block given as a file map.
@@ -122,6 +124,19 @@ def build_store(out: Path, n: int, dim: int, checkpoints: list[str], shard_size:
     feature_bytes = sum(p.stat().st_size for p in out.glob("segments/*/features/*/*.npy"))
     return {"write_s": written - start, "finalize_s": done - written, "store_bytes": size,
             "feature_file_bytes": feature_bytes}
+
+
+def add_quantized_copies(store: Path) -> dict:
+    """``gradstore quantize`` of each kind, in seconds each."""
+    from gradstore.datastore.layout import QUANTIZATION_CHOICES
+    from gradstore.datastore.versions import quantize
+
+    seconds = {}
+    for kind in QUANTIZATION_CHOICES:
+        start = time.perf_counter()
+        quantize(store, kind)
+        seconds[kind] = time.perf_counter() - start
+    return seconds
 
 
 # ------------------------------------------------------------------------------- bandwidths
@@ -218,7 +233,7 @@ def profile_kernels(dim: int, num_targets: int, scratch: Path, seed: int = 0) ->
             lambda a, b: torch_buffer[:b - a].copy_(torch_half[a:b])),
         **{f"ScanKernel({backend!r}): conversion + product, {block_rows}-row blocks":
            (lambda k=k: k.add_products(half, query, out)) for backend, k in kernel.items()},
-        **{f"ScanKernel({backend!r}) on the block's file map (read, convert, multiply)":
+        **{f"ScanKernel({backend!r}) on the block's file map (read in place, convert, multiply)":
            (lambda k=k: k.add_products(mapped, query, out)) for backend, k in kernel.items()},
     }
     results = {}
@@ -327,20 +342,20 @@ def pair_scan(store_path: Path, num_targets: int, repeats: int, seed: int, start
     return {"feature_bytes": store.num_examples * store.dim * 2 * len(store.checkpoint_names), "rounds": rounds}
 
 
-def timed_scans(engine, targets, repeats: int, measure_memory: bool) -> tuple[dict, object]:
-    """One untimed ``scores()``, then ``repeats`` timed; with ``measure_memory``, the process's
-    resident set before and its peaks during them."""
+def timed_scans(engine, targets, repeats: int, measure_memory: bool, precision: str = "fp16") -> tuple[dict, object]:
+    """One ``scores()`` (timed apart: the process's first maps the files), then ``repeats`` timed;
+    with ``measure_memory``, the process's resident set before and its peaks during them."""
     if measure_memory:
         reset_peak_rss()  # the copy buffers are not the engine's memory
         rss_before = proc_status()["VmRSS"]
         sampler = RssSampler().__enter__()
     start = time.perf_counter()
-    scores = engine.scores(targets)
+    scores = engine.scores(targets, precision=precision)
     first = time.perf_counter() - start
     times, cpu = [], []
     for _ in range(repeats):
         before = _cpu_seconds()
-        times.append(_timed(lambda: engine.scores(targets)))
+        times.append(_timed(lambda: engine.scores(targets, precision=precision)))
         cpu.append(_cpu_seconds() - before)
     best = int(np.argmin(times))
     result = {"scores_first_s": first, "scores_s": times, "scores_best_s": times[best], "cpu_s": cpu,
@@ -394,6 +409,15 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
         results.append({**config, **result, "scores_gbps": gbps(feature_bytes, result["scores_best_s"])})
         del scores
 
+    quantized = {}
+    for precision in store.manifest.features.quantized:
+        engine = SelectionEngine(store)
+        result, _ = timed_scans(engine, targets, repeats, False, precision)
+        stored = sum(store.quantized_features(precision, name, shard).nbytes
+                     for name in names for shard in range(len(store.shards)))
+        quantized[precision] = {**result, "bytes_read": stored, "scores_gbps": gbps(feature_bytes, result["scores_best_s"]),
+                                "read_gbps": gbps(stored, result["scores_best_s"])}
+
     engine = SelectionEngine(store)
     start = time.perf_counter()
     selection = engine.select(targets, SelectionOptions(fraction=0.05))
@@ -405,7 +429,8 @@ def worker(store_path: Path, num_targets: int, repeats: int, profile: bool, seed
                     "read": read_copy(paths, repeats=1)}
     result = {
         "n": store.num_examples, "dim": store.dim, "checkpoints": len(names), "targets": num_targets,
-        "shards": len(store.shards), "feature_bytes": feature_bytes, "scans": results,
+        "shards": len(store.shards), "feature_bytes": feature_bytes, "scans": results, "quantized_scans": quantized,
+        "first_scan_s": results[0]["scores_first_s"],
         "scores_best_s": results[0]["scores_best_s"], "scores_gbps": results[0]["scores_gbps"],
         **memory,
         "select_fraction_0.05_s": select_s, "vmhwm_after_select_bytes": after_select["VmHWM"],
@@ -447,6 +472,18 @@ def print_report(results: list[dict], target_share: float) -> None:
               f"{fmt_bytes(r['vmhwm_after_scores_bytes']):>9} {fmt_bytes(r['peak_rss_anon_during_scores_bytes']):>9} "
               f"{fmt_bytes(r['peak_rss_file_during_scores_bytes']):>9} {r['select_fraction_0.05_s']:>8.2f} "
               f"{fmt_bytes(r['vmhwm_after_select_bytes']):>9}")
+    print("\nFirst scan of the process (maps made, one page fault per page), default set-up:")
+    for r in results:
+        print(f"  N={r['n']:,} k={r['dim']}: {r['first_scan_s']:.2f} s = {gbps(r['feature_bytes'], r['first_scan_s']):.2f} "
+              f"GB/s ({gbps(r['feature_bytes'], r['first_scan_s']) / r['ram_copy_1thread']['gbps']:.0%} of RAM copy)")
+    print("\nQuantised copies, default set-up (GB/s of the fp16 features they stand for; of their own bytes):")
+    for r in results:
+        fp16 = r["scores_best_s"]
+        for precision, q in r.get("quantized_scans", {}).items():
+            print(f"  N={r['n']:,} k={r['dim']}: {precision:<5} {q['scores_best_s']:.2f} s "
+                  f"({fp16 / q['scores_best_s']:.2f}x fp16's speed), {q['scores_gbps']:.2f} GB/s fp16-equivalent, "
+                  f"{q['read_gbps']:.2f} GB/s of {fmt_bytes(q['bytes_read'])} read, "
+                  f"CPU {q['cpu_of_best_s']:.2f} s; quantize took {r['build']['quantize_s'][precision]:.1f} s")
     print("\nEvery set-up (best timed scan, GB/s, share of the run's mmap / RAM copy):")
     for r in results:
         mmap_gbps, ram_gbps = r["mmap_copy"]["gbps"], r["ram_copy_1thread"]["gbps"]
@@ -540,6 +577,7 @@ def main(argv: list[str] | None = None) -> int:
             store = root / f"store-{n}"
             print(f"N={n:,}: writing the store ...", flush=True)
             built = build_store(store, n, args.dim, checkpoints, args.shard_size, args.seed)
+            built["quantize_s"] = add_quantized_copies(store)
             print(f"  written in {built['write_s']:.1f} s + finalised in {built['finalize_s']:.1f} s, "
                   f"{fmt_bytes(built['store_bytes'])}; scanning in a fresh process ...", flush=True)
             command = [sys.executable, __file__, "--worker", str(store), "--targets", str(args.targets),

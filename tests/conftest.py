@@ -164,6 +164,23 @@ def feature_files(store, checkpoint: str) -> list:
             for segment in manifest["segments"] for shard in range(len(segment["shard_rows"]))]
 
 
+def decoded_features(store, kind: str, checkpoint: str):
+    """float64 (N, k): a checkpoint's quantised copy decoded as the format specifies it, from the
+    ``.codes.npy`` and ``.scales.npy`` files alone: ``int8`` codes × scale; ``1bit`` bits
+    (most significant first) as ±1 × scale."""
+    manifest = json.loads((store / "manifest.json").read_text())
+    dim = manifest["features"]["dim"]
+    rows = []
+    for segment in manifest["segments"]:
+        folder = store / "segments" / segment["name"] / "quantized" / kind / checkpoint
+        for shard in range(len(segment["shard_rows"])):
+            codes, scales = (np.load(folder / f"part-{shard:05d}.{part}.npy") for part in ("codes", "scales"))
+            if kind == "1bit":
+                codes = np.unpackbits(codes, axis=1, count=dim, bitorder="big").astype(np.float64) * 2 - 1
+            rows.append(codes.astype(np.float64) * scales[:, None])
+    return np.concatenate(rows)
+
+
 def weights(store) -> dict[str, float]:
     """The manifest's checkpoint weights, normalised to sum 1."""
     manifest = json.loads((store / "manifest.json").read_text())
@@ -176,11 +193,15 @@ def unit(rows):
     return rows / np.linalg.norm(rows, axis=1, keepdims=True)
 
 
-def less_scores(root, target_vectors, subtasks=None):
+def less_scores(root, target_vectors, subtasks=None, precision="fp16"):
     """LESS by hand over ``root/pool``: per subtask the mean of Σ_c w_c cos(train_c, target_c),
-    then the max."""
+    then the max; with ``precision`` int8 or 1bit, over that quantised copy decoded."""
     w = weights(root / "pool")
-    per_target = sum(w[c] * features(root / "pool", c) @ unit(target_vectors[c]).T for c in w)
+
+    def train(c):
+        return features(root / "pool", c) if precision == "fp16" else decoded_features(root / "pool", precision, c)
+
+    per_target = sum(w[c] * train(c) @ unit(target_vectors[c]).T for c in w)
     labels = np.array(subtasks or ["all"] * per_target.shape[1])
     return np.max([per_target[:, labels == s].mean(axis=1) for s in dict.fromkeys(labels)], axis=0)
 

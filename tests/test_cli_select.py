@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import chat_records, write_jsonl
+from conftest import chat_records, decoded_features, write_jsonl
 from gradstore.indexer.checkpoints import CheckpointSpec
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.job import IndexJob, IndexJobConfig
@@ -130,7 +131,7 @@ def test_select_with_target_records_matches_the_target_store(stores):
     (["--k", "3", "--dedup-threshold", "2"], 1, "error: dedup_threshold: Input should be less than or equal to 1"),
     (["--k", "0"], 1, "error: k: Input should be greater than or equal to 1"),
     (["--k", "3", "--score", "vog"], 2, "--score is not an option of strategy 'less' (its options: --aggregation, "
-                                        "--checkpoints, --weights)"),
+                                        "--checkpoints, --weights, --precision)"),
     (["--k", "3", "--strategy", "random"], 2, "strategy 'random' does not use targets"),
     (["--k", "3", "--strategy", "rds", "--seed", "3"], 2, "--seed is not an option of strategy 'rds'"),
     (["--k", "3", "--filter", "loss:over:0.5"], 2, "expected SCORE:above|below:Q[:CHECKPOINT]"),
@@ -197,3 +198,25 @@ def test_select_rds_equals_numpy_cosines_of_the_stored_representations(stores):
     assert [item["row"] for item in items] == expected.tolist()
     np.testing.assert_allclose([item["score"] for item in items], best[expected], atol=2e-3)
     assert "strategy rds:aggregation=max" in out.stderr
+
+
+def test_select_at_int8_scans_the_quantised_copy_that_quantize_added(stores, tmp_path):
+    pool = tmp_path / "pool"
+    shutil.copytree(stores["pool"], pool)
+    args = ["select", pool, "--targets-store", stores["target"], "--subtask-field", "subtask", "--k", 46,
+            "--aggregation", "max", "--precision", "int8", "--json"]
+    refused = gradstore(*args, check=False)
+    assert refused.returncode != 0
+    assert f"no int8 copy of the features to scan (the store has none); add one with `gradstore quantize {pool} " \
+           f"--kind int8`" in refused.stderr
+    gradstore("quantize", pool, "--kind", "int8")
+    out = gradstore(*args)
+    items = [json.loads(line) for line in out.stdout.splitlines()]
+    manifest = json.loads((pool / "manifest.json").read_text())
+    weights = {c["name"]: c["weight"] for c in manifest["checkpoints"]}
+    expected = sum(w / sum(weights.values()) * decoded_features(pool, "int8", c) @ features(stores["target"], c).T
+                   for c, w in weights.items()).max(axis=1)
+    np.testing.assert_allclose(sorted((item["score"] for item in items), reverse=True), np.sort(expected)[::-1],
+                               atol=1e-5)
+    assert [item["row"] for item in items] == np.lexsort((np.arange(46), -expected)).tolist()
+    assert "strategy less:aggregation=max,precision=int8" in out.stderr

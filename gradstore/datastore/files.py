@@ -5,18 +5,25 @@ fsynced, and is renamed over the target, then the folder is fsynced, so a crash 
 file or the new one, never part of one. A write that fails (a full disk, a file size limit, a
 read-only folder) removes its temporary file and raises :class:`StoreError` naming the target.
 Matrices are NumPy ``.npy`` files (format 1.0, little-endian, row-major), read through memory
-maps after their header is checked against the shape the manifest implies.
+maps after their header is checked against the shape the manifest implies. A reader keeps its
+read-only maps open (:class:`MapCache`): the pages of an open map stay in the process's page
+tables once touched, so a second scan of the same files reads them at memory speed, where a fresh
+map takes a page fault per page again (bench/RESULTS.md, "Selection scan").
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
-from collections.abc import Iterator, Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -161,3 +168,48 @@ def map_matrix(path: Path, shape: tuple[int, int], dtype: str, writable: bool = 
         return np.memmap(path, dtype=dtype, mode="c" if writable else "r", offset=offset, shape=shape)
     except (OSError, ValueError) as err:
         raise StoreError(f"{path}: cannot read the matrix file ({err})") from None
+
+
+@functools.cache
+def max_open_maps() -> int:
+    """How many maps one :class:`MapCache` keeps open: a quarter of the kernel's limit on a
+    process's memory mappings (``vm.max_map_count``, 65,530 by default), which every map, thread
+    stack and shared library counts against; 4,096 where the limit cannot be read."""
+    try:
+        return max(64, int(Path("/proc/sys/vm/max_map_count").read_text()) // 4)
+    except (OSError, ValueError):
+        return 4096
+
+
+class MapCache:
+    """Read-only maps of immutable files (a matrix, or anything holding maps, such as a quantised
+    copy's codes and scales), kept open for reuse; the least recently used is closed past
+    ``capacity`` (default :func:`max_open_maps`). Safe to share between threads.
+
+    Only for files that never change while they are mapped (a published version's files): a file
+    truncated under a live map kills the process that touches the lost pages (SIGBUS).
+    """
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity or max_open_maps()
+        self._maps: OrderedDict[Path, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._maps)
+
+    def get(self, path: Path, open_map: Callable[[], Any]) -> Any:
+        """The open map of ``path``, else ``open_map()`` kept as it. A map closed by the cache
+        stays valid for whoever still holds it (it is unmapped when the last reference goes)."""
+        with self._lock:
+            found = self._maps.get(path)
+            if found is not None:
+                self._maps.move_to_end(path)
+                return found
+        opened = open_map()  # outside the lock: other threads' lookups need not wait for a header
+        with self._lock:
+            found = self._maps.setdefault(path, opened)
+            self._maps.move_to_end(path)
+            while len(self._maps) > self.capacity:
+                self._maps.popitem(last=False)
+            return found

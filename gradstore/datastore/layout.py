@@ -138,6 +138,9 @@ REPRESENTATIONS_DIR = "representations"
 QUANTIZED_DIR = "quantized"
 #: The kinds of quantised copy (``gradstore.datastore.quantized.QUANTIZATIONS`` is this tuple).
 QUANTIZATION_CHOICES = ("int8", "1bit")
+#: What a selection may scan: the stored float16 features, or one of their quantised copies.
+FULL_PRECISION = "fp16"
+PRECISIONS = (FULL_PRECISION, *QUANTIZATION_CHOICES)
 AUTO_KIND = "auto"
 NO_INDEX_KIND = "none"
 ONDISK_KIND = "ivf-ondisk"

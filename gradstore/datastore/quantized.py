@@ -1,4 +1,4 @@
-"""Quantised copies of a store's features: int8 and 1-bit codes, and the scan kernel over them.
+"""Quantised copies of a store's features: int8 and 1-bit codes (scanned by ``selection.quantized_scan``).
 
 A feature row ``x`` is an L2-normalised float16 vector of ``k`` values (one example, one
 checkpoint). A quantised copy keeps, per row, a code array and one float32 scale ``s``; the

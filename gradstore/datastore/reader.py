@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 from gradstore.indexer.faiss_index import ONDISK_KIND, lists_path, read_index
 
 from .errors import ExampleNotFoundError, FeatureNotStoredError, StoreError
-from .files import file_infos, map_matrix, matrix_offset
+from .files import MapCache, file_infos, map_matrix, matrix_offset
 from .layout import MANIFEST_FILE, SCORE_NAMES, SEGMENTS_DIR, SPECTRA_SCORES, SegmentFiles
 from .manifest import Manifest, RepresentationInfo, SegmentInfo
 from .quantized import QuantizedFeatures, code_paths
@@ -64,8 +64,9 @@ class Datastore:
         self.shards = store_shards(path, manifest.segments)
         self._starts = np.array([s.first_row for s in self.shards], dtype=np.int64)
         self._row_by_id: dict[str, int] | None = None
-        # Where each matrix file's data begins, once its header was checked.
+        # Where each matrix file's data begins, once its header was checked; the read-only maps.
         self._offsets: dict[Path, int] = {}
+        self._maps = MapCache()
         # Columns kept once read (ids, source codes, removed rows), for gathers; readers share a store.
         self._cache_lock = threading.Lock()
         self._ids: np.ndarray | None = None
@@ -296,10 +297,15 @@ class Datastore:
                                         f"`gradstore quantize {self.path} --kind {kind}`")
         info = self.shards[shard]
         self._check_checkpoint(checkpoint)
-        try:
-            return load_quantized(info.files.quantized(kind, checkpoint, info.local), kind, self.dim)
-        except (OSError, ValueError) as err:
-            raise StoreError(f"cannot read a quantised copy: {err}") from None
+        stem = info.files.quantized(kind, checkpoint, info.local)
+
+        def open_maps() -> QuantizedFeatures:
+            try:
+                return load_quantized(stem, kind, self.dim)
+            except (OSError, ValueError) as err:
+                raise StoreError(f"cannot read a quantised copy: {err}") from None
+
+        return self._maps.get(stem, open_maps)
 
     def features(self, checkpoint: str) -> np.ndarray:
         """All of one checkpoint's features, float16 ``(num_rows, k)`` (for small stores)."""
@@ -315,10 +321,15 @@ class Datastore:
                                  for s in range(len(self.shards))])
 
     def _map(self, path: Path, shape: tuple[int, int], writable: bool = False) -> np.ndarray:
-        offset = self._offsets.get(path)
-        if offset is None:
-            offset = self._offsets[path] = matrix_offset(path, shape, FEATURE_DTYPE)
-        return map_matrix(path, shape, FEATURE_DTYPE, writable, offset)
+        """The matrix file's map: read-only ones are kept open (this version's files never change),
+        copy-on-write ones are fresh (their writes are their holder's)."""
+        def open_map() -> np.ndarray:
+            offset = self._offsets.get(path)
+            if offset is None:
+                offset = self._offsets[path] = matrix_offset(path, shape, FEATURE_DTYPE)
+            return map_matrix(path, shape, FEATURE_DTYPE, writable, offset)
+
+        return open_map() if writable else self._maps.get(path, open_map)
 
     def _batches(self, shard: int, matrix: np.ndarray, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         first = self.shards[shard].first_row

@@ -35,12 +35,22 @@ Streaming
 Shards are shared out between a few worker threads, each with its own
 :class:`~gradstore.selection.scan.ScanKernel`. A worker takes a shard's features of every
 checkpoint as ``Datastore.raw_features`` gives them (read-only ``numpy.memmap`` s of the
-features' ``.npy`` files, which the kernel reads a cache-sized block at a time), and scores the
-shard in row batches, for each batch one checkpoint after the other. A batch's
-per-target scores ``(targets, batch)`` are reduced at once to the per-subtask means and the
-maximum over targets, so what persists is ``O(N × subtasks)`` (plus ``O(N)`` for the maximum),
-never ``O(N × targets)``; the shards' results are placed in row order as they come back, each
-after the rows of the shards before it.
+features' ``.npy`` files, kept open by the store so that later scans find their pages mapped;
+the kernel reads them in place), and scores the shard in row batches, for each batch one
+checkpoint after the other. A batch's per-target scores ``(targets, batch)`` are reduced at once
+to the per-subtask means and the maximum over targets, written by the worker into the result's
+rows of that batch, so what persists is ``O(N × subtasks)`` (plus ``O(N)`` for the maximum),
+never ``O(N × targets)``.
+
+Precision
+=========
+``scores(..., precision="int8" | "1bit")`` (the ``less`` strategy's ``precision`` option) scans
+the store's quantised copy of that kind instead (``gradstore quantize`` adds one; see
+:mod:`gradstore.datastore.quantized`) with a
+:class:`~gradstore.selection.quantized_scan.QuantizedScanKernel`: the scores are those of the
+decoded rows, approximate (1bit's are about 2/π of the cosine, plus noise), and the rows read are
+about 2× (int8) or 16× (1bit) fewer bytes. Deduplication and diversity always compare the fp16
+features.
 
 * ``round_robin`` (``rds``): subtasks take turns, each adding its best example (by its mean)
   not yet taken.
@@ -79,18 +89,23 @@ import pyarrow.parquet as pq
 from pydantic import ValidationError
 
 from gradstore.datastore import Datastore
+from gradstore.datastore.layout import FULL_PRECISION, PRECISIONS
+from gradstore.datastore.quantized import QuantizedFeatures
 from gradstore.indexer.errors import FeatureNotStoredError, StoreError
 from gradstore.indexer.faiss_index import normalized_weights
 
 from .context import SelectionContext, StrategyResult
 from .errors import SelectionError
 from .options import EXPORT_FORMATS, SelectionOptions
+from .quantized_scan import QuantizedScanKernel
 from .scan import ScanKernel, default_backend, restore_torch_threads, single_threaded_worker
 from .scan import scan_threads as default_scan_threads
 from .strategies import get_strategy, strategy_names
 from .targets import TargetSet, check_origin, store_origin
 
 AGGREGATIONS = ("less", "max", "mean")
+# What a scan's workers multiply with: float16 rows, or the rows of a quantised copy.
+Kernel = ScanKernel | QuantizedScanKernel
 # Per-checkpoint scores stored beside each feature (combined over checkpoints by weight).
 _FEATURE_SCORES = ("loss", "grad_norm", "feature_norm")
 # Rows per scoring batch are chosen so the batches of all scan workers together stay near this
@@ -266,20 +281,43 @@ class SelectionEngine:
     # -- scoring ------------------------------------------------------------------------------
 
     def scores(self, targets: TargetSet, checkpoints: Sequence[str] | None = None,
-               weights: Mapping[str, float] | None = None) -> Scores:
-        """Every example's per-subtask mean LESS score and maximum score over the targets (streamed)."""
+               weights: Mapping[str, float] | None = None, precision: str = FULL_PRECISION) -> Scores:
+        """Every example's per-subtask mean LESS score and maximum score over the targets (streamed),
+        from the stored float16 features or, with ``precision`` ``int8`` or ``1bit``, from the
+        store's quantised copy of that kind (approximate scores; see ``gradstore.datastore.quantized``)."""
         names, w = self.resolve_checkpoints(checkpoints, weights)
         self.check_targets(targets, names)
         used = [(name, weight) for name, weight in zip(names, w) if weight > 0]
+        dim = self.store.dim
+        if precision == FULL_PRECISION:
+            def matrices(shard: int) -> list[np.ndarray]:
+                return [self.store.raw_features(name, shard) for name, _ in used]
 
-        def matrices(shard: int) -> list[np.ndarray]:
-            return [self.store.raw_features(name, shard) for name, _ in used]
+            def make_kernel() -> ScanKernel:
+                return ScanKernel(dim, self.scan_backend)
+        else:
+            self._check_precision(precision)
+
+            def matrices(shard: int) -> list[QuantizedFeatures]:
+                return [self.store.quantized_features(precision, name, shard) for name, _ in used]
+
+            def make_kernel() -> QuantizedScanKernel:
+                return QuantizedScanKernel(precision, dim)
 
         # (T, k) per checkpoint, the weight folded in: query @ feature = w_c · cos(f_c, g_c).
         queries = [np.float32(weight) * targets.vectors[name] for name, weight in used]
-        per_subtask, best, subtasks, counts = self._target_scores(targets, queries, matrices, self.store.dim,
+        per_subtask, best, subtasks, counts = self._target_scores(targets, queries, matrices, make_kernel,
                                                                   [name for name, _ in used])
         return Scores(per_subtask, best, subtasks, counts, names, w)
+
+    def _check_precision(self, precision: str) -> None:
+        if precision not in PRECISIONS:
+            raise SelectionError(f"unknown precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
+        stored = self.store.manifest.features.quantized
+        if precision not in stored:
+            raise SelectionError(f"{self.store.path}: no {precision} copy of the features to scan (the store has "
+                                 f"{', '.join(stored) or 'none'}); add one with `gradstore quantize {self.store.path} "
+                                 f"--kind {precision}`, or scan at precision {FULL_PRECISION}")
 
     def representation_scores(self, targets: TargetSet) -> Scores:
         """Every example's per-subtask mean and maximum cosine of its representation vector with
@@ -304,14 +342,16 @@ class SelectionEngine:
             return [self.store.raw_representations(shard)]
 
         per_subtask, best, subtasks, counts = self._target_scores(
-            targets, [targets.representations], matrices, dim, ["representations"])
+            targets, [targets.representations], matrices, lambda: ScanKernel(dim, self.scan_backend),
+            ["representations"])
         return Scores(per_subtask, best, subtasks, counts, [], np.zeros(0, dtype=np.float32))
 
-    def _target_scores(self, targets: TargetSet, queries: list[np.ndarray],
-                       matrices: Callable[[int], list[np.ndarray]], dim: int, names: list[str]):
+    def _target_scores(self, targets: TargetSet, queries: list[np.ndarray], matrices: Callable[[int], list],
+                       make_kernel: Callable[[], Kernel], names: list[str]):
         """Per-subtask means ``(N, S)`` and maxima ``(N,)`` over the targets of
         ``Σ_space queries_space @ features_space.T``, with the subtask names and counts;
-        ``matrices(shard)`` gives the shard's float16 ``(rows, dim)`` matrix of each space."""
+        ``matrices(shard)`` gives the shard's rows of each space, as the kernels ``make_kernel()``
+        makes read them (float16 matrices, or quantised copies)."""
         subtasks = targets.subtask_names()
         code_of = {name: i for i, name in enumerate(subtasks)}
         codes = np.array([code_of[s] for s in targets.subtasks], dtype=np.int64)
@@ -321,60 +361,55 @@ class SelectionEngine:
         first_of_subtask = np.searchsorted(codes[order], np.arange(len(subtasks)))
         queries = [np.ascontiguousarray(query[order], dtype=np.float32) for query in queries]
         n = self.store.num_rows
+        held = sum(shard.num_rows for shard in self.store.shards)
+        if held != n:
+            raise StoreError(f"{self.store.path}: the shards hold {held} rows, the store {n}")
         per_subtask = np.zeros((n, len(subtasks)), dtype=np.float32)
         best = np.zeros(n, dtype=np.float32)
-        share = max(dim, targets.num_targets) * 4 * self.scan_threads
+        share = max(queries[0].shape[1], targets.num_targets) * 4 * self.scan_threads
         batch_rows = max(1, min(65536, _BATCH_BYTES // share))
-        placed = 0
+        inverse_counts = (1 / counts).astype(np.float32)
 
-        def reduce(total: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # total: (T, rows)
-            sums = np.add.reduceat(total, first_of_subtask, axis=0)
-            return (sums / counts.astype(np.float32)[:, None]).T, total.max(axis=0)
+        def reduce(total: np.ndarray, rows: slice) -> None:  # total: (T, rows)
+            np.max(total, axis=0, out=best[rows])
+            np.multiply(np.add.reduceat(total, first_of_subtask, axis=0).T, inverse_counts, out=per_subtask[rows])
 
-        def place(means: np.ndarray, top: np.ndarray) -> None:
-            nonlocal placed
-            if placed + len(top) > n:
-                raise StoreError(f"{self.store.path}: the shards hold more rows than the store's {n}")
-            per_subtask[placed:placed + len(top)] = means
-            best[placed:placed + len(top)] = top
-            placed += len(top)
-
-        self._scan(names, queries, matrices, dim, batch_rows, reduce, place)
-        if placed != n:
-            raise StoreError(f"{self.store.path}: the shards hold {placed} rows, the store {n}")
+        self._scan(names, queries, matrices, make_kernel, batch_rows, reduce)
         return per_subtask, best, subtasks, counts
 
-    def _scan(self, names: list[str], queries: list[np.ndarray], matrices: Callable[[int], list[np.ndarray]],
-              dim: int, batch_rows: int, reduce: Callable, place: Callable) -> None:
-        """``place(*reduce(Σ_i queries_i @ features_i.T))`` (targets × rows) for every row batch
-        of the store, in row order; the shards are shared out between worker threads (reduce runs
-        in them), ``place`` runs in the calling thread."""
+    def _scan(self, names: list[str], queries: list[np.ndarray], matrices: Callable[[int], list],
+              make_kernel: Callable[[], Kernel], batch_rows: int, reduce: Callable[[np.ndarray, slice], None]) -> None:
+        """``reduce(Σ_i queries_i @ features_i.T, rows)`` (targets × rows) for every row batch of
+        the store, ``rows`` the batch's slice of the store's rows; the shards are shared out
+        between worker threads, each with its own kernel, which call ``reduce`` on their own rows."""
         kernels = threading.local()
 
-        def scan_shard(shard: int) -> list:
+        def scan_shard(shard: int) -> None:
             if not hasattr(kernels, "kernel"):
-                kernels.kernel = ScanKernel(dim, self.scan_backend)
+                kernels.kernel = make_kernel()
             spaces = matrices(shard)
             self._check_rows(shard, names, spaces)
-            results = []
+            first_row = self.store.shards[shard].first_row
             for start in range(0, len(spaces[0]), batch_rows):
                 total = np.zeros((queries[0].shape[0], min(batch_rows, len(spaces[0]) - start)), dtype=np.float32)
                 for features, query in zip(spaces, queries):
                     kernels.kernel.add_products(features, query, total, start)
-                results.append(reduce(total))
-            return results
+                reduce(total, slice(first_row + start, first_row + start + total.shape[1]))
 
         pool = ThreadPoolExecutor(self.scan_threads, thread_name_prefix="gradstore-scan",
                                   initializer=single_threaded_worker)
         try:
-            for results in pool.map(scan_shard, range(len(self.store.shards))):
-                for result in results:
-                    place(*result)
+            for _ in pool.map(scan_shard, range(len(self.store.shards))):
+                pass
         finally:
             pool.shutdown(wait=True, cancel_futures=True)  # after an error, skip the shards not begun
             restore_torch_threads()
 
     def _check_rows(self, shard: int, names: list[str], spaces: list[np.ndarray]) -> None:
+        expected = self.store.shards[shard].num_rows
+        if len(spaces[0]) != expected:
+            raise StoreError(f"{self.store.path}: shard {shard}: checkpoint {names[0]!r} has {len(spaces[0])} "
+                             f"feature rows, the manifest lists {expected}")
         for name, features in zip(names[1:], spaces[1:]):
             if len(features) != len(spaces[0]):
                 raise StoreError(f"{self.store.path}: shard {shard}: checkpoint {name!r} has {len(features)} "

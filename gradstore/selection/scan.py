@@ -8,26 +8,28 @@ into one result. Memory is the kernel's buffers and the result, whatever the bat
 
 Reading
 =======
-The kernel brings a batch's rows, one block of ``_STAGING_BYTES`` at a time, into a float16
-staging buffer of its own, where they stay in the core's cache while they are converted and
-multiplied. A read-only ``np.memmap`` of a whole file region (what ``Datastore.raw_features``
-gives) is read with ``os.preadv`` from its file at the map's offset, never through the map:
-touching a map makes the kernel map each 4 KiB page into the process and unmap it again, which
-costs more than reading the bytes (bench/RESULTS.md: the raw files copied out of their maps at
-8–14 GB/s, read into a reused buffer at 12–24 GB/s, on one thread). Any other array (a map
-without a file name, a slice of one, a decoded Parquet batch) is copied into the buffer.
+The kernel reads a batch's rows straight from the array it is given, one block of
+``_BLOCK_BYTES`` at a time, which stays in the core's cache while it is converted and multiplied.
+The arrays a scan gets are the read-only memory maps that ``Datastore.raw_features`` keeps open
+(``gradstore.datastore.files.MapCache``): the first scan of a file maps its pages into the
+process, one fault per page, and every later scan reads them at memory speed without a copy or a
+system call (bench/RESULTS.md, "Selection scan": 8.4 GB/s on two threads from open maps against
+4.5 from maps made afresh and 3.9 from ``os.preadv`` into a buffer). A block that is not
+C-contiguous (a strided view), or a read-only one for torch (which wants writable buffers), is
+first copied into a float16 buffer of the kernel's own.
 
 Kernels
 =======
 Three implementations compute the same thing (to float32 rounding); ``BACKENDS`` lists those
 installed, the fastest first, and the first that imports is the default:
 
-* ``numba`` (numba comes with the ``cpu`` and ``gpu`` extras): one compiled call per block,
-  without the GIL, that converts four rows at a time exactly to float32 (the integer operations
-  of :func:`half_to_float`) into a small tile and multiplies the tile with four targets at a
-  time, sixteen sums in registers. numba is imported, and the kernel compiled (about 2 s; cached
-  on disk where numba can write), on the first scan that uses it; the import adds about 35 MiB of
-  private memory and 100 MiB of shared library pages to the process.
+* ``numba`` (numba comes with the ``cpu`` and ``gpu`` extras; :mod:`.numba_kernel`): one
+  compiled call, without the GIL, for all the rows it can read in place: four rows times four
+  targets at a time, sixteen sums in registers, each fp16 value converted exactly to float32 as
+  it is loaded (by the CPU's own instruction where it has one: F16C's ``vcvtph2ps`` on x86).
+  numba is imported, and the kernel compiled (about 2 s; cached on disk where numba can write),
+  on the first scan that uses it; the import adds about 35 MiB of private memory and 100 MiB of
+  shared library pages to the process.
 * ``torch`` (the ``indexer`` extra): torch's vectorised (F16C) fp16→fp32 conversion of the block
   into a float32 buffer, then its single-threaded MKL product.
 * ``numpy``: an exact fp16→fp32 conversion by integer operations (:func:`half_to_float`), several
@@ -39,7 +41,7 @@ One kernel serves one thread. A scan runs its kernels in worker threads of its o
 :func:`scan_threads`), split by shards. Each step of a block (the read, the conversion, the
 product) is one native call that releases the GIL, so the workers run in parallel (two threads
 used 1.7–1.8 of 2 cores when the machine had them free, bench/RESULTS.md): the Python work left
-is a few calls per block of ``_STAGING_BYTES`` and each shard's set-up and reductions. Each kernel is single-threaded: a
+is a few calls per block of ``_BLOCK_BYTES`` and each shard's set-up and reductions. Each kernel is single-threaded: a
 multi-threaded BLAS wakes its threads for every small block product, which on a busy machine
 costs far more than the arithmetic. torch's thread count belongs to the calling thread with its
 OpenMP backend (that of the PyPI wheels), so each worker sets its own to one
@@ -52,7 +54,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import mmap
 import os
 import threading
 
@@ -65,11 +66,11 @@ except ImportError:  # the engine works without torch, more slowly
 
 BACKENDS = tuple(name for name, installed in (("numba", importlib.util.find_spec("numba") is not None),
                                              ("torch", torch is not None), ("numpy", True)) if installed)
-# float16 bytes per staged block. Large enough that the few Python calls per block are a small
+# float16 bytes per block. Large enough that the few Python calls per block are a small
 # share of its time (they hold the GIL), small enough to stay in a core's L2 or L3 cache while it
 # is converted and multiplied: 1 MiB measured best of 128 KiB-2 MiB with the numba and torch
 # kernels (k = 1024, 8 targets, CPU time per byte, on the machine of bench/RESULTS.md).
-_STAGING_BYTES = 1 << 20
+_BLOCK_BYTES = 1 << 20
 # OpenBLAS computes a GEMM on the calling thread alone when M·N·K <= 65536 × GEMM_MULTITHREAD_THRESHOLD
 # (4 unless built otherwise; interface/gemm.c). Measured: the numpy kernel at k = 1024 and 8
 # targets ran 2.4 GB/s with such blocks and 0.7 GB/s with 4× larger ones, which OpenBLAS threads.
@@ -80,8 +81,6 @@ _TORCH_THREADS = torch.get_num_threads() if torch is not None else 1
 # the value times 2**-112 once the three copies of the sign (bits 28-30) are cleared.
 _HALF_SIGN_COPIES = np.int32(~(0x7 << 28))
 _HALF_EXPONENT_SHIFT = np.float32(2.0 ** 112)
-# Rows converted together by the numba kernel (its tile), and targets multiplied together.
-_TILE_ROWS = _TILE_TARGETS = 4
 
 
 def scan_threads() -> int:
@@ -137,18 +136,9 @@ def half_to_float(half: np.ndarray, out: np.ndarray) -> np.ndarray:
     return out
 
 
-def file_region(features: np.ndarray) -> tuple[str, int] | None:
-    """``(path, byte offset of row 0)`` when ``features`` is a read-only ``np.memmap`` of a file
-    as mapped (not a view of one, whose ``offset`` would be its parent's), else None."""
-    if (isinstance(features, np.memmap) and isinstance(features.base, mmap.mmap) and features.mode == "r"
-            and features.filename and features.flags.c_contiguous):
-        return os.fspath(features.filename), features.offset
-    return None
-
-
 class ScanKernel:
-    """``out += query @ features[start:start + out.shape[1]].T`` for float16 features, a staged
-    block at a time; one per thread."""
+    """``out += query @ features[start:start + out.shape[1]].T`` for float16 features, a
+    cache-sized block at a time; one per thread."""
 
     def __init__(self, dim: int, backend: str | None = None):
         backend = backend or default_backend()
@@ -158,14 +148,14 @@ class ScanKernel:
             raise ValueError(f"scan backend 'numba' is installed but cannot be imported: {_numba_import_error()}")
         self.backend = backend
         self.dim = dim
-        self.block_rows = max(1, _STAGING_BYTES // (2 * dim))
-        self._staging = np.empty((self.block_rows, dim), dtype=np.float16)
+        self.block_rows = max(1, _BLOCK_BYTES // (2 * dim))
+        self._staging = None  # float16 (block_rows, dim), for blocks that must be copied first
         self._multiply = {"numba": self._multiply_numba, "torch": self._multiply_torch,
                           "numpy": self._multiply_numpy}[backend]
         self._owner = threading.get_ident()
         # Each backend's own scratch, made on its first block: the float32 block (torch, numpy) or
-        # the tile and the compiled function (numba).
-        self._buffer = self._tile = self._products = None
+        # the compiled function (numba).
+        self._buffer = self._products = None
 
     def add_products(self, features: np.ndarray, query: np.ndarray, out: np.ndarray, start: int = 0) -> None:
         """``out += query @ features[start:start + n].astype(float32).T``: ``features`` float16
@@ -178,30 +168,32 @@ class ScanKernel:
         count = out.shape[1]
         if not 0 <= start <= start + count <= len(features):
             raise ValueError(f"rows {start}..{start + count} are not all among the {len(features)} rows")
-        for first, block in self._staged(features, start, count):
-            self._multiply(block, query, out[:, first:first + len(block)])
+        rows = features[start:start + count]
+        # numba's kernel keeps its own tiles in cache: one call for every row it can read in place.
+        step = count if self.backend == "numba" and self._in_place(rows) else self.block_rows
+        for first in range(0, count, max(1, step)):
+            block = rows[first:first + step]
+            self._multiply(self._readable(block), query, out[:, first:first + len(block)])
 
-    def _staged(self, features: np.ndarray, start: int, count: int):
-        """``(position in out, float16 block)`` for rows ``start..start+count``, each block read
-        into the staging buffer (from the file of a file-backed map, see the module docstring)."""
-        region = file_region(features)
-        descriptor = os.open(region[0], os.O_RDONLY) if region else None
-        try:
-            for first in range(0, count, self.block_rows):
-                block = self._staging[:min(self.block_rows, count - first)]
-                if region:
-                    _read_exactly(descriptor, block, region[1] + (start + first) * features.strides[0], region[0])
-                else:
-                    np.copyto(block, features[start + first:start + first + len(block)])
-                yield first, block
-        finally:
-            if descriptor is not None:
-                os.close(descriptor)
+    def _in_place(self, block: np.ndarray) -> bool:
+        """Whether this kernel reads ``block`` where it is (see the module docstring)."""
+        return block.flags.c_contiguous and (block.flags.writeable or self.backend != "torch")
+
+    def _readable(self, block: np.ndarray) -> np.ndarray:
+        """``block`` itself, or a copy in the kernel's buffer where this kernel cannot read it in
+        place."""
+        if self._in_place(block):
+            return block
+        if self._staging is None:
+            self._staging = np.empty((self.block_rows, self.dim), dtype=np.float16)
+        staged = self._staging[:len(block)]
+        np.copyto(staged, block)
+        return staged
 
     def _multiply_numba(self, block: np.ndarray, query: np.ndarray, out: np.ndarray) -> None:
-        if self._tile is None:
-            self._tile, self._products = np.empty((_TILE_ROWS, self.dim), dtype=np.float32), _numba_products()
-        self._products(block.view(np.int16), query, out, self._tile)
+        if self._products is None:
+            self._products = _numba_products()
+        self._products(block.view(np.int16), query, out)
 
     def _multiply_torch(self, block: np.ndarray, query: np.ndarray, out: np.ndarray) -> None:
         if self._buffer is None:
@@ -222,75 +214,9 @@ class ScanKernel:
             out[:, start:stop] += product[:stop - start].T
 
 
-def _read_exactly(descriptor: int, block: np.ndarray, offset: int, path: str) -> None:
-    """Fill ``block`` with the bytes of the file at ``offset`` (``os.preadv`` releases the GIL)."""
-    view = memoryview(block).cast("B")
-    done = 0
-    while done < len(view):
-        got = os.preadv(descriptor, [view[done:]], offset + done)
-        if got == 0:
-            raise OSError(f"{path}: file ended {len(view) - done} bytes before the mapped features did")
-        done += got
-
-
-def _products(bits, query, out, tile):  # pragma: no cover (runs compiled by numba)
-    """``out[:, i] += query @ float32(bits[i])`` for every row ``i`` of ``bits`` (the int16
-    view of float16 rows); ``tile`` is float32 ``(_TILE_ROWS, k)`` scratch. Four rows are
-    converted at a time, then multiplied with four targets at a time: sixteen sums in registers,
-    each value loaded used four times."""
-    rows, dim = bits.shape
-    targets = query.shape[0]
-    tile_bits = tile.view(np.int32)
-    for first in range(0, rows, _TILE_ROWS):
-        count = min(_TILE_ROWS, rows - first)
-        for i in range(_TILE_ROWS):  # rows past the end are zeros, their sums dropped
-            if i < count:
-                for j in range(dim):
-                    tile_bits[i, j] = (np.int32(bits[first + i, j]) << 13) & _HALF_SIGN_COPIES
-                for j in range(dim):
-                    tile[i, j] *= _HALF_EXPONENT_SHIFT
-            else:
-                tile[i, :] = 0
-        target = 0
-        while target + _TILE_TARGETS <= targets:
-            s00 = s01 = s02 = s03 = s10 = s11 = s12 = s13 = np.float32(0)
-            s20 = s21 = s22 = s23 = s30 = s31 = s32 = s33 = np.float32(0)
-            for j in range(dim):
-                q0, q1, q2, q3 = query[target, j], query[target + 1, j], query[target + 2, j], query[target + 3, j]
-                x0, x1, x2, x3 = tile[0, j], tile[1, j], tile[2, j], tile[3, j]
-                s00 += x0 * q0; s01 += x0 * q1; s02 += x0 * q2; s03 += x0 * q3  # noqa: E702
-                s10 += x1 * q0; s11 += x1 * q1; s12 += x1 * q2; s13 += x1 * q3  # noqa: E702
-                s20 += x2 * q0; s21 += x2 * q1; s22 += x2 * q2; s23 += x2 * q3  # noqa: E702
-                s30 += x3 * q0; s31 += x3 * q1; s32 += x3 * q2; s33 += x3 * q3  # noqa: E702
-            sums = ((s00, s01, s02, s03), (s10, s11, s12, s13), (s20, s21, s22, s23), (s30, s31, s32, s33))
-            for i in range(count):
-                for u in range(_TILE_TARGETS):
-                    out[target + u, first + i] += sums[i][u]
-            target += _TILE_TARGETS
-        for u in range(target, targets):  # the last targets, one at a time
-            for i in range(count):
-                total = np.float32(0)
-                for j in range(dim):
-                    total += tile[i, j] * query[u, j]
-                out[u, first + i] += total
-
-
-_compiled: dict = {}
-_compile_lock = threading.Lock()
-
-
 def _numba_products():
-    """:func:`_products` compiled by numba, once per process on first use (cached on disk where
-    numba can write its cache): without the GIL; ``reassoc`` lets it sum in vector lanes and
-    ``contract`` use fused multiply-adds, differences of float32 rounding only."""
-    with _compile_lock:
-        if "products" not in _compiled:
-            import numba
+    """:func:`gradstore.selection.numba_kernel.products`, compiled on its module's first import
+    (once per process; cached on disk where numba can write its cache)."""
+    from .numba_kernel import products
 
-            options = dict(nogil=True, fastmath={"reassoc", "contract"})
-            signature = "void(int16[:, ::1], float32[:, ::1], float32[:, :], float32[:, ::1])"
-            try:
-                _compiled["products"] = numba.njit(signature, cache=True, **options)(_products)
-            except RuntimeError:  # numba found no writable cache location: compile in memory only
-                _compiled["products"] = numba.njit(signature, **options)(_products)
-        return _compiled["products"]
+    return products

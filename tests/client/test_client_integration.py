@@ -466,3 +466,24 @@ def test_a_job_survives_a_service_restart(tmp_path, service_corpus, tiny_model_d
         second.stop()
     log = (root / ".gradstore" / "jobs" / job.id / "index.log").read_text()
     assert log.count("--- attempt 1 at") == 2  # started, stopped, started again
+
+
+# ------------------------------------------------------------------- quantised copy (runs last)
+
+
+def test_select_at_a_precision_once_the_store_holds_its_copy(service, service_root):
+    """Last of each client's tests: it adds a version with an int8 copy to that client's pool."""
+    from gradstore.datastore.versions import quantize
+
+    targets = {c: features(service_root / "targets", c) for c in weights(service_root / "pool")}
+    strategy = {"name": "less", "precision": "int8"}
+    if "int8" not in json.loads((service.root / "pool" / "manifest.json").read_text())["features"]["quantized"]:
+        error = raises_api_error(BadRequestError, 422, "invalid_query",
+                                 lambda: service.client.select("pool", "targets", k=12, strategy=strategy))
+        assert "no int8 copy of the features to scan" in error.message and "gradstore quantize" in error.message
+        quantize(service.root / "pool", "int8")  # the uvicorn clients share one root: the second finds it done
+    page = service.client.select("pool", "targets", k=12, strategy=strategy)
+    expected = less_scores(service.root, targets, precision="int8")
+    assert [item.row for item in page.items] == top_rows(expected, 12)
+    np.testing.assert_allclose([item.score for item in page.items], np.sort(expected)[::-1][:12], atol=1e-4)
+    assert page.strategy == strategy | {"aggregation": "less", "checkpoints": None, "weights": None}

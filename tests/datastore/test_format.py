@@ -322,6 +322,19 @@ def test_reader_names_each_shards_files(store):
     np.testing.assert_array_equal(store_.raw_features("c0", 1), features["c0"][SHARD_SIZE:2 * SHARD_SIZE])
 
 
+def test_a_reader_keeps_its_read_only_maps_open_up_to_its_capacity(store):
+    path, features = store
+    store_ = Datastore.open(path)
+    first = store_.raw_features("c0", 1)
+    assert store_.raw_features("c0", 1) is first  # kept open: its pages stay mapped between scans
+    assert store_.raw_features("c0", 1, writable=True) is not first  # copy-on-write ones are the holder's
+    store_._maps.capacity = 2
+    store_.raw_features("c1", 1)
+    store_.raw_features("c1", 2)  # the least recently used, c0's, is closed past the capacity
+    assert len(store_._maps) == 2 and store_.raw_features("c0", 1) is not first
+    np.testing.assert_array_equal(first, features["c0"][SHARD_SIZE:2 * SHARD_SIZE])  # still valid for its holder
+
+
 def test_iter_features_streams_in_shard_order(store):
     path, _ = store
     store_ = Datastore.open(path)

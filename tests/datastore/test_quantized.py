@@ -17,7 +17,12 @@ from gradstore.datastore.quantized import (
     save,
 )
 from conftest import errors_in_another_thread
+from gradstore.selection import quantized_scan
 from gradstore.selection.quantized_scan import QuantizedScanKernel
+from gradstore.selection.scan import BACKENDS as FP16_BACKENDS
+
+# numba's kernel where it is installed (as the fp16 scan's), and numpy's always.
+SCAN_BACKENDS = [backend for backend in ("numba", "numpy") if backend in FP16_BACKENDS]
 
 
 def unit_rows(rows: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -65,32 +70,38 @@ def test_shapes_and_bytes_for_any_dimension(kind, dim):
     assert quantized.nbytes == 5 * bytes_per_row(kind, dim)
 
 
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("kind", QUANTIZATIONS)
-def test_zero_rows_decode_and_score_to_zero(kind):
+def test_zero_rows_decode_and_score_to_zero(kind, backend):
     x = unit_rows(3, 20)
     x[1] = 0
     quantized = encode(x, kind)
     assert quantized.scales[1] == 0
     assert not decode(quantized)[1].any()
     out = np.zeros((2, 3), dtype=np.float32)
-    QuantizedScanKernel(kind, 20).add_products(quantized.codes, quantized.scales,
-                                               np.ones((2, 20), dtype=np.float32), out)
+    QuantizedScanKernel(kind, 20, backend).add_products(quantized, np.ones((2, 20), dtype=np.float32), out)
     assert not out[:, 1].any() and out[:, [0, 2]].all()
 
 
+@pytest.mark.parametrize("backend", SCAN_BACKENDS)
 @pytest.mark.parametrize("kind", QUANTIZATIONS)
 @pytest.mark.parametrize("dim", [96, 101])
-def test_kernel_equals_decode_then_matmul(kind, dim):
+def test_kernel_equals_decode_then_matmul(kind, dim, backend, monkeypatch):
     quantized = encode(unit_rows(1000, dim), kind)
     quantized.codes.flags.writeable = False  # as memory-mapped codes are
     query = np.random.default_rng(1).standard_normal((5, dim)).astype(np.float32)
-    kernel = QuantizedScanKernel(kind, dim)
+    kernel = QuantizedScanKernel(kind, dim, backend)
     kernel.block_rows = 64  # many blocks, the last one partial
+    monkeypatch.setattr(quantized_scan, "_NUMBA_BLOCK_ROWS", 64)
     out = np.ones((5, 1000), dtype=np.float32)
-    kernel.add_products(quantized.codes, quantized.scales, query, out)
+    kernel.add_products(quantized, query, out)
     expected = 1 + query.astype(np.float64) @ decode(quantized).astype(np.float64).T
     np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
-    kernel.add_products(quantized.codes[:0], quantized.scales[:0], query, out[:, :0])  # an empty batch
+    wide = np.ones((5, 1100), dtype=np.float32)
+    kernel.add_products(quantized, query, wide[:, 50:50 + 901], start=7)  # rows 7..907, into a strided result
+    np.testing.assert_allclose(wide[:, 50:951], expected[:, 7:908], rtol=1e-5, atol=1e-5)
+    assert (wide[:, :50] == 1).all() and (wide[:, 951:] == 1).all()
+    kernel.add_products(quantized, query, out[:, :0], start=1000)  # an empty batch
 
 
 def test_int8_keeps_cosines_within_its_bound():
@@ -133,7 +144,8 @@ def test_save_and_load_round_trip_memory_mapped(tmp_path, kind):
     np.testing.assert_array_equal(loaded.codes, quantized.codes)
     np.testing.assert_array_equal(loaded.scales, quantized.scales)
     out = np.zeros((1, 40), dtype=np.float32)
-    QuantizedScanKernel(kind, 30).add_products(loaded.codes, loaded.scales, np.ones((1, 30), np.float32), out)
+    QuantizedScanKernel(kind, 30).add_products(loaded, np.ones((1, 30), np.float32), out)
+    np.testing.assert_allclose(out[0], decode(quantized).sum(axis=1), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match=r"part-00000\.codes\.npy .*codes of 64-dimensional rows must be"):
         load(tmp_path / "part-00000", kind, 64)
 
@@ -153,14 +165,18 @@ def test_errors_name_what_is_wrong():
         QuantizedFeatures("1bit", 16, quantized.codes.view(np.int8), quantized.scales)
     kernel = QuantizedScanKernel("1bit", 16)
     with pytest.raises(ValueError, match=r"query must be float32 \(targets, 16\), got float64"):
-        kernel.add_products(quantized.codes, quantized.scales, np.ones((1, 16)), np.zeros((1, 4), np.float32))
-    with pytest.raises(ValueError, match=r"out must be float32 \(1, 4\)"):
-        kernel.add_products(quantized.codes, quantized.scales, np.ones((1, 16), np.float32),
-                            np.zeros((4, 1), np.float32))
+        kernel.add_products(quantized, np.ones((1, 16)), np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match=r"out must be float32 \(1, rows\) \(targets, rows\), got float32 \(4, 1\)"):
+        kernel.add_products(quantized, np.ones((1, 16), np.float32), np.zeros((4, 1), np.float32))
+    with pytest.raises(ValueError, match=r"rows 2\.\.5 are not all among the 4 rows"):
+        kernel.add_products(quantized, np.ones((1, 16), np.float32), np.zeros((1, 3), np.float32), start=2)
+    with pytest.raises(ValueError, match="features must be a 1bit copy of 16-dimensional rows, got int8 of 16"):
+        kernel.add_products(encode(x, "int8"), np.ones((1, 16), np.float32), np.zeros((1, 4), np.float32))
 
 
 def test_kernel_refuses_other_threads():
     kernel = QuantizedScanKernel("int8", 8)
+    zeros = QuantizedFeatures("int8", 8, np.zeros((2, 8), np.int8), np.zeros(2, np.float32))
     errors = errors_in_another_thread(lambda: kernel.add_products(
-        np.zeros((2, 8), np.int8), np.zeros(2, np.float32), np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32)))
+        zeros, np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32)))
     assert errors == ["a QuantizedScanKernel is used by the thread that made it only (it owns a buffer)"]

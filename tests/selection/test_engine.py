@@ -18,6 +18,7 @@ from gradstore.datastore import (Datastore, FeatureBatch, examples_table, finali
                                          write_shard)
 from gradstore.indexer.errors import StoreError
 from gradstore.indexer.projection import ProjectionSpec
+from gradstore.datastore import reader as reader_module
 from gradstore.selection import engine as engine_module
 from gradstore.selection import scan as scan_module
 from gradstore.selection import SelectionEngine, SelectionError, SelectionOptions, TargetSet
@@ -167,24 +168,22 @@ def test_checkpoints_with_different_rows_in_a_shard_are_an_error(stores, targets
         engine.scores(targets)
 
 
-def test_the_features_files_are_read_directly_not_through_their_maps(stores, targets, monkeypatch):
-    """``raw_features`` gives ``numpy.memmap`` s: every kernel reads their files (``os.preadv``)."""
+def test_scans_read_the_store_s_open_maps_and_map_each_file_once(stores, targets, monkeypatch):
     store = Datastore.open(stores["pool"])
     reference = reference_scores(stores["pool"], stores["target"], "max")
-    read_from = set()
+    mapped = []
 
-    def recording_read(descriptor, block, offset, path):
-        read_from.add(Path(path).relative_to(store.path).as_posix())
-        original_read(descriptor, block, offset, path)
+    def recording_map(path, *args, **kwargs):
+        mapped.append(Path(path).relative_to(store.path).as_posix())
+        return original_map(path, *args, **kwargs)
 
-    original_read = scan_module._read_exactly
-    monkeypatch.setattr(scan_module, "_read_exactly", recording_read)
+    original_map = reader_module.map_matrix
+    monkeypatch.setattr(reader_module, "map_matrix", recording_map)
     for backend in scan_module.BACKENDS:
-        read_from.clear()
-        mapped = SelectionEngine(store, scan_threads=2, scan_backend=backend).scores(targets)
-        np.testing.assert_allclose(mapped.best, reference[0], atol=1e-5)
-        np.testing.assert_allclose(mapped.per_subtask, reference[1], atol=1e-5)
-        assert read_from == {name for name in store.manifest.files if "/features/" in name}, backend
+        scores = SelectionEngine(store, scan_threads=2, scan_backend=backend).scores(targets)
+        np.testing.assert_allclose(scores.best, reference[0], atol=1e-5)
+        np.testing.assert_allclose(scores.per_subtask, reference[1], atol=1e-5)
+    assert sorted(mapped) == sorted(name for name in store.manifest.files if "/features/" in name)
 
 
 # ---------------------------------------------------------------------------- features files, kernels

@@ -108,11 +108,20 @@ def test_a_store_damaged_while_served_answers_503_on_every_route_at_once(served)
     assert client.post("/v1/datastores/pool/select", json={"targets": TARGETS, "k": 3}).status_code == 200
 
 
-def test_a_store_whose_features_vanish_while_served_answers_503(served):
+def test_a_store_whose_features_vanish_while_served_is_reported_then_refused(served):
     _, root, client = served
-    assert client.post("/v1/datastores/removed/select", json={"targets": TARGETS, "k": 3}).status_code == 200
+    before = client.post("/v1/datastores/removed/select", json={"targets": TARGETS, "k": 3})
+    assert before.status_code == 200
     for path in (root / "removed" / "segments" / "seg-000001" / "features").rglob("part-00001.*"):
         path.unlink()
+    # The version's feature files are held open (mapped) once scanned: the service answers from
+    # them, as they were, until the store's files are checked again.
+    again = client.post("/v1/datastores/removed/select", json={"targets": TARGETS, "k": 3})
+    assert again.status_code == 200 and again.json()["items"] == before.json()["items"]
+    ready = client.get("/readyz")
+    assert ready.status_code == 503
+    states = {s["name"]: s for s in ready.json()["datastores"]}
+    assert "part-00001" in states["removed"]["error"] and not states["removed"]["loaded"]
     error = error_of(client.post("/v1/datastores/removed/select", json={"targets": TARGETS, "k": 5}),
                      503, "datastore_unavailable")
     assert "part-00001" in error["message"]
