@@ -80,6 +80,13 @@ AUTO_EXACT_MAX_BYTES = 1 << 30
 # when the index outgrows the page cache, where IVF reads only the lists it probes.
 AUTO_APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
 FEATURE_BYTES = 2  # the stored features are fp16
+# Candidates a search takes from the index per neighbour asked for, then scores exactly against
+# the stored fp16 features, for the kinds whose codes lose precision: 8-bit codes rank almost
+# exactly (recall@10 0.996–1.000), so twice as many catch the few swaps at the boundary; 4-bit
+# product codes rank coarsely (recall@10 0.72–0.87) but their top 100 holds 0.983–0.999 of the
+# exact top 10 (bench/RESULTS.md, "Index kinds"). fp16 and float32 codes score as the features
+# do: no re-scoring (1).
+RESCORED_CANDIDATES = {"sq8": 2, "ivf-sq8": 2, "hnsw-sq8": 2, "pq": 10, "ivf-pq": 10}
 LISTS_SUFFIX = ".ivfdata"
 HNSW_LINKS = 32
 # Per vector: 2·HNSW_LINKS neighbours at level 0 and, on average, a little over one more in the

@@ -33,10 +33,13 @@ import numpy as np
 from gradstore.client.models import DATASTORE_NAME_MAX_LENGTH, DATASTORE_NAME_PATTERN, StoreState
 from gradstore.datastore import MANIFEST_FILE, Datastore, Manifest
 from gradstore.indexer.errors import StoreError
-from gradstore.indexer.faiss_index import concat_weighted, prefer_blas_search
+from gradstore.indexer.faiss_index import RESCORED_CANDIDATES, concat_weighted, normalized_weights, prefer_blas_search
 
 from gradstore.selection import Selection, SelectionEngine, TargetSet, rank
 from .errors import ServiceError
+
+# Candidates whose features are gathered at once when re-scoring a search (float32 rows × k each).
+_RESCORE_ROWS = 4096
 
 if TYPE_CHECKING:  # loading it pulls in torch: only when a query sends target records
     from gradstore.selection import TargetFeaturizer
@@ -104,15 +107,43 @@ class StoreHandle:
 
     def search(self, queries: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
         """Top ``k`` live rows per query through the FAISS index (which holds removed rows too:
-        it is asked for that many more, and they are dropped)."""
+        it is asked for that many more, and they are dropped). Where the index's codes lose
+        precision it is asked for ``RESCORED_CANDIDATES`` times as many, which are scored
+        exactly against the stored features and the best ``k`` kept: exact scores, and the
+        neighbours the codes ranked just below."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
         removed = self.store.removed_rows()
-        wanted = min(k + len(removed), self.index.ntotal)
+        factor = RESCORED_CANDIDATES.get(self.manifest.index.kind, 1)
+        wanted = min(k * factor + len(removed), self.index.ntotal)
         if wanted == 0:
             return [[] for _ in range(len(queries))]
-        scores, rows = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), wanted)
+        scores, rows = self.index.search(queries, wanted)
         live = self.store.is_live(np.maximum(rows, 0)) & (rows >= 0)
-        return [[(int(r), float(v)) for r, v, keep in zip(found, values, alive) if keep][:k]
-                for found, values, alive in zip(rows, scores, live)]
+        if factor > 1:
+            scores = self._exact_scores(queries, rows, live)
+        results = []
+        for found, values, alive in zip(rows, scores, live):
+            found, values = found[alive], values[alive]
+            best = np.lexsort((found, -values))[:k]
+            results.append([(int(found[i]), float(values[i])) for i in best])
+        return results
+
+    def _exact_scores(self, queries: np.ndarray, rows: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """float32 like ``rows``: each live row's inner product with its query in the index's
+        layout (``concat_c √w_c · f_c``), from the stored fp16 features; 0 elsewhere."""
+        candidates = np.unique(rows[live])
+        products = np.zeros((len(candidates), len(queries)), dtype=np.float32)
+        weights = np.sqrt(normalized_weights(self.store.weights)).astype(np.float32)
+        dim = self.store.dim
+        for first in range(0, len(candidates), _RESCORE_ROWS):
+            block = candidates[first:first + _RESCORE_ROWS]
+            for c, (name, weight) in enumerate(zip(self.store.checkpoint_names, weights)):
+                features = self.store.features_at(name, block).astype(np.float32)
+                products[first:first + len(block)] += weight * (features @ queries[:, c * dim:(c + 1) * dim].T)
+        exact = np.zeros(rows.shape, dtype=np.float32)
+        query_of, column = np.nonzero(live)
+        exact[query_of, column] = products[np.searchsorted(candidates, rows[query_of, column]), query_of]
+        return exact
 
     def exact_search(self, targets: TargetSet, k: int, checkpoints: list[str] | None = None,
                      weights: dict[str, float] | None = None) -> list[list[tuple[int, float]]]:
