@@ -38,11 +38,13 @@ from .scan import _HALF_EXPONENT_SHIFT, _HALF_SIGN_COPIES
 
 # Rows and targets multiplied together: 4 × 4 sums held in registers.
 TILE_ROWS = TILE_TARGETS = 4
-# Before multiplying each chunk of this many bytes of rows, the kernel loads one element of every
-# cache line of the next chunk (read_ahead): short rows (2 KiB at k = 1024) give the hardware
-# prefetchers too little to learn from, and loads, unlike prefetch instructions, also fill the
-# TLB. Measured on one core at k = 1024: 5.6-5.7 GB/s without, 7.4-8.0 with 128 KiB chunks,
-# 5.9-6.2 with prefetch instructions instead (bench/RESULTS.md, "Selection scan").
+# For rows shorter than _SHORT_ROW_BYTES, before multiplying each chunk of _READ_AHEAD_BYTES of
+# rows the kernel loads one element of every cache line of the next chunk (read_ahead): short
+# rows (2 KiB at k = 1024) give the hardware prefetchers too little to learn from, and loads,
+# unlike prefetch instructions, also fill the TLB. Measured on one core, fp16 rows in memory:
+# k = 1024 6.3 GB/s without, 8.7 with (prefetch instructions instead: +8 %); k = 2048 the same
+# either way; k = 4096 and 8192 3 % and 11 % slower with it (bench/RESULTS.md, "Selection scan").
+_SHORT_ROW_BYTES = 4 << 10
 _READ_AHEAD_BYTES = 128 << 10
 _CACHE_LINE = 64
 _FASTMATH = {"reassoc", "contract"}
@@ -117,9 +119,10 @@ def _products(rows, query, out):  # pragma: no cover (runs compiled)
     whole = count - count % TILE_ROWS
     row_bytes = rows.shape[1] * rows.itemsize
     chunk = max(TILE_ROWS, _READ_AHEAD_BYTES // row_bytes // TILE_ROWS * TILE_ROWS)
+    read_ahead_rows = row_bytes < _SHORT_ROW_BYTES
     touched = 0
     for first in range(0, whole, TILE_ROWS):
-        if first % chunk == 0:  # the next chunk's lines start coming while this one is multiplied
+        if read_ahead_rows and first % chunk == 0:  # the next chunk comes in while this one is multiplied
             touched += read_ahead(rows, first + chunk, min(chunk, count - first - chunk))
         target = 0
         while target + TILE_TARGETS <= targets:
