@@ -718,7 +718,7 @@ def report(name: str, r: dict) -> list[str]:
         lines.append(f"reference (LESS): not run ({r['reference']['reason']})")
     else:
         row(f"gradstore, {r['reference']['examples']}-example subset", r["gradstore_on_reference_subset"])
-        row(f"reference (LESS), same subset", r["reference"],
+        row("reference (LESS), same subset", r["reference"],
             f"{r['reference_over_gradstore']:.1f}x gradstore per example "
             f"({r['reference_over_gradstore_same_examples']:.1f}x on the same examples)")
     if r["bergson"].get("ok"):
