@@ -8,15 +8,16 @@ into one result. Memory is the kernel's buffers and the result, whatever the bat
 
 Reading
 =======
-The kernel reads a batch's rows straight from the array it is given, one block of
-``_BLOCK_BYTES`` at a time, which stays in the core's cache while it is converted and multiplied.
-The arrays a scan gets are the read-only memory maps that ``Datastore.raw_features`` keeps open
-(``gradstore.datastore.files.MapCache``): the first scan of a file maps its pages into the
-process, one fault per page, and every later scan reads them at memory speed without a copy or a
-system call (bench/RESULTS.md, "Selection scan": 8.4 GB/s on two threads from open maps against
-4.5 from maps made afresh and 3.9 from ``os.preadv`` into a buffer). A block that is not
-C-contiguous (a strided view), or a read-only one for torch (which wants writable buffers), is
-first copied into a float16 buffer of the kernel's own.
+The kernel reads a batch's rows straight from the array it is given (numba's in one call, the
+others one block of ``_BLOCK_BYTES`` at a time, which stays in the core's cache while it is
+converted and multiplied). The arrays a scan gets are the read-only memory maps that
+``Datastore.raw_features`` keeps open (``gradstore.datastore.files.MapCache``): the first scan of
+a file maps its pages into the process, one fault per page, and every later scan reads them at
+memory speed without a copy or a system call (bench/RESULTS.md, "Selection scan": with the
+earlier kernel, 6.8–8.4 GB/s on two threads from open maps against 4.5–4.7 from maps made afresh
+and 3.9 from ``os.preadv`` into a buffer). A block that is not C-contiguous (a strided view), or
+a read-only one for torch (which wants writable buffers), is first copied into a float16 buffer
+of the kernel's own.
 
 Kernels
 =======
@@ -38,10 +39,10 @@ installed, the fastest first, and the first that imports is the default:
 Threads
 =======
 One kernel serves one thread. A scan runs its kernels in worker threads of its own (see
-:func:`scan_threads`), split by shards. Each step of a block (the read, the conversion, the
-product) is one native call that releases the GIL, so the workers run in parallel (two threads
-used 1.7–1.8 of 2 cores when the machine had them free, bench/RESULTS.md): the Python work left
-is a few calls per block of ``_BLOCK_BYTES`` and each shard's set-up and reductions. Each kernel is single-threaded: a
+:func:`scan_threads`), split by shards. numba's call per shard and checkpoint, and each step of
+a block of the others (the conversion, the product), is one native call that releases the GIL,
+so the workers run in parallel (two threads used 1.9 of 2 cores, bench/RESULTS.md): the Python
+work left is each shard's set-up and reductions. Each kernel is single-threaded: a
 multi-threaded BLAS wakes its threads for every small block product, which on a busy machine
 costs far more than the arithmetic. torch's thread count belongs to the calling thread with its
 OpenMP backend (that of the PyPI wheels), so each worker sets its own to one
