@@ -38,8 +38,9 @@ overflow (silently, ranking garbage) above 257 of them.
 
 ``auto`` (:func:`auto_kind`): ``none`` while the store's fp16 features are at most
 :data:`AUTO_EXACT_MAX_BYTES` (the exact scan answers fast enough and exactly, and no index is
-built or stored), else the first of :data:`AUTO_APPROXIMATE_KINDS` whose index fits the memory
-budget (:func:`index_bytes`), else ivf-ondisk, the one build whose memory is bounded by the budget
+built or stored), else the first of :data:`AUTO_APPROXIMATE_KINDS` (ivf-pq, searched with its
+candidates re-scored against the features) whose index fits the memory budget
+(:func:`index_bytes`), else ivf-ondisk, the one build whose memory is bounded by the budget
 whatever n.
 
 Appending rows: :func:`extend_index` adds new rows' vectors to a built index file's index, ids
@@ -68,17 +69,18 @@ import numpy as np
 from gradstore.datastore.layout import AUTO_KIND, INDEX_KINDS, NO_INDEX_KIND, ONDISK_KIND  # noqa: E402,F401
 
 # auto builds no index while the store's fp16 features (n · d · 2 bytes) are at most this. The
-# exact scan took 62 ms for one query over 100,000 × 2,048 (410 MB) on one core in memory
-# (bench/RESULTS.md, "Index kinds"), so about 0.16 s at 1 GiB, and about 0.35 s through the
-# engine's memory-mapped files (about 3 GB/s, "Selection scan"): still interactive, exact, and no
-# index to build, store or keep in step with appends.
+# exact scan took 62 ms for one query over 100,000 × 2,048 (410 MB) on one core in memory when
+# this was set (14.7 ms with the current kernel; bench/RESULTS.md, "Index kinds"), so at most a
+# few tenths of a second at 1 GiB: interactive, exact, and no index to build, store or keep in
+# step with appends.
 AUTO_EXACT_MAX_BYTES = 1 << 30
 # auto's choice above AUTO_EXACT_MAX_BYTES: the first of these whose index fits the memory budget.
-# Same run, 100,000 × 2,048: ivf-sq8 recall@10 0.998 at 2.3 ms a query and 2,160 bytes a vector
-# (half the features'); ivf-pq 0.77 (0.999 within its top 100, for an exact re-ranking) at 0.24 ms
-# and 265 bytes. hnsw-sq8 is as good as ivf-sq8 but its graph is read at random, slow from disk
-# when the index outgrows the page cache, where IVF reads only the lists it probes.
-AUTO_APPROXIMATE_KINDS = ("ivf-sq8", "ivf-pq")
+# ivf-pq with its candidates re-scored against the stored features (RESCORED_CANDIDATES, as the
+# service searches): recall@10 0.999 at 0.38 ms a query and 265 bytes a vector at 100,000 ×
+# 2,048 (ivf-sq8: 1.000 at 1.9 ms and 2,160 bytes, half the features' bytes again), and 136
+# bytes a vector at 4 × 8,192, 0.2 % of the features. hnsw-sq8 reads its graph at random, slow
+# from disk when the index outgrows the page cache, where IVF reads only the lists it probes.
+AUTO_APPROXIMATE_KINDS = ("ivf-pq",)
 FEATURE_BYTES = 2  # the stored features are fp16
 # Candidates a search takes from the index per neighbour asked for, then scores exactly against
 # the stored fp16 features, for the kinds whose codes lose precision: 8-bit codes rank almost

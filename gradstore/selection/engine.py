@@ -212,7 +212,9 @@ class SelectionEngine:
     """Scores and selections over one opened datastore; safe to share between threads.
 
     ``scan_threads`` worker threads share a scan's shards (default: :func:`~.scan.scan_threads`);
-    ``scan_backend`` picks the kernel (``"torch"`` or ``"numpy"``; default: torch if installed).
+    ``scan_backend`` picks the kernel (one of ``scan.BACKENDS``: ``"numba"``, ``"torch"``,
+    ``"numpy"``; default: the first installed); scans of a quantised copy use numba's kernel with
+    ``"numba"``, numpy's otherwise.
     """
 
     def __init__(self, store: Datastore, scan_threads: int | None = None, scan_backend: str | None = None):
@@ -301,8 +303,8 @@ class SelectionEngine:
             def matrices(shard: int) -> list[QuantizedFeatures]:
                 return [self.store.quantized_features(precision, name, shard) for name, _ in used]
 
-            def make_kernel() -> QuantizedScanKernel:
-                return QuantizedScanKernel(precision, dim)
+            def make_kernel() -> QuantizedScanKernel:  # numba's where the fp16 scan uses numba's
+                return QuantizedScanKernel(precision, dim, "numba" if self.scan_backend == "numba" else "numpy")
 
         # (T, k) per checkpoint, the weight folded in: query @ feature = w_c · cos(f_c, g_c).
         queries = [np.float32(weight) * targets.vectors[name] for name, weight in used]

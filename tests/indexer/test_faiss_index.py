@@ -49,14 +49,12 @@ def test_auto_is_exact_for_small_stores_then_the_first_approximate_kind_that_fit
     exact_max = AUTO_EXACT_MAX_BYTES // (2 * dim)  # rows of fp16 features the scan answers for
     assert choose_factory("auto", exact_max, dim, 1) == ("none", None)
     n = exact_max + 1
-    first, second = AUTO_APPROXIMATE_KINDS
-    first_bytes = index_bytes(factory_for(first, n, dim), n, dim)
-    second_bytes = index_bytes(factory_for(second, n, dim), n, dim)
-    assert second_bytes < first_bytes
-    assert choose_factory("auto", n, dim, first_bytes) == (first, factory_for(first, n, dim))
-    assert choose_factory("auto", n, dim, first_bytes - 1) == (second, factory_for(second, n, dim))
+    assert AUTO_APPROXIMATE_KINDS == ("ivf-pq",)  # product codes: 0.2 % of the features at 4 x 8192
+    size = index_bytes(factory_for("ivf-pq", n, dim), n, dim)
+    assert size < n * dim * 2 / 10
+    assert choose_factory("auto", n, dim, size) == ("ivf-pq", factory_for("ivf-pq", n, dim))
     # Below the smallest in-memory index only the on-disk build fits.
-    assert choose_factory("auto", n, dim, second_bytes - 1) == ("ivf-ondisk", f"IVF{ivf_nlist(n)},SQfp16")
+    assert choose_factory("auto", n, dim, size - 1) == ("ivf-ondisk", f"IVF{ivf_nlist(n)},SQfp16")
 
 
 def test_explicit_kinds_and_their_factories():

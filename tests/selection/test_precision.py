@@ -79,7 +79,7 @@ def test_a_precision_the_store_lacks_is_refused_with_the_command_that_adds_it(se
 
 
 @pytest.mark.parametrize("backend", scan_module.BACKENDS)
-def test_the_fp16_kernel_choice_does_not_change_quantised_scans(quantized_pool, targets, backend):
+def test_every_scan_backend_gives_the_quantised_scores(quantized_pool, targets, backend):
     engine = SelectionEngine(Datastore.open(quantized_pool), scan_backend=backend)
     expected = per_target_scores(quantized_pool, targets, "1bit").max(axis=1)
     np.testing.assert_allclose(engine.scores(targets, precision="1bit").best, expected, rtol=1e-5, atol=1e-5)
