@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -98,3 +100,24 @@ def test_kernel_refuses_an_unknown_backend_other_threads_and_rows_it_lacks():
     errors = errors_in_another_thread(lambda: kernel.add_products(
         np.zeros((2, 8), np.float16), np.zeros((1, 8), np.float32), np.zeros((1, 2), np.float32)))
     assert errors == ["a ScanKernel is used by the thread that made it only (it owns a buffer)"]
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+def test_numba_kernel_without_the_cpu_s_half_conversion_is_exact_too(tmp_path):
+    """CPUs without F16C get the integer conversion, compiled in a fresh process (and cache)."""
+    import subprocess
+    import sys
+
+    program = (
+        "import numpy as np\n"
+        "from gradstore.selection import numba_kernel\n"
+        "numba_kernel.NATIVE_CONVERSION = False\n"
+        "every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)\n"
+        "finite = every[np.isfinite(every)].reshape(-1, 1)\n"
+        "out = np.zeros((1, len(finite)), dtype=np.float32)\n"
+        "numba_kernel.products(finite.view(np.int16), np.ones((1, 1), np.float32), out)\n"
+        "assert (out[0] == finite[:, 0].astype(np.float32)).all()\n"
+        "print('exact')\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "exact", result.stderr[-2000:]
