@@ -48,9 +48,9 @@ def add_parsers(subparsers) -> None:
         formatter_class=DefaultsHelpFormatter,
         description="Add an int8 (k + 4 bytes per example and checkpoint) or 1-bit (k/8 + 4 bytes) copy of every "
                     "feature, QLESS-style: a compact copy for tools and scans that trade a little agreement with "
-                    "fp16 for memory (read with Datastore.quantized_features; measured agreement with fp16 "
-                    "selections: bench/RESULTS.md, 'Quantised features'). Appends and compactions keep it up "
-                    "to date.")
+                    "fp16 for memory (`gradstore select --precision int8|1bit` scores from it; "
+                    "Datastore.quantized_features reads it; measured agreement with fp16 selections: "
+                    "bench/RESULTS.md, 'Quantised features'). Appends and compactions keep it up to date.")
     p.add_argument("store", type=Path, help="datastore folder")
     p.add_argument("--kind", required=True, choices=QUANTIZATION_CHOICES, help="the codes")
     p.set_defaults(handler=_run_quantize)
