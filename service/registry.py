@@ -33,13 +33,14 @@ import numpy as np
 from gradstore.client.models import DATASTORE_NAME_MAX_LENGTH, DATASTORE_NAME_PATTERN, StoreState
 from gradstore.datastore import MANIFEST_FILE, Datastore, Manifest
 from gradstore.indexer.errors import StoreError
-from gradstore.indexer.faiss_index import RESCORED_CANDIDATES, concat_weighted, normalized_weights, prefer_blas_search
+from gradstore.indexer.faiss_index import RESCORED_CANDIDATES, concat_weighted, prefer_blas_search
 
 from gradstore.selection import Selection, SelectionEngine, TargetSet, rank
 from .errors import ServiceError
 
-# Candidates whose features are gathered at once when re-scoring a search (float32 rows × k each).
-_RESCORE_ROWS = 4096
+# Candidates whose features are gathered at once when re-scoring a search: float32 rows of
+# checkpoints × k (128 MiB at 4 × 8192).
+_RESCORE_ROWS = 1024
 
 if TYPE_CHECKING:  # loading it pulls in torch: only when a query sends target records
     from gradstore.selection import TargetFeaturizer
@@ -132,14 +133,12 @@ class StoreHandle:
         """float32 like ``rows``: each live row's inner product with its query in the index's
         layout (``concat_c √w_c · f_c``), from the stored fp16 features; 0 elsewhere."""
         candidates = np.unique(rows[live])
-        products = np.zeros((len(candidates), len(queries)), dtype=np.float32)
-        weights = np.sqrt(normalized_weights(self.store.weights)).astype(np.float32)
-        dim = self.store.dim
+        products = np.empty((len(candidates), len(queries)), dtype=np.float32)
         for first in range(0, len(candidates), _RESCORE_ROWS):
             block = candidates[first:first + _RESCORE_ROWS]
-            for c, (name, weight) in enumerate(zip(self.store.checkpoint_names, weights)):
-                features = self.store.features_at(name, block).astype(np.float32)
-                products[first:first + len(block)] += weight * (features @ queries[:, c * dim:(c + 1) * dim].T)
+            vectors = concat_weighted([self.store.features_at(name, block) for name in self.store.checkpoint_names],
+                                      self.store.weights)  # laid out as the index's vectors
+            products[first:first + len(block)] = vectors @ queries.T
         exact = np.zeros(rows.shape, dtype=np.float32)
         query_of, column = np.nonzero(live)
         exact[query_of, column] = products[np.searchsorted(candidates, rows[query_of, column]), query_of]
