@@ -475,6 +475,10 @@ class JobManager:
                 if _is_indexer_of(pid, self._progress_file(job_id)):
                     log.warning("job %s: terminating indexer %d left behind by a previous service process", job_id, pid)
                     _terminate_orphan(pid, self.kill_grace)
+                elif _exiting(pid):
+                    # Killed with its service (PR_SET_PDEATHSIG) and still tearing down, which can take
+                    # a while on a loaded host: wait, so that no indexer of the job outlives recovery.
+                    _wait_gone(pid, self.kill_grace)
             report = _read_json(self._progress_file(job_id))
             common = {"pid": None, "cancel_requested": 0}
             if report.get("phase") == "done":
@@ -731,6 +735,25 @@ def _is_indexer_of(pid: int, progress_file: Path) -> bool:
     return b"gradstore.cli" in args and f"--progress-file={progress_file}".encode() in args
 
 
+def _exiting(pid: int) -> bool:
+    """Whether ``pid`` is being torn down: alive, not yet a zombie, its memory already released (so
+    its cmdline reads empty and it can no longer be told apart from any other process)."""
+    try:
+        return _pid_alive(pid) and not Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _wait_gone(pid: int, seconds: float) -> bool:
+    """Poll until ``pid`` is dead (or a zombie); whether it was within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while _pid_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def _indexers_of(progress_file: Path) -> list[int]:
     """Pids of live indexers writing ``progress_file`` (found through /proc; empty without it)."""
     pids = []
@@ -750,8 +773,5 @@ def _terminate_orphan(pid: int, grace: float) -> None:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _pid_alive(pid):
-                return
-            time.sleep(0.05)
+        if _wait_gone(pid, wait):
+            return
