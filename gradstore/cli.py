@@ -136,24 +136,28 @@ def _add_index_parser(subparsers) -> None:
     p.set_defaults(handler=_run_index, index_defaults={a.dest: a.default for a in p._actions})
 
 
-# The index flags that set each IndexJobConfig field: with --append, a field none of whose flags was
-# given takes the store's recorded value.
+# The IndexJobConfig settings each index flag sets, as ``field`` or ``field.attribute`` (one part
+# of a spec): with --append, a setting that no flag given sets keeps the store's recorded value.
+# The projection kind decides the spec's other parts (its non-zeros, its hash version), so it sets
+# the whole projection.
 _INDEX_SETTING_FLAGS = {
-    "model": ("model",), "tokenizer": ("tokenizer",), "checkpoints": ("run", "checkpoint"),
-    "lora": ("lora_r", "lora_alpha", "lora_targets", "seed"), "gradient_type": ("gradient_type",),
-    "projection": ("proj_dim", "projection", "proj_nonzeros", "seed"), "max_length": ("max_length",),
-    "template": ("template",), "max_tokens_per_batch": ("max_tokens_per_batch",),
-    "max_batch_size": ("max_batch_size",), "shard_size": ("shard_size",), "dtype": ("dtype",),
-    "index": ("index",), "index_memory_budget": ("index_memory",),
-    "extras": ("no_representations", "no_gradient_spectra", "no_vog"), "on_bad_record": ("on_bad_record",),
+    "model": ("model",), "tokenizer": ("tokenizer",), "run": ("checkpoints",), "checkpoint": ("checkpoints",),
+    "lora_r": ("lora.r",), "lora_alpha": ("lora.alpha",), "lora_targets": ("lora.target_modules",),
+    "seed": ("lora.init_seed", "projection.seed"), "gradient_type": ("gradient_type",),
+    "projection": ("projection",), "proj_dim": ("projection.dim",), "proj_nonzeros": ("projection.nonzeros",),
+    "max_length": ("max_length",), "template": ("template",), "max_tokens_per_batch": ("max_tokens_per_batch",),
+    "max_batch_size": ("max_batch_size",), "shard_size": ("shard_size",), "dtype": ("dtype",), "index": ("index",),
+    "index_memory": ("index_memory_budget",), "no_representations": ("extras.representations",),
+    "no_gradient_spectra": ("extras.gradient_spectra",), "no_vog": ("extras.vog",),
+    "on_bad_record": ("on_bad_record",),
 }
 
 
 def _given_settings(args) -> list[str]:
-    """The IndexJobConfig fields whose flags were given with a value other than their default."""
+    """The settings (see ``_INDEX_SETTING_FLAGS``) of the flags given with a value other than their default."""
     defaults = args.index_defaults
-    return [field for field, flags in _INDEX_SETTING_FLAGS.items()
-            if any(getattr(args, flag) != defaults[flag] for flag in flags)]
+    return sorted({setting for flag, settings in _INDEX_SETTING_FLAGS.items()
+                   if getattr(args, flag) != defaults[flag] for setting in settings})
 
 
 def _run_index(args) -> int:

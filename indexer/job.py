@@ -204,10 +204,12 @@ class IndexJobConfig:
                                f"{self.work_dir.name} and then {self.out.name} into this folder") from None
 
 
-def config_for_append(given: IndexJobConfig, given_fields: Sequence[str]) -> IndexJobConfig:
+def config_for_append(given: IndexJobConfig, given_settings: Sequence[str]) -> IndexJobConfig:
     """The config of an append to the store at ``given.out``: the store's recorded settings, with
-    the ``given_fields`` taken from ``given`` (the job then refuses values that would change the
-    features) and ``given``'s corpus, output, device and run options."""
+    the ``given_settings`` taken from ``given`` (the job then refuses values that would change the
+    features) and ``given``'s corpus, output, device and run options. A setting is a field name, or
+    ``field.attribute`` for one part of a spec (``projection.dim``): the rest of the spec stays the
+    store's."""
     from gradstore.datastore import Manifest
 
     manifest = Manifest.load(given.out / MANIFEST_FILE)
@@ -216,10 +218,15 @@ def config_for_append(given: IndexJobConfig, given_fields: Sequence[str]) -> Ind
         raise JobError(f"{given.out}: the store records no indexing settings (it was migrated from schema "
                        f"version 1); append by giving every setting it was indexed with (--model, --checkpoint "
                        f"or --run, --proj-dim, ...): they are checked against its manifest")
-    stored = IndexJobConfig.from_settings(recorded, corpus=given.corpus, out=given.out)
-    chosen = {f.name: getattr(given, f.name) for f in fields(IndexJobConfig)
-              if f.name in given_fields or f.name not in recorded}
-    return replace(stored, **chosen)
+    config = IndexJobConfig.from_settings(recorded, corpus=given.corpus, out=given.out)
+    config = replace(config, **{f.name: getattr(given, f.name) for f in fields(IndexJobConfig)
+                                if f.name in given_settings or f.name not in recorded})
+    parts: dict[str, dict[str, object]] = {}
+    for setting in given_settings:
+        name, _, attribute = setting.partition(".")
+        if attribute and name not in given_settings:
+            parts.setdefault(name, {})[attribute] = getattr(getattr(given, name), attribute)
+    return replace(config, **{name: replace(getattr(config, name), **values) for name, values in parts.items()})
 
 
 @dataclass

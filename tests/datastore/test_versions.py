@@ -135,6 +135,21 @@ def test_append_refuses_other_settings_and_taken_ids_and_replaces_when_asked(sto
     assert set(engine.select(targets, SelectionOptions(k=28)).rows.tolist()) == set(range(28, 56))
 
 
+def test_append_flags_equal_to_the_store_change_only_their_part_of_a_setting(tiny_model_dirs, service_corpus,
+                                                                              tmp_path):
+    """--proj-dim sets the projection's dim only: its kind stays the store's (here not the default)."""
+    folder = service_corpus[0]
+    store = tmp_path / "dense"
+    gradstore("index", "--corpus", folder / "toy.jsonl", "--model", tiny_model_dirs["gpt2"], "--out", store,
+              "--gradient-type", "sgd", "--projection", "rademacher", "--proj-dim", 64, "--lora-r", 4,
+              "--max-length", 128, "--device", "cpu", "--no-progress")
+    gradstore(*append_command(store, folder / "more.jsonl", "--proj-dim", 64, "--seed", 0, "--lora-r", 4)[3:])
+    appended = Datastore.open(store, verify=True)
+    assert appended.num_examples == 40 and appended.manifest.projection["kind"] == "rademacher"
+    other = gradstore(*append_command(store, folder / "tgt.jsonl", "--proj-dim", 32)[3:], check=False)
+    assert "projection.dim: store 64, new 32" in other.stderr and "projection.kind" not in other.stderr
+
+
 @pytest.mark.slow
 def test_sigkill_during_an_append_keeps_the_previous_version_and_the_append_resumes(stores, service_corpus,
                                                                                    tmp_path):
