@@ -190,8 +190,10 @@ def _segment(value: Any, what: str) -> str:
     return quote(text, safe="")
 
 
-def _body(model: BaseModel) -> dict[str, Any]:
-    return model.model_dump(mode="json", exclude_none=True)
+def _body(model: BaseModel, *, given_only: bool = False) -> dict[str, Any]:
+    """The JSON body of a request; ``given_only``: only the fields the caller set, so that the
+    service fills the rest (an append takes the store's settings for those it leaves out)."""
+    return model.model_dump(mode="json", exclude_none=True, exclude_unset=given_only)
 
 
 def _parse(model: type[BaseModel]) -> Callable[[httpx.Response], Any]:
@@ -370,7 +372,7 @@ class BaseClient:
             request = IndexJobRequest.model_validate(dict(request))
         elif not isinstance(request, IndexJobRequest):
             raise TypeError(f"create_job: expected an IndexJobRequest, got {type(request).__name__}")
-        return Call("POST", "/v1/jobs", _parse(Job), json=_body(request), idempotent=False)
+        return Call("POST", "/v1/jobs", _parse(Job), json=_body(request, given_only=True), idempotent=False)
 
     @staticmethod
     def _get_job(id: str) -> Call[Job]:

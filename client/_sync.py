@@ -229,7 +229,10 @@ class Client(BaseClient):
     def create_job(self, request: IndexJobRequest | Mapping[str, Any] | None = None, /,
                    **fields: Any) -> Job:
         """Queue an indexing job: ``create_job(IndexJobRequest(...))`` or ``create_job(datastore=...,
-        corpus=[...], model=...)``. Not retried once the request may have reached the service."""
+        corpus=[...], model=...)``; with ``append=True`` (no model needed) the corpus is added to the
+        existing datastore with its recorded settings. Only the fields given are sent, so settings
+        left out take the service's defaults (an append's: the store's). Not retried once the
+        request may have reached the service."""
         return self._request(self._create_job(request, fields))
 
     def get_job(self, id: str) -> Job:

@@ -253,14 +253,22 @@ class SimilarResponse(_Response):
 
 PathText = Annotated[str, Field(**HOST_PATH)]
 
-# What the service refuses whatever the files: run and checkpoints together, and adam / less
-# (the default) without either.
+_APPEND = {"required": ["append"], "properties": {"append": {"const": True}}}
+
+# What the service refuses whatever the files: run and checkpoints together; adam / less (the
+# default) without either, unless appending (the store's checkpoints are used); no model, unless
+# appending (the store's model); append with overwrite; replace without append.
 _JOB_RULES = {"allOf": [
     {"not": {"required": ["run", "checkpoints"],
              "properties": {"run": {"type": "string"}, "checkpoints": {"type": "array", "minItems": 1}}}},
     {"anyOf": [{"required": ["gradient_type"], "properties": {"gradient_type": {"enum": ["sgd", "sign"]}}},
                {"required": ["run"], "properties": {"run": {"type": "string"}}},
-               {"required": ["checkpoints"], "properties": {"checkpoints": {"type": "array", "minItems": 1}}}]},
+               {"required": ["checkpoints"], "properties": {"checkpoints": {"type": "array", "minItems": 1}}},
+               _APPEND]},
+    {"anyOf": [{"required": ["model"], "properties": {"model": {"type": "string"}}}, _APPEND]},
+    {"not": {"required": ["append", "overwrite"],
+             "properties": {"append": {"const": True}, "overwrite": {"const": True}}}},
+    {"anyOf": [{"not": {"required": ["replace"], "properties": {"replace": {"const": True}}}}, _APPEND]},
 ]}
 
 
@@ -270,9 +278,10 @@ class IndexJobRequest(_Model):
     model_config = ConfigDict(json_schema_extra=_JOB_RULES)
 
     datastore: str = Field(pattern=DATASTORE_NAME_PATTERN, min_length=1, max_length=DATASTORE_NAME_MAX_LENGTH,
-                           description="name of the datastore to create under the service root")
+                           description="name of the datastore to create under the service root (or, with "
+                                       "append, to add to)")
     corpus: list[PathText] = Field(min_length=1, max_length=1_000_000, description="corpus files ([NAME=]PATH)")
-    model: PathText
+    model: PathText | None = Field(None, description="model folder (required unless append: the store's)")
     tokenizer: PathText | None = None
     checkpoints: list[PathText] = Field(default_factory=list, max_length=256, description="[NAME=]DIR[:WEIGHT]")
     run: PathText | None = Field(None, description="a warmup run folder, instead of checkpoints")
@@ -288,6 +297,11 @@ class IndexJobRequest(_Model):
     device: str = Field("auto", pattern=DEVICE_PATTERN, description="auto, cpu, mps, cuda or cuda:N")
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     overwrite: bool = False
+    append: bool = Field(False, description="add the corpus to the existing datastore as its next version, "
+                         "indexed with the store's recorded settings: a setting left out takes the store's "
+                         "value; one given with another value is refused")
+    replace: bool = Field(False, description="with append: a record whose id the store already holds replaces "
+                          "that example (without it, such ids fail the job)")
 
 
 class JobProgress(_Response):

@@ -66,7 +66,7 @@ from pathlib import Path
 from typing import Any
 
 from gradstore.client.models import IndexJobRequest, Job, JobProgress
-from gradstore.datastore import work_dir_of
+from gradstore.datastore import Manifest, StoreError, work_dir_of
 from gradstore.indexer.checkpoints import TRUST_FLAG
 
 from .errors import ServiceError
@@ -88,6 +88,13 @@ LOG_FILE = "index.log"
 CORPUS_LIST_FILE = "corpus.txt"
 JOB_CURSOR_PATTERN = r"^[1-9][0-9]{0,17}$"  # the row id the next page starts before
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The request's settings an append takes from the store when it leaves them out, and where the
+# store's recorded indexing config (the manifest's ``settings.config``) holds each.
+RECORDED_SETTINGS = {
+    "gradient_type": ("gradient_type",), "proj_dim": ("projection", "dim"), "seed": ("projection", "seed"),
+    "max_length": ("max_length",), "lora_r": ("lora", "r"), "lora_alpha": ("lora", "alpha"),
+    "on_bad_record": ("on_bad_record",), "dtype": ("dtype",),
+}
 
 MAX_ATTEMPTS = 3
 ACTIVE = ("queued", "running")
@@ -279,8 +286,12 @@ class JobManager:
 
     def submit(self, request: IndexJobRequest) -> Job:
         """Validate and queue a job; 400 ``invalid_name`` / ``invalid_job``, 403 ``path_not_allowed``
-        (an input outside the allowed folders), 404 ``input_not_found``, 409 ``conflict`` when the
-        datastore exists (without ``overwrite``), has an active job, or its path is a link."""
+        (an input outside the allowed folders), 404 ``input_not_found`` (or ``datastore_not_found``
+        for an append), 409 ``conflict`` when the datastore exists (without ``overwrite`` or
+        ``append``), has an active job, or its path is a link, or when an append gives a setting
+        the store was indexed without."""
+        if request.append:
+            request = self._with_store_settings(request)
         self.index_command(request, self.jobs_dir / "new")  # validates every input, writes nothing
         out = self.root / request.datastore
         job_id = uuid.uuid4().hex
@@ -290,9 +301,9 @@ class JobManager:
             if active is not None:
                 raise ServiceError(409, "conflict", f"datastore {request.datastore!r} already has a {active['status']} "
                                    f"job ({active['id']})", {"datastore": request.datastore, "job": active["id"]})
-            if out.exists() and not request.overwrite:
+            if out.exists() and not (request.overwrite or request.append):
                 raise ServiceError(409, "conflict", f"datastore {request.datastore!r} already exists; set "
-                                   "overwrite to replace it", {"datastore": request.datastore})
+                                   "overwrite to replace it, or append to add to it", {"datastore": request.datastore})
             conn.execute("INSERT INTO jobs (id, datastore, status, request, created_at) VALUES (?, ?, 'queued', ?, ?)",
                          (job_id, request.datastore, request.model_dump_json(), _now()))
         log.info("job %s queued: index %s", job_id, request.datastore)
@@ -345,6 +356,35 @@ class JobManager:
 
     # -- validation and the command line ---------------------------------------------------------
 
+    def _with_store_settings(self, request: IndexJobRequest) -> IndexJobRequest:
+        """An append's request with each setting it leaves out taken from the store's recorded
+        config, so that the job's record names the settings it runs with; 404
+        ``datastore_not_found``, 409 ``conflict`` for a store that records no settings or a given
+        setting it differs in (the indexer also compares the model's and checkpoints' hashes)."""
+        name = request.datastore
+        check_name(name)
+        if not (self.root / name).is_dir() or (self.root / name).is_symlink():
+            raise ServiceError(404, "datastore_not_found", f"no datastore named {name!r} to append to",
+                               {"datastore": name})
+        try:
+            recorded = Manifest.load(self.root / name).settings.get("config")
+        except StoreError as err:
+            raise ServiceError(409, "conflict", f"datastore {name!r} cannot be appended to: "
+                               f"{self._relative(str(err))}", {"datastore": name}) from None
+        if recorded is None:
+            raise ServiceError(409, "conflict", f"datastore {name!r} records no indexing settings (it was "
+                               "migrated from schema version 1): append with `gradstore index --append`, giving "
+                               "every setting it was indexed with", {"datastore": name})
+        stored = {field: _setting(recorded, path) for field, path in RECORDED_SETTINGS.items()}
+        given = request.model_fields_set
+        differences = [f"{field}: store {stored[field]!r}, request {getattr(request, field)!r}"
+                       for field in RECORDED_SETTINGS if field in given and getattr(request, field) != stored[field]]
+        if differences:
+            raise ServiceError(409, "conflict", f"datastore {name!r} was indexed with other settings: "
+                               + "; ".join(differences) + ". Leave them out to take the store's",
+                               {"datastore": name, "differences": differences})
+        return request.model_copy(update={field: value for field, value in stored.items() if field not in given})
+
     def index_command(self, request: IndexJobRequest, job_dir: Path) -> tuple[list[str], list[str]]:
         """The ``gradstore index`` command of a job whose files are in ``job_dir``, and the lines
         of its corpus list (``job_dir/corpus.txt``, for the caller to write); raises
@@ -352,14 +392,11 @@ class JobManager:
         name = request.datastore
         check_name(name)
         self._check_output(name)
-        if request.run and request.checkpoints:
-            raise ServiceError(400, "invalid_job", "give run or checkpoints, not both")
-        if request.gradient_type in ("adam", "less") and not (request.run or request.checkpoints):
-            raise ServiceError(400, "invalid_job", f"gradient type {request.gradient_type!r} needs checkpoints "
-                               "with optimizer state (checkpoints or run); use 'sgd' or 'sign' for a fresh LoRA")
+        self._check_rules(request)
         corpus = [self._corpus_arg(spec) for spec in request.corpus]
         command = [sys.executable, "-m", "gradstore.cli", "index", f"--corpus-list={job_dir / CORPUS_LIST_FILE}"]
-        command.append(f"--model={self._input_path('model', request.model)}")
+        if request.model:  # else an append: the store's
+            command.append(f"--model={self._input_path('model', request.model)}")
         if request.tokenizer:
             command.append(f"--tokenizer={self._input_path('tokenizer', request.tokenizer)}")
         for spec in request.checkpoints:
@@ -370,14 +407,33 @@ class JobManager:
                     f"--seed={request.seed}", f"--max-length={request.max_length}", f"--lora-r={request.lora_r}",
                     f"--lora-alpha={request.lora_alpha!r}", f"--on-bad-record={request.on_bad_record}",
                     f"--device={request.device}", f"--dtype={request.dtype}"]
-        if request.overwrite:
-            command.append("--overwrite")
+        command += [flag for flag, on in (("--overwrite", request.overwrite), ("--append", request.append),
+                                          ("--replace", request.replace)) if on]
         # A partial job of the same datastore left with other settings (a failed or cancelled job)
         # is discarded; one with the same settings (this job, interrupted) is resumed.
         command.append("--restart")
         command += self.index_args
         command += [f"--out={self.root / name}", "--no-progress", f"--progress-file={job_dir / PROGRESS_FILE}"]
         return command, corpus
+
+    @staticmethod
+    def _check_rules(request: IndexJobRequest) -> None:
+        """400 ``invalid_job`` for a request the model's JSON-schema rules (``_JOB_RULES``) refuse."""
+        if request.run and request.checkpoints:
+            raise ServiceError(400, "invalid_job", "give run or checkpoints, not both")
+        if request.append:
+            if request.overwrite:
+                raise ServiceError(400, "invalid_job", "give append (add to the datastore) or overwrite (replace "
+                                   "it), not both")
+            return  # the store's model and checkpoints serve where none are given
+        if request.replace:
+            raise ServiceError(400, "invalid_job", "replace goes with append")
+        if request.model is None:
+            raise ServiceError(400, "invalid_job", "give the model (only an append takes the store's)",
+                               {"field": "model"})
+        if request.gradient_type in ("adam", "less") and not (request.run or request.checkpoints):
+            raise ServiceError(400, "invalid_job", f"gradient type {request.gradient_type!r} needs checkpoints "
+                               "with optimizer state (checkpoints or run); use 'sgd' or 'sign' for a fresh LoRA")
 
     def _check_output(self, name: str) -> None:
         """409 ``conflict`` when the store's path or its work folder is a symbolic link or not a
@@ -682,6 +738,12 @@ def _failure_message(log_file: Path, offset: int, returncode: int | None) -> tup
         kind = kind if re.fullmatch(r"[A-Za-z_][\w.]*", kind) else "an exception"
         return f"{ended}: an unexpected {kind}; the details are in the service log", trace
     return ended, None
+
+
+def _setting(config: dict, path: tuple[str, ...]) -> Any:
+    for key in path:
+        config = config[key]
+    return config
 
 
 def _die_with(parent: int):

@@ -374,6 +374,15 @@ def test_create_job_wait_and_query_the_new_datastore(service, service_corpus, ti
     vectors = {c.name: features(service.root / name, c.name)[2] for c in new.checkpoints}
     assert [n.id for n in service.client.similar(name, vectors=vectors, k=1).neighbors] == ["tgt-2"]
 
+    # An append names only the corpus (the SDK sends no defaults): the served store gains its rows.
+    job = service.client.create_job(datastore=name, corpus=[str(folder / "more.jsonl")], append=True, device="cpu")
+    assert (job.request.proj_dim, job.request.gradient_type, job.request.model) == (DIM, "sgd", None)
+    done = service.client.wait_for_job(job.id, poll_interval=0.1, timeout=JOB_TIMEOUT)
+    assert done.status == "succeeded", done.error
+    grown = service.client.get_datastore(name)
+    assert (grown.examples, grown.version) == (6 + len(records["more"]), 2)
+    assert service.client.get_example(name, "more-3").record == records["more"][3]
+
 
 # ------------------------------------------------------------------ transport and restarts
 

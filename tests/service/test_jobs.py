@@ -82,6 +82,12 @@ def wait_for(get_job, until, timeout=60.0) -> Job:
         time.sleep(0.05)
 
 
+def run(manager: JobManager, request: IndexJobRequest) -> Job:
+    """Submit the job and wait until it ends."""
+    job = manager.submit(request)
+    return wait_for(lambda: manager.get(job.id), finished)
+
+
 def finished(job: Job) -> bool:
     return job.status in ("succeeded", "failed", "cancelled")
 
@@ -128,6 +134,51 @@ def test_job_runs_to_a_published_store_with_full_progress(settings, inputs, tiny
         manager.submit(job_request(inputs, tiny_model_dirs))
     assert exists.value.status == 409 and exists.value.code == "conflict"
     assert [j.id for j in manager.list()] == [job.id]
+
+
+def test_an_append_job_adds_a_version_with_the_stores_settings(settings, inputs, tiny_model_dirs, managers):
+    later = inputs / "later.jsonl"
+    later.write_text("".join(json.dumps({**r, "id": f"later-{i}"}) + "\n" for i, r in enumerate(chat_records(12, 7))))
+    manager = managers(settings)
+    manager.start()
+    built = run(manager, job_request(inputs, tiny_model_dirs))
+    assert built.status == "succeeded", built.error
+
+    # Only the datastore and the corpus given: the job's record names the store's settings.
+    job = manager.submit(IndexJobRequest(datastore="pool", corpus=[str(later)], append=True, device="cpu"))
+    assert (job.request.gradient_type, job.request.proj_dim, job.request.lora_r, job.request.lora_alpha,
+            job.request.max_length) == ("sgd", 256, 4, 8.0, 64)
+    assert job.request.model is None and job.request.append
+    job = wait_for(lambda: manager.get(job.id), finished)
+    assert job.status == "succeeded", job.error
+    store = Datastore.open(settings.root / "pool", verify=True)
+    assert store.version == 2 and [h.action for h in store.manifest.history] == ["build", "append"]
+    assert store.manifest.counts.examples == 42 and store.row_of("later-11") == 41
+
+    with pytest.raises(ServiceError) as err:  # a setting the store differs in: refused before queueing
+        manager.submit(IndexJobRequest(datastore="pool", corpus=[str(later)], append=True, proj_dim=128, lora_r=4))
+    assert (err.value.status, err.value.code) == (409, "conflict")
+    assert "proj_dim: store 256, request 128" in err.value.message and "lora_r" not in err.value.message
+    # Ids the store holds fail the job, naming them, unless replace is asked for.
+    again = IndexJobRequest(datastore="pool", corpus=[str(later)], append=True, device="cpu")
+    taken = run(manager, again)
+    assert taken.status == "failed" and "12 of the new records have ids the store already holds" in taken.error
+    assert Datastore.open(settings.root / "pool").version == 2
+    replaced = run(manager, again.model_copy(update={"replace": True}))
+    assert replaced.status == "succeeded", replaced.error
+    store = Datastore.open(settings.root / "pool", verify=True)
+    assert store.version == 3 and store.num_examples == 42 and store.row_of("later-0") == 42
+
+    cases = [
+        (IndexJobRequest(datastore="none", corpus=[str(later)], append=True), 404, "datastore_not_found"),
+        (IndexJobRequest(datastore="pool", corpus=[str(later)], append=True, overwrite=True), 400, "invalid_job"),
+        (IndexJobRequest(datastore="other", corpus=[str(later)], gradient_type="sgd"), 400, "invalid_job"),
+        (job_request(inputs, tiny_model_dirs, datastore="other", replace=True), 400, "invalid_job"),
+    ]
+    for request, status, code in cases:
+        with pytest.raises(ServiceError) as err:
+            manager.submit(request)
+        assert (err.value.status, err.value.code) == (status, code), request
 
 
 def test_a_failing_job_reports_the_indexer_error(settings, inputs, tiny_model_dirs, managers):

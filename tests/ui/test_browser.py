@@ -288,6 +288,28 @@ def test_start_and_cancel_a_job(page, service, root, tmp_path):
     assert error.get_attribute("data-code") in ("invalid_name", "validation_error")
 
 
+def test_append_a_corpus_from_the_job_form(page, service, root, tmp_path):
+    shutil.copytree(root / "pool", root / "grow")
+    write_jsonl(root / "inputs" / "new.jsonl", chat_records(5, 9, "new"))
+    enter_key(page, service.url)
+    page.wait_for_selector("table.datastores")
+    page.goto(f"{service.url}/ui/#/jobs")
+    page.wait_for_selector("form.job-form")
+    page.check("input[name=append-corpus]")  # the store's model and settings: their fields are off
+    assert page.is_disabled("input[name=model]") and page.is_disabled("input[name=proj_dim]")
+    assert page.is_enabled("input[name=replace]") and page.is_visible(".append-hint")
+    page.fill("input[name=datastore]", "grow")
+    page.fill("textarea[name=corpus]", str(root / "inputs" / "new.jsonl"))
+    page.fill("input[name=device]", "cpu")
+    page.click("form.job-form button[type=submit]")
+    page.wait_for_selector("table.jobs .status-succeeded", timeout=120_000)
+    shot(page, tmp_path, "jobs-appended")
+    with Client(service.url, api_key=KEY) as client:
+        before, after = client.get_datastore("pool"), client.get_datastore("grow")
+        assert (after.examples, after.version) == (before.examples + 5, before.version + 1)
+        assert client.get_example("grow", "new-4").record["id"] == "new-4"
+
+
 # --------------------------------------------------------------------------------------- reports
 
 

@@ -353,16 +353,37 @@
       lora_r: el("input", { name: "lora_r", type: "number", min: 1, value: 8 }),
       device: el("input", { name: "device", value: "auto" }),
       overwrite: el("input", { name: "overwrite", type: "checkbox" }),
+      // Not named "append": a form's controls shadow its methods of the same name (form.append).
+      append: el("input", { name: "append-corpus", type: "checkbox", onchange: () => appendMode() }),
+      replace: el("input", { name: "replace", type: "checkbox", disabled: true }),
     };
+    // An append takes the model, checkpoints and settings from the store: their fields are off.
+    const STORE_SETTINGS = ["model", "run", "checkpoints", "gradient_type", "proj_dim", "max_length", "lora_r", "overwrite"];
+    const appendHint = el("p", { class: "muted append-hint", hidden: true }, "Append: the corpus is indexed with the "
+      + "store's own model, checkpoints and settings (the greyed fields do not apply) and published as its next version; "
+      + "ids the store holds are refused unless replace is checked.");
+    function appendMode() {
+      const on = inputs.append.checked;
+      appendHint.hidden = !on;
+      for (const key of STORE_SETTINGS) inputs[key].disabled = on;
+      inputs.model.required = !on;
+      inputs.replace.disabled = !on;
+      inputs.datastore.placeholder = on ? "name of the datastore to add to" : "name of the new datastore";
+    }
     const lines = (text) => text.split(/\r?\n/).map((s) => s.trim()).filter(Boolean);
     const form = el("form", { class: "card job-form", onsubmit: async (event) => {
       event.preventDefault();
       formError.replaceChildren();
-      const body = { datastore: inputs.datastore.value.trim(), corpus: lines(inputs.corpus.value), model: inputs.model.value.trim(),
-        checkpoints: lines(inputs.checkpoints.value), gradient_type: inputs.gradient_type.value, proj_dim: Number(inputs.proj_dim.value),
-        max_length: Number(inputs.max_length.value), lora_r: Number(inputs.lora_r.value), device: inputs.device.value.trim() || "auto",
-        overwrite: inputs.overwrite.checked };
-      if (inputs.run.value.trim()) body.run = inputs.run.value.trim();
+      const body = { datastore: inputs.datastore.value.trim(), corpus: lines(inputs.corpus.value),
+        device: inputs.device.value.trim() || "auto" };
+      if (inputs.append.checked) {
+        Object.assign(body, { append: true, replace: inputs.replace.checked });
+      } else {
+        Object.assign(body, { model: inputs.model.value.trim(), checkpoints: lines(inputs.checkpoints.value),
+          gradient_type: inputs.gradient_type.value, proj_dim: Number(inputs.proj_dim.value), max_length: Number(inputs.max_length.value),
+          lora_r: Number(inputs.lora_r.value), overwrite: inputs.overwrite.checked });
+        if (inputs.run.value.trim()) body.run = inputs.run.value.trim();
+      }
       try {
         await api.post("/v1/jobs", body);
         await refresh();
@@ -372,7 +393,7 @@
       }
     } }, el("h2", {}, "Start an indexing job"),
       el("div", { class: "form-grid" }, Object.entries(inputs).map(([key, input]) => field(key.replace("_", " "), input))),
-      el("button", { type: "submit", class: "primary" }, "Start"), formError);
+      appendHint, el("button", { type: "submit", class: "primary" }, "Start"), formError);
 
     async function refresh() {
       let jobs;
