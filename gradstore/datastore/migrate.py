@@ -9,6 +9,13 @@ a scores file (its columns but ``feature``) and a ``.npy`` features file (bit fo
 fp16 values), representations become ``.npy`` files; a Flat index is dropped (exact searches scan
 the features), an approximate one is rebuilt with the same kind. Interrupted, it starts over;
 the old store stays in place until the new one is complete.
+
+Version 1 recorded no indexing settings as such; the new manifest's ``settings.config`` (where
+``gradstore index --append`` starts from) is read off the sections that describe the features:
+model, tokenizer (chat format, max length), LoRA, checkpoints, projection, job (batching), shards
+and extras, with today's defaults for what version 1 did not record (the index memory budget, the
+bad-record policy). An append still compares the model's and checkpoints' hashes with the
+manifest, so a setting read wrongly is refused, naming it, never indexed.
 """
 
 from __future__ import annotations
@@ -26,8 +33,8 @@ from .errors import StoreError
 from .files import file_infos, write_matrix, written_atomically
 from .finalize import commit_manifest, live_summary, now, version_files
 from .index import build_store_index
-from .layout import (MANIFEST_FILE, SCHEMA_VERSION, SEGMENTS_DIR, SHARDS_DIR, SKIPPED_FILE, SegmentFiles,
-                     index_file, segment_name, shard_name, work_dir_of)
+from .layout import (AUTO_KIND, INDEX_KINDS, MANIFEST_FILE, SCHEMA_VERSION, SEGMENTS_DIR, SHARDS_DIR, SKIPPED_FILE,
+                     SegmentFiles, index_file, segment_name, shard_name, work_dir_of)
 from .manifest import IndexInfo, Manifest, SegmentInfo
 from .publish import publish_store
 from .reader import store_shards
@@ -66,7 +73,8 @@ def migrate(path: str | Path, index_memory_budget: int = 4 << 30) -> Manifest:
     at = now()
     data = {key: old[key] for key in _KEPT if key in old}
     data.update(schema_version=SCHEMA_VERSION, status="complete", version=1, updated_at=at,
-                features={**old["features"], "quantized": []}, extras=extras, settings={},
+                features={**old["features"], "quantized": []}, extras=extras,
+                settings={"config": _recorded_config(old, extras)},
                 counts={**counts, "skipped": old["counts"].get("skipped", 0)}, tokens=tokens or old.get("tokens"),
                 segments=[info.model_dump()], shards={"size": old["shards"]["size"], "count": len(shard_rows)},
                 tombstones=None, index=_index(old, work, shards, checkpoints, index_memory_budget, tmp_dir),
@@ -78,6 +86,35 @@ def migrate(path: str | Path, index_memory_budget: int = 4 << 30) -> Manifest:
     shutil.rmtree(tmp_dir, ignore_errors=True)
     publish_store(work, path, overwrite=True)
     return manifest
+
+
+def _recorded_config(old: dict, extras: dict) -> dict:
+    """The indexing settings the version 1 manifest ``old`` describes (see the module docstring),
+    as ``IndexJobConfig.settings`` lays them out."""
+    from gradstore.indexer.checkpoints import CheckpointSpec
+    from gradstore.indexer.extras import ExtraFeatures
+    from gradstore.indexer.formatting import TOKENIZER_TEMPLATE_NAME
+    from gradstore.indexer.job import IndexJobConfig
+    from gradstore.indexer.model import LoraSpec
+    from gradstore.indexer.projection import ProjectionSpec
+
+    lora, tokenizer, job, index = old["lora"], old["tokenizer"], old.get("job") or {}, old.get("index") or {}
+    config = IndexJobConfig(
+        corpus=[], out=Path(), model=Path(old["model"]["path"]), tokenizer=Path(tokenizer["path"]),
+        # A fresh LoRA is recorded as a checkpoint without a path; the config names none.
+        checkpoints=[CheckpointSpec(name=c["name"], path=Path(c["path"]), weight=c.get("weight"))
+                     for c in old["checkpoints"] if c.get("path")],
+        lora=LoraSpec(r=lora["r"], alpha=lora["alpha"], target_modules=tuple(lora.get("target_modules") or ()) or None,
+                      init_seed=lora.get("init_seed") or 0),
+        gradient_type=old["gradient_type"], projection=ProjectionSpec.from_dict(old["projection"]),
+        max_length=tokenizer["max_length"],
+        template="tokenizer" if tokenizer["template"] == TOKENIZER_TEMPLATE_NAME else "default",
+        max_tokens_per_batch=job.get("max_tokens_per_batch"), max_batch_size=job.get("max_batch_size"),
+        shard_size=old["shards"]["size"], dtype=old["model"]["dtype"],
+        index=index["kind"] if index.get("kind") in INDEX_KINDS else AUTO_KIND,
+        extras=ExtraFeatures(representations=extras["representations"] is not None,
+                             gradient_spectra=bool(extras["gradient_spectra"]), vog=bool(extras["vog"])))
+    return config.settings()
 
 
 def _convert_shard(old: Path, new: SegmentFiles, shard: int, checkpoints: list[str], representations: bool,

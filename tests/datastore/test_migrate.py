@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from conftest import ONE_THREAD
 from gradstore.datastore import Datastore, StoreError
 from gradstore.datastore.migrate import migrate
 from gradstore.selection import SelectionEngine, SelectionOptions, TargetSet
@@ -103,6 +104,26 @@ def test_a_version_1_store_migrates_to_the_same_rows_bit_for_bit(pool, tmp_path,
                         ["a", "a", "b"])
     picked = [SelectionEngine(store).select(targets, SelectionOptions(k=10)) for store in (pool, new)]
     assert picked[0].rows.tolist() == picked[1].rows.tolist()
+
+
+def test_a_migrated_store_takes_appends_as_the_store_it_was(pool, service_corpus, tmp_path):
+    """Its settings are read off the version 1 manifest: `--append` naming only the corpus works and
+    gives the new rows the features an append to the original store gives them."""
+    old, twin = tmp_path / "old", tmp_path / "twin"
+    write_version_1(pool, old, None)
+    migrate(old)
+    shutil.copytree(pool.path, twin)
+    for store in (old, twin):
+        result = subprocess.run([sys.executable, "-m", "gradstore.cli", "index", "--append", "--corpus",
+                                 str(service_corpus[0] / "tgt.jsonl"), "--out", str(store), "--no-progress"],
+                                capture_output=True, text=True, env=ONE_THREAD)
+        assert result.returncode == 0, result.stderr[-2000:]
+    appended, expected = Datastore.open(old, verify=True), Datastore.open(twin)
+    assert appended.num_examples == pool.num_examples + 6 and appended.row_of("tgt-5") == pool.num_rows + 5
+    new_rows = np.arange(pool.num_rows, appended.num_rows)
+    for checkpoint in pool.checkpoint_names:
+        np.testing.assert_array_equal(appended.features_at(checkpoint, new_rows).view(np.uint16),
+                                      expected.features_at(checkpoint, new_rows).view(np.uint16))
 
 
 def test_migrate_from_the_command_line_and_refusals(pool, tmp_path):
