@@ -8,7 +8,8 @@ Matrices are NumPy ``.npy`` files (format 1.0, little-endian, row-major), read t
 maps after their header is checked against the shape the manifest implies. A reader keeps its
 read-only maps open (:class:`MapCache`): the pages of an open map stay in the process's page
 tables once touched, so a second scan of the same files reads them at memory speed, where a fresh
-map takes a page fault per page again (bench/RESULTS.md, "Selection scan").
+map takes a page fault per page again (bench/RESULTS.md, "Selection scan"). The kernel bounds a
+process's maps, so every reader of the process shares one budget (:class:`MapBudget`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import hashlib
 import os
 import shutil
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -172,44 +174,89 @@ def map_matrix(path: Path, shape: tuple[int, int], dtype: str, writable: bool = 
 
 @functools.cache
 def max_open_maps() -> int:
-    """How many maps one :class:`MapCache` keeps open: a quarter of the kernel's limit on a
-    process's memory mappings (``vm.max_map_count``, 65,530 by default), which every map, thread
-    stack and shared library counts against; 4,096 where the limit cannot be read."""
+    """How many maps the process's :class:`MapCache`\ s keep open together: a quarter of the
+    kernel's limit on a process's memory mappings (``vm.max_map_count``, 65,530 by default), which
+    every map, thread stack and shared library counts against; 4,096 where the limit cannot be
+    read."""
     try:
         return max(64, int(Path("/proc/sys/vm/max_map_count").read_text()) // 4)
     except (OSError, ValueError):
         return 4096
 
 
+class MapBudget:
+    """The open maps of every :class:`MapCache` that shares this budget, least recently used
+    first, at most ``capacity`` (default :func:`max_open_maps`) together: the kernel limits maps
+    per process, not per store, so a process holds one budget (``PROCESS_MAPS``) however many
+    stores it opens. Safe to share between threads."""
+
+    def __init__(self, capacity: int | None = None):
+        self.capacity = capacity or max_open_maps()
+        self._order: OrderedDict[tuple[int, Path], weakref.ref[MapCache]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def use(self, cache: MapCache, path: Path) -> list[tuple[MapCache, Path]]:
+        """Record that ``cache`` used its map of ``path``; the maps to close (the least recently
+        used, any cache's) to keep within the budget."""
+        key = (id(cache), path)
+        closing = []
+        with self._lock:
+            if key in self._order:
+                self._order.move_to_end(key)
+            else:
+                self._order[key] = cache.ref
+            while len(self._order) > self.capacity:
+                (_, victim), owner = self._order.popitem(last=False)
+                if owner() is not None:
+                    closing.append((owner(), victim))
+        return closing
+
+    def forget(self, cache_id: int) -> None:
+        """Drop the entries of a cache that is gone (its maps went with it)."""
+        with self._lock:
+            for key in [key for key in self._order if key[0] == cache_id]:
+                del self._order[key]
+
+
+PROCESS_MAPS = MapBudget()
+
+
 class MapCache:
     """Read-only maps of immutable files (a matrix, or anything holding maps, such as a quantised
-    copy's codes and scales), kept open for reuse; the least recently used is closed past
-    ``capacity`` (default :func:`max_open_maps`). Safe to share between threads.
+    copy's codes and scales), kept open for reuse within a :class:`MapBudget` (default the
+    process's, ``PROCESS_MAPS``) shared with the process's other caches: past it, the least
+    recently used map of any of them is closed. Safe to share between threads.
 
     Only for files that never change while they are mapped (a published version's files): a file
     truncated under a live map kills the process that touches the lost pages (SIGBUS).
     """
 
-    def __init__(self, capacity: int | None = None):
-        self.capacity = capacity or max_open_maps()
-        self._maps: OrderedDict[Path, Any] = OrderedDict()
+    def __init__(self, budget: MapBudget | None = None):
+        self.budget = budget if budget is not None else PROCESS_MAPS
+        self.ref = weakref.ref(self)
+        self._maps: dict[Path, Any] = {}
         self._lock = threading.Lock()
+        weakref.finalize(self, self.budget.forget, id(self))
 
     def __len__(self) -> int:
         return len(self._maps)
 
     def get(self, path: Path, open_map: Callable[[], Any]) -> Any:
-        """The open map of ``path``, else ``open_map()`` kept as it. A map closed by the cache
+        """The open map of ``path``, else ``open_map()`` kept as it. A map closed by the budget
         stays valid for whoever still holds it (it is unmapped when the last reference goes)."""
         with self._lock:
             found = self._maps.get(path)
-            if found is not None:
-                self._maps.move_to_end(path)
-                return found
-        opened = open_map()  # outside the lock: other threads' lookups need not wait for a header
+        if found is None:
+            opened = open_map()  # outside the lock: other threads' lookups need not wait for a header
+            with self._lock:
+                found = self._maps.setdefault(path, opened)
+        for owner, victim in self.budget.use(self, path):
+            owner._close(victim)
+        return found
+
+    def _close(self, path: Path) -> None:
         with self._lock:
-            found = self._maps.setdefault(path, opened)
-            self._maps.move_to_end(path)
-            while len(self._maps) > self.capacity:
-                self._maps.popitem(last=False)
-            return found
+            self._maps.pop(path, None)

@@ -7,6 +7,7 @@ Expectations come from what the test wrote (the features and scores it generated
 store's files read with numpy and pyarrow alone, never from the code under test.
 """
 
+import gc
 import json
 import os
 import shutil
@@ -40,6 +41,7 @@ from gradstore.datastore import (
     write_shard,
 )
 from gradstore.datastore import finalize as finalize_module
+from gradstore.datastore.files import MapBudget, MapCache
 from gradstore.datastore.layout import index_file, segment_name, shard_name, tombstones_file, version_manifest
 from gradstore.indexer.corpus import CorpusSource
 from gradstore.indexer.job import IndexJob, IndexJobConfig
@@ -322,17 +324,27 @@ def test_reader_names_each_shards_files(store):
     np.testing.assert_array_equal(store_.raw_features("c0", 1), features["c0"][SHARD_SIZE:2 * SHARD_SIZE])
 
 
-def test_a_reader_keeps_its_read_only_maps_open_up_to_its_capacity(store):
+def test_readers_keep_their_read_only_maps_open_within_one_budget(store):
     path, features = store
     store_ = Datastore.open(path)
     first = store_.raw_features("c0", 1)
     assert store_.raw_features("c0", 1) is first  # kept open: its pages stay mapped between scans
     assert store_.raw_features("c0", 1, writable=True) is not first  # copy-on-write ones are the holder's
-    store_._maps.capacity = 2
-    store_.raw_features("c1", 1)
-    store_.raw_features("c1", 2)  # the least recently used, c0's, is closed past the capacity
-    assert len(store_._maps) == 2 and store_.raw_features("c0", 1) is not first
+    # Two readers sharing a budget of 3 maps: past it, the least recently used of either is closed.
+    budget = MapBudget(3)
+    one, two = Datastore.open(path), Datastore.open(path)
+    one._maps, two._maps = MapCache(budget), MapCache(budget)
+    kept = one.raw_features("c0", 1)
+    one.raw_features("c1", 1)
+    two.raw_features("c0", 1)
+    assert one.raw_features("c0", 1) is kept  # used again: now the most recent
+    two.raw_features("c1", 2)  # closes one's c1 map, the least recently used
+    assert (len(one._maps), len(two._maps), len(budget)) == (1, 2, 3)
+    assert one.raw_features("c0", 1) is kept
     np.testing.assert_array_equal(first, features["c0"][SHARD_SIZE:2 * SHARD_SIZE])  # still valid for its holder
+    del two
+    gc.collect()
+    assert len(budget) == 1  # a reader that is gone leaves the budget
 
 
 def test_iter_features_streams_in_shard_order(store):
