@@ -174,7 +174,7 @@ def map_matrix(path: Path, shape: tuple[int, int], dtype: str, writable: bool = 
 
 @functools.cache
 def max_open_maps() -> int:
-    """How many maps the process's :class:`MapCache`\ s keep open together: a quarter of the
+    """How many maps the process's :class:`MapCache` objects keep open together: a quarter of the
     kernel's limit on a process's memory mappings (``vm.max_map_count``, 65,530 by default), which
     every map, thread stack and shared library counts against; 4,096 where the limit cannot be
     read."""

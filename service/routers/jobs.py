@@ -40,14 +40,17 @@ JobsDep = Annotated[JobManager, Depends(get_jobs)]
 @router.post("", status_code=202, response_model=Job, summary="Queue an indexing job",
              responses={400: {"model": ErrorBody, "description": "invalid name or inputs (`invalid_name`, "
                                                                     "`invalid_job`)"},
-                        409: {"model": ErrorBody, "description": "the datastore exists (without `overwrite`), "
-                                                                 "already has a queued or running job, or its path "
-                                                                 "in the root is a link"},
+                        409: {"model": ErrorBody, "description": "the datastore exists (without `overwrite` or "
+                                                                 "`append`), already has a queued or running job, "
+                                                                 "or its path in the root is a link; an append "
+                                                                 "gives a setting the store differs in"},
                         **error_responses(403, 404, 413, 415)},
              dependencies=[JsonBody])
 def submit_job(body: IndexJobRequest, response: Response, jobs: JobsDep) -> Job:
     """Validate the job and queue it; jobs run one at a time, in submission order. The
-    ``Location`` header is the job's URL."""
+    ``Location`` header is the job's URL. With ``append``, the corpus is added to the existing
+    datastore as its next version: settings left out take the store's values (the returned job
+    names them)."""
     check_job_values(body)
     job = jobs.submit(body)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
