@@ -132,6 +132,9 @@ def _run_migrate(args) -> int:
     manifest = migrate(args.store)
     print(f"{args.store}: migrated to schema version {manifest.schema_version}: {manifest.counts.examples:,} "
           f"examples, index {manifest.index.kind if manifest.index else 'none (exact scans)'}")
+    if "config" not in manifest.settings:
+        print(f"{args.store}: its version 1 manifest does not describe every indexing setting; appends to it "
+              "need every setting given (--model, --checkpoint or --run, --proj-dim, ...)")
     return 0
 
 

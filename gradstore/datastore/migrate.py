@@ -74,7 +74,7 @@ def migrate(path: str | Path, index_memory_budget: int = 4 << 30) -> Manifest:
     data = {key: old[key] for key in _KEPT if key in old}
     data.update(schema_version=SCHEMA_VERSION, status="complete", version=1, updated_at=at,
                 features={**old["features"], "quantized": []}, extras=extras,
-                settings={"config": _recorded_config(old, extras)},
+                settings=_recorded_settings(old, extras),
                 counts={**counts, "skipped": old["counts"].get("skipped", 0)}, tokens=tokens or old.get("tokens"),
                 segments=[info.model_dump()], shards={"size": old["shards"]["size"], "count": len(shard_rows)},
                 tombstones=None, index=_index(old, work, shards, checkpoints, index_memory_budget, tmp_dir),
@@ -88,9 +88,18 @@ def migrate(path: str | Path, index_memory_budget: int = 4 << 30) -> Manifest:
     return manifest
 
 
+def _recorded_settings(old: dict, extras: dict) -> dict:
+    """The manifest's ``settings``: ``{"config": ...}`` with the indexing settings the version 1
+    manifest ``old`` describes (see the module docstring), as ``IndexJobConfig.settings`` lays
+    them out; empty where a section they need is missing or malformed (the store still migrates;
+    an append then needs every setting given, and says so)."""
+    try:
+        return {"config": _recorded_config(old, extras)}
+    except (KeyError, TypeError, ValueError):
+        return {}
+
+
 def _recorded_config(old: dict, extras: dict) -> dict:
-    """The indexing settings the version 1 manifest ``old`` describes (see the module docstring),
-    as ``IndexJobConfig.settings`` lays them out."""
     from gradstore.indexer.checkpoints import CheckpointSpec
     from gradstore.indexer.extras import ExtraFeatures
     from gradstore.indexer.formatting import TOKENIZER_TEMPLATE_NAME

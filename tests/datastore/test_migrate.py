@@ -138,3 +138,14 @@ def test_migrate_from_the_command_line_and_refusals(pool, tmp_path):
     assert again.returncode == 1 and "already schema version 2; nothing to migrate" in again.stderr
     with pytest.raises(StoreError, match="cannot read the manifest"):
         migrate(tmp_path / "nothing-here")
+    # A manifest that does not describe every setting still migrates; the settings stay unrecorded.
+    sparse = tmp_path / "sparse"
+    write_version_1(pool, sparse, None)
+    manifest = json.loads((sparse / "manifest.json").read_text())
+    del manifest["tokenizer"]["max_length"]
+    (sparse / "manifest.json").write_text(json.dumps(manifest))
+    result = subprocess.run([sys.executable, "-m", "gradstore.cli", "migrate", str(sparse)], capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stderr
+    assert "appends to it need every setting given" in result.stdout
+    assert Datastore.open(sparse, verify=True).manifest.settings == {}
