@@ -103,6 +103,33 @@ def test_kernel_refuses_an_unknown_backend_other_threads_and_rows_it_lacks():
 
 
 @pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
+def test_numba_kernel_stays_within_its_arrays_for_every_kind_of_rows(tmp_path):
+    """Compiled with bounds checks in a fresh process (and cache): fp16, int8 and 1-bit rows whose
+    length is no multiple of 8, a row count and a target count no multiple of the 4 × 4 tile."""
+    import subprocess
+    import sys
+
+    program = (
+        "import numpy as np\n"
+        "from gradstore.selection import numba_kernel\n"
+        "rng = np.random.default_rng(0)\n"
+        "dim, n = 101, 1003\n"
+        "query = rng.standard_normal((7, dim)).astype(np.float32)\n"
+        "half = rng.standard_normal((n, dim)).astype(np.float16)\n"
+        "codes = rng.integers(-127, 128, (n, dim), dtype=np.int8)\n"
+        "bits = rng.integers(0, 2, (n, dim), dtype=np.uint8)\n"
+        "cases = [(half.view(np.int16), half), (codes, codes), (np.packbits(bits, axis=1), 2.0 * bits - 1)]\n"
+        "for rows, values in cases:\n"
+        "    out = np.zeros((7, n), dtype=np.float32)\n"
+        "    numba_kernel.products(rows, query, out)\n"
+        "    np.testing.assert_allclose(out, query @ values.astype(np.float32).T, rtol=1e-4, atol=1e-3)\n"
+        "print('within')\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "NUMBA_BOUNDSCHECK": "1"}
+    result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "within", result.stderr[-2000:]
+
+
+@pytest.mark.skipif("numba" not in BACKENDS, reason="numba is not installed")
 def test_numba_kernel_without_the_cpu_s_half_conversion_is_exact_too(tmp_path):
     """CPUs without F16C get the integer conversion, compiled in a fresh process (and cache)."""
     import subprocess
