@@ -210,8 +210,9 @@ class MapBudget:
                 self._order[key] = cache.ref
             while len(self._order) > self.capacity:
                 (_, victim), owner = self._order.popitem(last=False)
-                if owner() is not None:
-                    closing.append((owner(), victim))
+                holder = owner()
+                if holder is not None:
+                    closing.append((holder, victim))
         return closing
 
     def forget(self, cache_id: int) -> None:
