@@ -375,7 +375,12 @@ class JobManager:
             raise ServiceError(409, "conflict", f"datastore {name!r} records no indexing settings (it was "
                                "migrated from schema version 1): append with `gradstore index --append`, giving "
                                "every setting it was indexed with", {"datastore": name})
-        stored = {field: _setting(recorded, path) for field, path in RECORDED_SETTINGS.items()}
+        try:
+            stored = {field: _setting(recorded, path) for field, path in RECORDED_SETTINGS.items()}
+        except (KeyError, TypeError):
+            raise ServiceError(409, "conflict", f"datastore {name!r} records incomplete indexing settings (its "
+                               "manifest's settings.config): append with `gradstore index --append`, giving "
+                               "every setting it was indexed with", {"datastore": name}) from None
         given = request.model_fields_set
         differences = [f"{field}: store {stored[field]!r}, request {getattr(request, field)!r}"
                        for field in RECORDED_SETTINGS if field in given and getattr(request, field) != stored[field]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -169,7 +170,12 @@ def test_an_append_job_adds_a_version_with_the_stores_settings(settings, inputs,
     store = Datastore.open(settings.root / "pool", verify=True)
     assert store.version == 3 and store.num_examples == 42 and store.row_of("later-0") == 42
 
+    shutil.copytree(settings.root / "pool", settings.root / "damaged")  # its recorded settings lack one
+    manifest = json.loads((settings.root / "damaged" / "manifest.json").read_text())
+    del manifest["settings"]["config"]["projection"]
+    (settings.root / "damaged" / "manifest.json").write_text(json.dumps(manifest))
     cases = [
+        (IndexJobRequest(datastore="damaged", corpus=[str(later)], append=True), 409, "conflict"),
         (IndexJobRequest(datastore="none", corpus=[str(later)], append=True), 404, "datastore_not_found"),
         (IndexJobRequest(datastore="pool", corpus=[str(later)], append=True, overwrite=True), 400, "invalid_job"),
         (IndexJobRequest(datastore="other", corpus=[str(later)], gradient_type="sgd"), 400, "invalid_job"),
